@@ -1,0 +1,94 @@
+"""Reading and writing checkpoint files: atomic writes, safetensors, and safe loading of the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PT_WEIGHTS_NAME = "pytorch_model.bin"
+PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not fit the model."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash at any point leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike) -> None:
+    """Write ``tensors`` atomically as safetensors (tensors are made contiguous and unshared)."""
+    owned = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(owned, tmp, metadata={"format": "pt"}))
+
+
+def _load_one(file: Path) -> dict[str, Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        # weights_only refuses to build arbitrary objects, so a malicious pickle cannot run code.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"cannot read weights from {file}: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{file} does not hold a flat dict of tensors")
+    return state
+
+
+def _load_sharded(index_file: Path) -> dict[str, Tensor]:
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        shards = sorted(set(index["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_file} is not a valid shard index: {e}") from e
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        shard_file = index_file.parent / shard
+        if not shard_file.is_file():
+            raise CheckpointError(f"shard {shard} listed in {index_file.name} is missing")
+        state.update(_load_one(shard_file))
+    return state
+
+
+def load_state_dict(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """Load the weights of a transformers-format checkpoint directory (safetensors preferred)."""
+    directory = Path(directory)
+    for name, loader in ((SAFE_WEIGHTS_NAME, _load_one), (SAFE_WEIGHTS_INDEX_NAME, _load_sharded),
+                         (PT_WEIGHTS_NAME, _load_one), (PT_WEIGHTS_INDEX_NAME, _load_sharded)):
+        if (directory / name).is_file():
+            return loader(directory / name)
+    raise CheckpointError(
+        f"no weights found in {directory}: expected {SAFE_WEIGHTS_NAME}, {PT_WEIGHTS_NAME} or a shard index"
+    )

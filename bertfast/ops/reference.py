@@ -1,0 +1,145 @@
+"""Plain-PyTorch references of every hot op.
+
+These define what each op computes. The fused kernels (``bertfast.kernels``,
+``bertfast._C``) must match them; tests compare against them, and on machines
+without a faster backend they are what runs.
+
+Every op works on packed tokens: activations are ``(tokens, hidden)`` with the
+padding already removed (see ``bertfast.padding``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def embeddings(
+    input_ids: Tensor | None,
+    position_ids: Tensor,
+    token_type_ids: Tensor,
+    word_weight: Tensor,
+    position_weight: Tensor,
+    type_weight: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float,
+    dropout_p: float,
+    training: bool,
+    inputs_embeds: Tensor | None = None,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """dropout(LayerNorm(word[ids] + position[pos] + type[tt])) on packed ids of shape (T,).
+
+    With ``inputs_embeds`` (T, H) the word lookup is replaced by those vectors.
+    The word row ``padding_idx`` gets no gradient (as ``nn.Embedding(padding_idx=...)``).
+    """
+    if inputs_embeds is not None:
+        words = inputs_embeds
+    else:
+        words = F.embedding(input_ids, word_weight, padding_idx=padding_idx)
+    x = words + F.embedding(position_ids, position_weight) + F.embedding(token_type_ids, type_weight)
+    x = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+    return F.dropout(x, dropout_p, training)
+
+
+def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(x + bias): the feed-forward intermediate activation (exact erf GELU by default)."""
+    return F.gelu(x + bias, approximate=approximate)
+
+
+def bias_dropout_add_layernorm(
+    x: Tensor,
+    bias: Tensor,
+    residual: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float,
+    dropout_p: float,
+    training: bool,
+) -> Tensor:
+    """LayerNorm(dropout(x + bias) + residual): the end of the attention and feed-forward blocks."""
+    h = F.dropout(x + bias, dropout_p, training) + residual
+    return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
+
+
+def bias_gelu_layernorm(
+    x: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str = "none"
+) -> Tensor:
+    """LayerNorm(gelu(x + bias)): the MLM prediction-head transform after its dense layer."""
+    h = F.gelu(x + bias, approximate=approximate)
+    return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
+
+
+def attention(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    softmax_scale: float | None = None,
+) -> Tensor:
+    """Bidirectional attention on packed sequences.
+
+    qkv: (T, 3, heads, head_dim); cu_seqlens: (batch + 1,) int32 offsets of each
+    sequence in T; returns (T, heads, head_dim). Each sequence attends only to
+    itself. Runs SDPA on a padded (batch, heads, max_seqlen, head_dim) view.
+    """
+    total, _, heads, head_dim = qkv.shape
+    batch = cu_seqlens.numel() - 1
+    if total == 0 or batch == 0:
+        return qkv.new_zeros(total, heads, head_dim)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_of_token = torch.repeat_interleave(torch.arange(batch, device=qkv.device), lengths)
+    pos_of_token = torch.arange(total, device=qkv.device) - cu_seqlens[:-1].long()[seq_of_token]
+    flat_index = seq_of_token * max_seqlen + pos_of_token
+
+    padded = qkv.new_zeros(batch * max_seqlen, 3, heads, head_dim)
+    padded = padded.index_copy(0, flat_index, qkv).view(batch, max_seqlen, 3, heads, head_dim)
+    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, S, head_dim)
+
+    key_mask = torch.arange(max_seqlen, device=qkv.device)[None, :] < lengths[:, None]
+    # An empty sequence has no queries; letting its (unused) padded rows see every key keeps them finite.
+    key_mask = key_mask | (lengths == 0)[:, None]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout_p if training else 0.0,
+        scale=softmax_scale,
+    )
+    out = out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim)
+    return out.index_select(0, flat_index)
+
+
+def linear_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_bytes: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of ``x @ weight.T + bias`` against ``labels``, plus the number of correct argmaxes.
+
+    x: (M, H) rows (only the masked positions, for MLM); weight: (V, H); labels: (M,).
+    ``mean`` averages over rows whose label is not ``ignore_index``; with none it
+    is 0 (not NaN). The reference builds all (M, V) logits at once; ``chunk_bytes``
+    only matters to the fused backends.
+    """
+    del chunk_bytes
+    logits = F.linear(x, weight, bias).float()
+    loss = F.cross_entropy(
+        logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+    )
+    valid = labels != ignore_index
+    with torch.no_grad():
+        n_correct = ((logits.argmax(-1) == labels) & valid).sum()
+    if reduction == "none":
+        return loss, n_correct
+    total = loss.sum()
+    if reduction == "sum":
+        return total, n_correct
+    if reduction == "mean":
+        return total / valid.sum().clamp(min=1), n_correct
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
