@@ -40,6 +40,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     },
     "bias_gelu_layernorm": {"triton": "bertfast.kernels.bias_gelu_layernorm:bias_gelu_layernorm"},
     "attention": {"triton": "bertfast.kernels.attention:attention"},
+    "padded_attention": {"triton": "bertfast.kernels.attention:padded_attention"},
     "linear_cross_entropy": {"triton": "bertfast.kernels.cross_entropy:linear_cross_entropy"},
 }
 
@@ -149,6 +150,15 @@ def attention(
     return fn(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale)
 
 
+def padded_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, dropout_p: float = 0.0,
+    training: bool = False, softmax_scale: float | None = None,
+) -> Tensor:
+    """Attention on a padded (B, S, heads, head_dim) batch with a (B, S) key-padding mask (True = real)."""
+    _, fn = implementation("padded_attention", q)
+    return fn(q, k, v, key_padding_mask, dropout_p, training, softmax_scale)
+
+
 def linear_cross_entropy(
     x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int = -100,
     label_smoothing: float = 0.0, reduction: str = "mean", chunk_bytes: int | None = None,
@@ -168,6 +178,7 @@ __all__ = [
     "forced_backend",
     "implementation",
     "linear_cross_entropy",
+    "padded_attention",
     "reference",
     "use_backend",
 ]
