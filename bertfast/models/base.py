@@ -1,0 +1,341 @@
+"""BertPreTrainedModel (init, checkpoints, input checks) and BertModel (the encoder with its pooler)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from bertfast.config import BertConfig
+from bertfast.io import SAFE_WEIGHTS_NAME, CheckpointError, load_state_dict, save_safetensors
+from bertfast.modules import BertEmbeddings, BertEncoder, BertLMPredictionHead, BertPooler
+from bertfast.outputs import BaseModelOutputWithPooling, ModelOutput
+from bertfast.padding import Packing
+
+logger = logging.getLogger("bertfast")
+
+M = TypeVar("M", bound="BertPreTrainedModel")
+
+# Tied parameters: saved once under the source name, as transformers saves them.
+TIED_KEYS = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+# Buffers that older checkpoints stored but that carry nothing.
+IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+@dataclass
+class Encoded:
+    """The encoder's result on packed tokens, before any padding is put back."""
+
+    packing: Packing
+    hidden: Tensor  # (T, hidden): the last layer
+    states: list[Tensor] | None  # embeddings and every layer, packed, when hidden states were asked for
+    pooled: Tensor | None  # (batch, hidden)
+
+    def padded_states(self) -> tuple[Tensor, ...] | None:
+        return None if self.states is None else tuple(self.packing.unpack(s) for s in self.states)
+
+
+def _legacy_rename(key: str) -> str:
+    """Names used by TF-converted BERT checkpoints -> current names."""
+    if key.endswith(".gamma"):
+        return key[: -len(".gamma")] + ".weight"
+    if key.endswith(".beta"):
+        return key[: -len(".beta")] + ".bias"
+    return key
+
+
+class BertPreTrainedModel(nn.Module):
+    """Weight initialisation, ``from_pretrained`` / ``save_pretrained`` and shared input handling."""
+
+    base_model_prefix = "bert"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+
+    # ----------------------------------------------------------------- init
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BertLMPredictionHead):
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Tie the MLM decoder to the word embeddings (models with an MLM head)."""
+        head = getattr(getattr(self, "cls", None), "predictions", None)
+        if head is not None:
+            head.decoder.weight = self.get_input_embeddings().weight
+            head.decoder.bias = head.bias
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        base = getattr(self, self.base_model_prefix, self)
+        return base.embeddings.word_embeddings
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each encoder layer in backward instead of keeping its activations."""
+        for module in self.modules():
+            if isinstance(module, BertEncoder):
+                module.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, BertEncoder):
+                module.gradient_checkpointing = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # ---------------------------------------------------------- checkpoints
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors, loadable by transformers' class of the same name."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        state = {k: v for k, v in self.state_dict().items() if k not in TIED_KEYS}
+        save_safetensors(state, directory / SAFE_WEIGHTS_NAME)
+        self.config.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        path: str | os.PathLike,
+        config: BertConfig | None = None,
+        strict: bool = False,
+        dtype: torch.dtype | None = None,
+        output_loading_info: bool = False,
+        **config_overrides: Any,
+    ) -> M | tuple[M, dict[str, list[str]]]:
+        """Load a transformers-format checkpoint directory (config.json + safetensors / bin / shards).
+
+        ``config_overrides`` change config fields (``num_labels=3``). Weights whose shape does not fit
+        the config raise :class:`CheckpointError`; missing and unexpected weights are logged (or raise
+        with ``strict=True``) and returned with ``output_loading_info=True``.
+        """
+        if config is None:
+            config = BertConfig.from_pretrained(path)
+        if config_overrides:
+            values = config.to_dict()
+            if "num_labels" in config_overrides and "id2label" not in config_overrides:
+                values.pop("id2label", None)
+                values.pop("label2id", None)
+            values.update(config_overrides)
+            config = BertConfig.from_dict(values)
+        model = cls(config)
+        info = model.load_checkpoint_state(load_state_dict(path), strict=strict, source=str(path))
+        if dtype is not None:
+            model.to(dtype)
+        model.eval()
+        return (model, info) if output_loading_info else model
+
+    def load_checkpoint_state(
+        self, state: dict[str, Tensor], strict: bool = False, source: str = "checkpoint"
+    ) -> dict[str, list[str]]:
+        """Load a transformers-style state dict, with or without the ``bert.`` prefix."""
+        state = {_legacy_rename(k): v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
+        expected = {k: v for k, v in self.state_dict().items() if k not in TIED_KEYS}
+        prefix = self.base_model_prefix + "."
+        model_prefixed = any(k.startswith(prefix) for k in expected)
+        ckpt_prefixed = any(k.startswith(prefix) for k in state)
+        if model_prefixed and not ckpt_prefixed:
+            state = {prefix + k: v for k, v in state.items()}
+        elif ckpt_prefixed and not model_prefixed:
+            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k not in TIED_KEYS}
+
+        mismatched = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+            for k, v in state.items() if k in expected and v.shape != expected[k].shape
+        ]
+        if mismatched:
+            raise CheckpointError(
+                f"weights in {source} do not fit the config ({len(mismatched)} mismatched): "
+                + "; ".join(mismatched)
+            )
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if len(missing) == len(expected):
+            raise CheckpointError(f"{source} holds none of the weights of {type(self).__name__}")
+        if strict and (missing or unexpected):
+            raise CheckpointError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
+        if missing:
+            logger.warning("%s: newly initialised (not in %s): %s", type(self).__name__, source, missing)
+        if unexpected:
+            logger.warning("%s: unused weights in %s: %s", type(self).__name__, source, unexpected)
+        self.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+        self.tie_weights()
+        return {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": []}
+
+    # --------------------------------------------------------------- output
+    @staticmethod
+    def _finish(output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+        return output if return_dict is None or return_dict else output.to_tuple()
+
+
+def _check_range(name: str, values: Tensor, high: int, what: str) -> None:
+    if values.numel() == 0:
+        return
+    low_seen, high_seen = (int(v) for v in torch.stack([values.min(), values.max()]).tolist())
+    if low_seen < 0 or high_seen >= high:
+        bad = low_seen if low_seen < 0 else high_seen
+        raise ValueError(f"{name} holds {bad}, outside [0, {high}) ({what})")
+
+
+class BertModel(BertPreTrainedModel):
+    """The BERT encoder: embeddings, layers, and (optionally) the [CLS] pooler."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def _pack_inputs(
+        self, input_ids: Tensor | None, attention_mask: Tensor | None, token_type_ids: Tensor | None,
+        position_ids: Tensor | None, inputs_embeds: Tensor | None,
+    ) -> tuple[Packing, dict[str, Tensor | None]]:
+        """Check the inputs and turn them into packed (T,) tensors, naming whatever is wrong."""
+        config = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+            if input_ids.dtype.is_floating_point:
+                raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+            shape = tuple(input_ids.shape)
+            device = input_ids.device
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, seq_len, {config.hidden_size}), "
+                    f"got shape {tuple(inputs_embeds.shape)}"
+                )
+            shape = tuple(inputs_embeds.shape[:2])
+            device = inputs_embeds.device
+        batch, seqlen = shape
+
+        if attention_mask is None:
+            attention_mask = torch.ones(shape, dtype=torch.bool, device=device)
+        elif tuple(attention_mask.shape) != shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs have shape {shape}; "
+                "bertfast takes a 2-D (batch, seq_len) mask of 1 (token) and 0 (padding)"
+            )
+        elif ((attention_mask != 0) & (attention_mask != 1)).any():
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+
+        if position_ids is None:
+            if seqlen > config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {seqlen} exceeds max_position_embeddings "
+                    f"({config.max_position_embeddings}); truncate the input"
+                )
+            position_ids = torch.arange(seqlen, device=device).expand(shape)
+        elif position_ids.shape[-1] != seqlen or position_ids.dim() != 2:
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(shape, dtype=torch.long, device=device)
+        elif tuple(token_type_ids.shape) != shape:
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {shape}")
+
+        packing = Packing.from_mask(attention_mask)
+        packed = {
+            "input_ids": packing.pack(input_ids) if input_ids is not None else None,
+            "position_ids": packing.pack(position_ids.expand(shape)),
+            "token_type_ids": packing.pack(token_type_ids),
+            "inputs_embeds": packing.pack(inputs_embeds) if inputs_embeds is not None else None,
+        }
+        if packed["input_ids"] is not None:
+            _check_range("input_ids", packed["input_ids"], config.vocab_size, "vocab_size")
+        _check_range("token_type_ids", packed["token_type_ids"], config.type_vocab_size, "type_vocab_size")
+        _check_range("position_ids", packed["position_ids"], config.max_position_embeddings,
+                     "max_position_embeddings")
+        return packing, packed
+
+    def encode(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> Encoded:
+        """Run the encoder on packed tokens and leave the result packed (heads use this directly)."""
+        packing, packed = self._pack_inputs(input_ids, attention_mask, token_type_ids, position_ids,
+                                            inputs_embeds)
+        hidden = self.embeddings(packed["input_ids"], packed["position_ids"], packed["token_type_ids"],
+                                 packed["inputs_embeds"])
+        states = self.encoder(hidden, packing, output_hidden_states)
+        last = states[-1]
+        pooled = None
+        if self.pooler is not None:
+            first = last.new_zeros(packing.batch, last.shape[-1])
+            if packing.total:
+                lengths = packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]
+                rows = last.index_select(0, packing.first_token_rows())
+                first = torch.where((lengths > 0)[:, None], rows, first)  # an all-padding row pools zeros
+            pooled = self.pooler(first)
+        return Encoded(packing, last, states if output_hidden_states else None, pooled)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """last_hidden_state (batch, seq_len, hidden), zeros at padding; pooler_output (batch, hidden)."""
+        check_no_attentions(output_attentions)
+        encoded = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                              bool(output_hidden_states))
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=encoded.packing.unpack(encoded.hidden),
+            pooler_output=encoded.pooled,
+            hidden_states=encoded.padded_states(),
+        )
+        return self._finish(output, return_dict)
+
+
+def check_no_attentions(output_attentions: bool | None) -> None:
+    if output_attentions:
+        raise ValueError(
+            "output_attentions is not supported: bertfast's fused attention never materialises the "
+            "attention probabilities"
+        )
