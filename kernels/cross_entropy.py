@@ -1,0 +1,317 @@
+"""Fused decoder matmul + softmax cross-entropy: the masked-LM loss without the (rows, vocab) logits.
+
+Rows go through in chunks holding at most ``chunk_bytes`` of logits (default 256 MB, or
+``BERTFAST_CE_CHUNK_BYTES``); with few rows that is a single chunk and a single matmul. Per chunk:
+
+1. ``logits = x_c @ W.T + b`` (torch matmul),
+2. one kernel program per row: an online log-sum-exp over the vocabulary in fp32 (first loop),
+   the loss and argmax-correctness, then ``softmax - ((1 - eps) * onehot + eps / V)`` times the
+   reduction factor written over the logits in place (second loop),
+3. ``grad_x_c = g @ W``, ``grad_W += g.T @ x_c`` (fp32 across chunks), ``grad_b += g.sum(0)``.
+
+Backward of ``mean``/``sum`` only multiplies the saved gradients by grad_output. ``none`` gives
+every row its own grad_output, which the summed grad_W and grad_b cannot take afterwards, so its
+backward runs the chunks again with the per-row grad_output as the factor.
+
+:func:`linear_cross_entropy_torch` is the same algorithm with torch's log_softmax in place of
+the kernel, for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+from bertfast.kernels.aot import AotSpec
+from torch import Tensor
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES_ENV = "BERTFAST_CE_CHUNK_BYTES"
+REDUCTIONS = ("mean", "sum", "none")
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_BLOCKS = (256, 512, 1024, 2048, 4096)
+
+
+@triton.jit
+def _softmax_xent_kernel(
+    logits_ptr,  # (rows, V), overwritten with the scaled gradient
+    labels_ptr,  # (rows,) int64
+    scale_ptr,  # fp32 factor of each row's gradient: one value (scale_stride 0) or one per row
+    scale_stride,
+    loss_ptr,  # (rows,) fp32
+    correct_ptr,  # (rows,) int32
+    V,
+    ignore_index,
+    smoothing,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * V
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    offs = tl.arange(0, BLOCK_V)
+
+    # Per-lane running max, sum of exp relative to it, argmax and plain sum (for label smoothing);
+    # combined across lanes once, after the loop.
+    run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_V], tl.float32)
+    run_arg = tl.zeros([BLOCK_V], tl.int32)
+    run_total = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        in_row = cols < V
+        x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(run_max, x)
+        # Lanes that have only seen padding stay at -inf: shift them by 0 (exp(-inf + inf) is nan).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
+        run_arg = tl.where(x > run_max, cols, run_arg)  # strict: the first maximum wins, as torch.argmax
+        run_max = new_max
+        run_total += tl.where(in_row, x, 0.0)
+    row_max = tl.max(run_max, 0)
+    lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), 0))
+    argmax = tl.min(tl.where(run_max == row_max, run_arg, V), 0)
+
+    # Labels are in [0, V) or ignore_index; the clamp only keeps a bad label from reading out of bounds.
+    target = tl.where(valid & (label >= 0) & (label < V), label, 0)
+    x_label = tl.load(row_ptr + target).to(tl.float32)
+    loss = lse - (1.0 - smoothing) * x_label - smoothing * (tl.sum(run_total, 0) / V)
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    tl.store(correct_ptr + row, (valid & (argmax == label)).to(tl.int32))
+
+    scale = tl.where(valid, tl.load(scale_ptr + row * scale_stride), 0.0)
+    off_target = smoothing / V
+    on_target = 1.0 - smoothing
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        in_row = cols < V
+        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) - off_target - tl.where(cols == label, on_target, 0.0)
+        tl.store(row_ptr + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def _block_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): a block of the vocabulary per loop step, 8 to 16 values per thread."""
+    block = min(max(triton.next_power_of_2(vocab), _BLOCKS[0]), _BLOCKS[-1])
+    return block, 8 if block >= 2048 else 4
+
+
+# An in-place softmax-cross-entropy over one chunk:
+# (logits, labels, scale, ignore_index, smoothing, loss_out, correct_out) -> gradient in the logits' dtype.
+SoftmaxXent = Callable[[Tensor, Tensor, Tensor, int, float, Tensor, Tensor], Tensor]
+
+
+def _softmax_xent_triton(
+    logits: Tensor, labels: Tensor, scale: Tensor, ignore_index: int, smoothing: float,
+    loss_out: Tensor, correct_out: Tensor,
+) -> Tensor:
+    rows, vocab = logits.shape
+    block, num_warps = _block_config(vocab)
+    _softmax_xent_kernel[(rows,)](
+        logits, labels, scale, 1 if scale.numel() > 1 else 0, loss_out, correct_out,
+        vocab, ignore_index, smoothing, BLOCK_V=block, num_warps=num_warps,
+    )
+    return logits
+
+
+def _softmax_xent_torch(
+    logits: Tensor, labels: Tensor, scale: Tensor, ignore_index: int, smoothing: float,
+    loss_out: Tensor, correct_out: Tensor,
+) -> Tensor:
+    vocab = logits.shape[1]
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0)[:, None]
+    correct_out.copy_((logits.argmax(1) == labels) & valid)
+    logp = torch.log_softmax(logits, 1, dtype=torch.float32)
+    loss = -(1.0 - smoothing) * logp.gather(1, target).squeeze(1)
+    if smoothing:
+        loss -= smoothing * logp.mean(1)
+    loss_out.copy_(torch.where(valid, loss, 0.0))
+    grad = logp.exp_()
+    if smoothing:
+        grad.sub_(smoothing / vocab)
+    grad.scatter_add_(1, target, grad.new_full(target.shape, smoothing - 1.0))
+    grad.mul_((scale * valid)[:, None])  # also zeroes the ignored rows
+    return grad if grad.dtype == logits.dtype else logits.copy_(grad)
+
+
+def chunk_rows(n_rows: int, bytes_per_row: int, chunk_bytes: int | None = None) -> int:
+    """Rows per chunk: as many as fit ``chunk_bytes`` (argument, else ``BERTFAST_CE_CHUNK_BYTES``,
+    else 256 MB), spread evenly over the chunks that ``n_rows`` then needs."""
+    if chunk_bytes is None:
+        chunk_bytes = int(os.environ.get(CHUNK_BYTES_ENV, DEFAULT_CHUNK_BYTES))
+    if n_rows == 0:
+        return 1
+    fit = max(1, chunk_bytes // bytes_per_row)
+    n_chunks = -(-n_rows // fit)
+    return -(-n_rows // n_chunks)
+
+
+def _run_chunks(
+    x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int, smoothing: float,
+    scale: Tensor, need: tuple[bool, bool, bool], chunk_bytes: int | None,
+    xent: SoftmaxXent, workspace_bytes: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Per-row loss and correctness, and the gradients in ``need`` (x, weight, bias) with each
+    row's gradient times ``scale`` (one value, or one per row)."""
+    rows, vocab = x.shape[0], weight.shape[0]
+    loss = torch.zeros(rows, dtype=torch.float32, device=x.device)
+    correct = torch.zeros(rows, dtype=torch.int32, device=x.device)
+    step = chunk_rows(rows, vocab * (x.element_size() + workspace_bytes), chunk_bytes)
+    chunked = rows > step
+    grad_x = torch.empty_like(x) if need[0] else None
+    # Several chunks add up their grad_W and grad_b in fp32; a single chunk keeps the matmul's dtype.
+    acc_dtype = torch.float32 if chunked else x.dtype
+    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device) if need[1] else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need[2] else None
+    buffer = torch.empty(min(step, rows), vocab, dtype=x.dtype, device=x.device)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        x_c = x[start:end]
+        logits = buffer[: end - start]
+        if bias is None:
+            torch.mm(x_c, weight.T, out=logits)
+        else:
+            torch.addmm(bias, x_c, weight.T, out=logits)
+        row_scale = scale if scale.numel() == 1 else scale[start:end]
+        grad = xent(
+            logits, labels[start:end], row_scale, ignore_index, smoothing, loss[start:end], correct[start:end]
+        )
+        if grad_x is not None:
+            torch.mm(grad, weight, out=grad_x[start:end])
+        if grad_w is not None:
+            if not chunked:
+                grad_w = grad.T @ x_c
+            elif grad.dtype == torch.float32:
+                grad_w.addmm_(grad.T, x_c)
+            else:
+                grad_w += grad.T @ x_c
+        if grad_b is not None:
+            grad_b += grad.sum(0, dtype=torch.float32)
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return loss, correct, grad_x, grad_w, grad_b
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+        smoothing: float, reduction: str, chunk_bytes: int | None, xent: SoftmaxXent, workspace_bytes: int,
+    ) -> tuple[Tensor, Tensor]:
+        n_valid = (labels != ignore_index).sum()
+        if reduction == "mean":
+            factor = n_valid.clamp(min=1).to(torch.float32).reciprocal().reshape(1)
+        else:
+            factor = torch.ones(1, dtype=torch.float32, device=x.device)
+        # ``none`` computes its gradients in backward, once each row's grad_output is known.
+        need = (False, False, False) if reduction == "none" else tuple(ctx.needs_input_grad[:3])
+        loss, correct, grad_x, grad_w, grad_b = _run_chunks(
+            x, weight, bias, labels, ignore_index, smoothing, factor, need, chunk_bytes, xent, workspace_bytes
+        )
+        n_correct = correct.sum(dtype=torch.int64)
+        ctx.mark_non_differentiable(n_correct)
+        ctx.reduction = reduction
+        if reduction == "none":
+            ctx.save_for_backward(x, weight, bias, labels)
+            ctx.recompute = (ignore_index, smoothing, chunk_bytes, xent, workspace_bytes)
+            return loss, n_correct
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        total = loss.sum()
+        return (total / n_valid.clamp(min=1) if reduction == "mean" else total), n_correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor | None) -> tuple[Tensor | None, ...]:
+        if ctx.reduction == "none":
+            x, weight, bias, labels = ctx.saved_tensors
+            ignore_index, smoothing, chunk_bytes, xent, workspace_bytes = ctx.recompute
+            _, _, grad_x, grad_w, grad_b = _run_chunks(
+                x, weight, bias, labels, ignore_index, smoothing, grad_loss.float().contiguous(),
+                tuple(ctx.needs_input_grad[:3]), chunk_bytes, xent, workspace_bytes,
+            )
+        else:
+            grad_x, grad_w, grad_b = (None if g is None else g * grad_loss for g in ctx.saved_tensors)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _linear_cross_entropy(
+    xent: SoftmaxXent, workspace_bytes: int, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+    ignore_index: int, label_smoothing: float, reduction: str, chunk_bytes: int | None,
+) -> tuple[Tensor, Tensor]:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # The matmuls run in the autocast dtype, as F.linear would; the casts carry the gradients back.
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(
+            x, weight, bias, labels.contiguous(), ignore_index, float(label_smoothing), reduction,
+            chunk_bytes, xent, workspace_bytes,
+        )
+
+
+def linear_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_bytes: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(loss, n_correct) of cross-entropy over ``x @ weight.T + bias``, as
+    :func:`bertfast.ops.reference.linear_cross_entropy`, with the Triton softmax-cross-entropy kernel.
+
+    At most ``chunk_bytes`` of logits exist at once.
+    """
+    return _linear_cross_entropy(
+        _softmax_xent_triton, 0, x, weight, bias, labels, ignore_index, label_smoothing, reduction,
+        chunk_bytes,
+    )
+
+
+def linear_cross_entropy_torch(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_bytes: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The same chunked algorithm in plain PyTorch (log_softmax instead of the kernel), for CPU.
+
+    Each chunk also holds an fp32 work copy of its logits, counted in ``chunk_bytes``.
+    """
+    return _linear_cross_entropy(
+        _softmax_xent_torch, 4, x, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_bytes
+    )
+
+
+def aot_specs() -> list[AotSpec]:
+    specs = []
+    for dtype in _DTYPES.values():
+        for block in _BLOCKS:
+            _, num_warps = _block_config(block)
+            specs.append(AotSpec(
+                name=f"softmax_xent[BLOCK_V={block},{dtype}]",
+                fn=_softmax_xent_kernel,
+                signature={
+                    "logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "scale_ptr": "*fp32",
+                    "scale_stride": "i32", "loss_ptr": "*fp32", "correct_ptr": "*i32", "V": "i32",
+                    "ignore_index": "i32", "smoothing": "fp32", "BLOCK_V": "constexpr",
+                },
+                constants={"BLOCK_V": block},
+                num_warps=num_warps,
+            ))
+    return specs
