@@ -94,9 +94,9 @@ def _softmax_xent_kernel(
 
 
 def _block_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): a block of the vocabulary per loop step, 8 to 16 values per thread."""
+    """(BLOCK_V, num_warps): a block of the vocabulary per loop step, up to 8 values per thread."""
     block = min(max(triton.next_power_of_2(vocab), _BLOCKS[0]), _BLOCKS[-1])
-    return block, 8 if block >= 2048 else 4
+    return block, max(4, block // 256)
 
 
 # An in-place softmax-cross-entropy over one chunk:
