@@ -1,0 +1,160 @@
+"""gelu(x + bias): the feed-forward intermediate activation.
+
+Forward, per element (u = x + bias, computed in fp32)::
+
+    exact: y = u / 2 * (1 + erf(u / sqrt(2)))
+    tanh:  y = u / 2 * (1 + tanh(sqrt(2 / pi) * (u + 0.044715 u^3)))
+
+Backward: dx = dy * gelu'(u) and dbias = sum over rows of dx. The forward keeps only x
+and bias (u is recomputed); dbias is reduced with per-program fp32 partials.
+
+Inputs are (rows, N) (extra leading dims are flattened), any N; tiles of BLOCK_M x BLOCK_N.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from bertfast.kernels.aot import AotSpec
+from bertfast.kernels.layernorm_common import (
+    DTYPES,
+    check_approximate,
+    gelu,
+    gelu_grad,
+    kernels_available,
+    partial_programs,
+    reduce_partials,
+)
+from torch import Tensor
+
+from bertfast.ops import reference
+
+_TILE = 4096  # elements per program: 32 per thread with 4 warps
+_NUM_WARPS = 4
+
+
+def _tile_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): a column tile of up to 1024 (3072 and 4096 split exactly)."""
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), 1024)
+    return _TILE // block_n, block_n
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    x_ptr, bias_ptr, y_ptr, M, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, APPROX_TANH: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    offsets = tl.cast(rows, tl.int64)[:, None] * N + cols[None, :]
+    b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + b[None, :]
+    tl.store(y_ptr + offsets, gelu(u, APPROX_TANH).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    dy_ptr, x_ptr, bias_ptr, dx_ptr, dbias_partial_ptr, M, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, APPROX_TANH: tl.constexpr,
+):
+    # Program (g, c) walks row blocks g, g + G, ... of column tile c, summing dx for dbias.
+    g = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row_block in range(g, tl.cdiv(M, BLOCK_M), n_programs):
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        offsets = tl.cast(rows, tl.int64)[:, None] * N + cols[None, :]
+        u = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + b[None, :]
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dx = tl.where(mask, dy * gelu_grad(u, APPROX_TANH), 0.0)
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dbias += tl.sum(dx, axis=0)
+    tl.store(dbias_partial_ptr + g.to(tl.int64) * N + cols, dbias, mask=col_mask)
+
+
+def bias_gelu_forward(x2d: Tensor, bias: Tensor, out_dtype: torch.dtype, approx_tanh: bool) -> Tensor:
+    m, n = x2d.shape
+    y = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
+    if m == 0 or n == 0:
+        return y
+    block_m, block_n = _tile_config(n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _bias_gelu_fwd_kernel[grid](
+        x2d, bias, y, m, n, BLOCK_M=block_m, BLOCK_N=block_n, APPROX_TANH=approx_tanh,
+        num_warps=_NUM_WARPS,
+    )
+    return y
+
+
+def bias_gelu_backward(dy2d: Tensor, x2d: Tensor, bias: Tensor, approx_tanh: bool) -> tuple[Tensor, Tensor]:
+    m, n = x2d.shape
+    dx = torch.empty_like(x2d)
+    if m == 0 or n == 0:
+        return dx, torch.zeros_like(bias)
+    block_m, block_n = _tile_config(n)
+    n_col_tiles = triton.cdiv(n, block_n)
+    programs = partial_programs(triton.cdiv(m, block_m), x2d.device, share=n_col_tiles)
+    partials = torch.empty((programs, n), dtype=torch.float32, device=x2d.device)
+    _bias_gelu_bwd_kernel[(programs, n_col_tiles)](
+        dy2d, x2d, bias, dx, partials, m, n, BLOCK_M=block_m, BLOCK_N=block_n, APPROX_TANH=approx_tanh,
+        num_warps=_NUM_WARPS,
+    )
+    return dx, reduce_partials(partials).to(bias.dtype)
+
+
+class BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor, approximate: str) -> Tensor:
+        n = x.shape[-1]
+        x2d = x.detach().reshape(-1, n).contiguous()
+        b = bias.detach().contiguous()
+        approx_tanh = approximate == "tanh"
+        y = bias_gelu_forward(x2d, b, torch.promote_types(x.dtype, bias.dtype), approx_tanh)
+        ctx.save_for_backward(x2d, b)
+        ctx.approx_tanh = approx_tanh
+        ctx.input_shape = x.shape
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x2d, b = ctx.saved_tensors
+        dy2d = dy.reshape(-1, x2d.shape[-1]).contiguous()
+        dx, dbias = bias_gelu_backward(dy2d, x2d, b, ctx.approx_tanh)
+        return dx.view(ctx.input_shape), dbias, None
+
+
+def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(x + bias) on the last dim of ``x``; see the module docstring."""
+    check_approximate(approximate)
+    if not kernels_available(x) or x.dtype not in DTYPES or bias.dtype not in DTYPES:
+        return reference.bias_gelu(x, bias, approximate)
+    return BiasGelu.apply(x, bias, approximate)
+
+
+def aot_specs() -> list[AotSpec]:
+    block_m, block_n = _tile_config(3072)
+    specs = []
+    for dtype, approx in [("fp32", False), ("bf16", False), ("fp16", False), ("bf16", True)]:
+        constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "APPROX_TANH": approx}
+        tag = f"N=3072,{dtype}" + (",tanh" if approx else "")
+        common = {"M": "i32", "N": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                  "APPROX_TANH": "constexpr"}
+        specs.append(AotSpec(
+            f"bias_gelu_fwd[{tag}]", _bias_gelu_fwd_kernel,
+            {"x_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", **common},
+            constants, num_warps=_NUM_WARPS,
+        ))
+        specs.append(AotSpec(
+            f"bias_gelu_bwd[{tag}]", _bias_gelu_bwd_kernel,
+            {"dy_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}",
+             "dbias_partial_ptr": "*fp32", **common},
+            constants, num_warps=_NUM_WARPS,
+        ))
+    return specs

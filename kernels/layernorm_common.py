@@ -1,0 +1,119 @@
+"""Pieces shared by the LayerNorm-family kernels.
+
+* :func:`row_config`: one row of ``hidden`` values per program, BLOCK = next power of two.
+* :func:`partial_programs` / :func:`reduce_partials`: column sums over all rows (dgamma, dbeta,
+  dbias) without atomics. The backward kernels run a bounded number of programs that each
+  walk a strided set of rows and keep their own fp32 partial sums in registers; a second,
+  small reduction adds up the ``(programs, hidden)`` partials. Deterministic for a device.
+* ``gelu`` / ``gelu_grad`` and ``dropout_keep``: @triton.jit helpers inlined by the kernels.
+* LayerNorm backward of one row, given x_hat = (h - mean) * rstd and dy::
+
+      wdy = gamma * dy
+      dh  = rstd * (wdy - mean(wdy) - x_hat * mean(x_hat * wdy))
+      dgamma += dy * x_hat;  dbeta += dy
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Larger rows would not fit one program's registers; the ops run the reference beyond it.
+MAX_HIDDEN = 4096
+# The hidden sizes that the launchers are tuned for (BERT base and large).
+TUNED_HIDDEN = (768, 1024)
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_TANH_C = tl.constexpr(0.044715)
+
+
+def row_config(hidden: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a program that holds one row: ~8 values per thread."""
+    block = triton.next_power_of_2(max(hidden, 1))
+    return block, min(16, max(1, block // 256))
+
+
+def aot_row_configs() -> list[tuple[int, int, str, bool]]:
+    """(BLOCK, num_warps, dtype, tuned) for the AOT check: the tuned rows in every dtype, the widest in fp32."""
+    tuned = sorted({row_config(h) for h in TUNED_HIDDEN})
+    configs = [(block, warps, dtype, True) for block, warps in tuned for dtype in DTYPES.values()]
+    return configs + [(*row_config(MAX_HIDDEN), "fp32", False)]
+
+
+def partial_programs(n_items: int, device: torch.device, share: int = 1) -> int:
+    """How many programs (each with its own partial sums) walk ``n_items`` rows or row blocks.
+
+    ``share`` divides the budget when each row-program group also spans several column tiles.
+    """
+    if device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).multi_processor_count * 4
+    else:
+        budget = 4  # the interpreter runs programs one after another: few partials, fewer stores
+    return max(1, min(n_items, budget // share))
+
+
+def reduce_partials(partials: Tensor) -> Tensor:
+    """(..., programs, hidden) fp32 partial sums -> (..., hidden): the second, small reduction."""
+    return partials.sum(dim=-2)
+
+
+def kernels_available(t: Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors only in the interpreter."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_dropout(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def check_approximate(approximate: str) -> None:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def dropout_scale(p: float) -> float:
+    """What kept values are multiplied by; p == 1 drops everything (like F.dropout)."""
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """A Philox seed drawn from torch's generator of ``device`` and kept on it (no host sync).
+
+    ``torch.manual_seed`` makes it reproducible and activation checkpointing, which replays
+    the RNG state, draws the same one again.
+    """
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+@triton.jit
+def gelu(u, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        z = _SQRT_2_OVER_PI * (u + _GELU_TANH_C * u * u * u)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)  # tanh(z), saturating cleanly at +-1
+        return 0.5 * u * (1.0 + t)
+    return 0.5 * u * (1.0 + tl.math.erf(u * _SQRT1_2))
+
+
+@triton.jit
+def gelu_grad(u, APPROX_TANH: tl.constexpr):
+    """d gelu(u) / du."""
+    if APPROX_TANH:
+        z = _SQRT_2_OVER_PI * (u + _GELU_TANH_C * u * u * u)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+        dz = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * u * u)
+        return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * dz
+    return 0.5 * (1.0 + tl.math.erf(u * _SQRT1_2)) + u * _INV_SQRT_2PI * tl.exp(-0.5 * u * u)
+
+
+@triton.jit
+def dropout_keep(seed, offsets, p):
+    """Philox mask: element ``offsets`` of the tensor is kept with probability 1 - p."""
+    return tl.rand(seed, offsets) >= p
