@@ -1,0 +1,360 @@
+"""dropout(LayerNorm(word[ids] + position[pos] + type[tt])): BERT's embedding layer on packed ids.
+
+Forward, per token (fp32 inside)::
+
+    h = word[ids[t]] + position[pos[t]] + type[tt[t]]     # or inputs_embeds[t] for the word row
+    y = dropout((h - mean) * rstd * gamma + beta)         # keep with prob 1 - p, kept * 1 / (1 - p)
+
+The forward stores y and (mean, rstd) per token; the backward gathers h again (the tables
+stay alive as parameters) and regenerates the Philox dropout mask from the seed. Backward::
+
+    dh = LayerNorm backward of (dropout-mask(dy) / (1 - p))
+    dgamma = sum_t dy' * x_hat;  dbeta = sum_t dy'    (per-program fp32 partials)
+    dword[v] = sum over tokens with ids == v of dh    (and likewise position, type)
+
+The table gradients are written without atomics: the ids are sorted, fixed blocks of
+``_SEGMENT_ROWS`` sorted tokens sum their runs of equal ids in fp32 and write each run that
+they hold entirely; a run that crosses block boundaries leaves one partial per block, which
+the block where it starts adds up. Each gradient row is written once, so duplicate ids
+accumulate exactly and deterministically, and the ``padding_idx`` row gets no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from bertfast.kernels.aot import AotSpec
+from bertfast.kernels.layernorm_common import (
+    DTYPES,
+    MAX_HIDDEN,
+    aot_row_configs,
+    check_dropout,
+    draw_seed,
+    dropout_keep,
+    dropout_scale,
+    kernels_available,
+    partial_programs,
+    reduce_partials,
+    row_config,
+)
+from torch import Tensor
+
+from bertfast.ops import reference
+
+_SEGMENT_ROWS = 32  # sorted tokens per program of the gradient scatter
+
+
+@triton.jit
+def _gather_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, row, cols, mask, H,
+                FROM_EMBEDS: tl.constexpr):
+    """h of one token, fp32: its word row (or inputs_embeds row) + position row + type row."""
+    if FROM_EMBEDS:
+        word_row = row
+    else:
+        word_row = tl.load(ids_ptr + row).to(tl.int64)
+    h = tl.load(word_ptr + word_row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    pos_row = tl.load(pos_ids_ptr + row).to(tl.int64)
+    h += tl.load(pos_ptr + pos_row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    type_row = tl.load(type_ids_ptr + row).to(tl.int64)
+    h += tl.load(type_ptr + type_row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _emb_fwd_kernel(
+    ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, w_ptr, b_ptr,
+    y_ptr, mean_ptr, rstd_ptr, seed_ptr, H, eps, p, scale,
+    BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr, FROM_EMBEDS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    h = _gather_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, row, cols, mask, H,
+                    FROM_EMBEDS)
+    mean = tl.sum(h, axis=0) / H
+    d = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / H + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = d * rstd * w + b
+    offsets = row * H + cols
+    if HAS_DROPOUT:
+        y = tl.where(dropout_keep(tl.load(seed_ptr), offsets, p), y * scale, 0.0)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _emb_bwd_kernel(
+    dy_ptr, ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, w_ptr,
+    mean_ptr, rstd_ptr, seed_ptr, dh_ptr, partial_ptr, n_rows, H, p, scale,
+    BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr, FROM_EMBEDS: tl.constexpr,
+):
+    # Program g walks tokens g, g + G, ...; partials: (2, G, H) = dgamma, dbeta.
+    g = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    db = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    for i in range(g, n_rows, n_programs):
+        row = tl.cast(i, tl.int64)
+        h = _gather_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, row, cols, mask, H,
+                        FROM_EMBEDS)
+        rstd = tl.load(rstd_ptr + row)
+        x_hat = tl.where(mask, (h - tl.load(mean_ptr + row)) * rstd, 0.0)
+        offsets = row * H + cols
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            dy = tl.where(dropout_keep(seed, offsets, p), dy * scale, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(x_hat * wdy, axis=0) / H
+        c2 = tl.sum(wdy, axis=0) / H
+        dh = (wdy - (x_hat * c1 + c2)) * rstd
+        tl.store(dh_ptr + offsets, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+        dw += dy * x_hat
+        db += dy
+    out = partial_ptr + g.to(tl.int64) * H + cols
+    tl.store(out, dw, mask=mask)
+    tl.store(out + n_programs.to(tl.int64) * H, db, mask=mask)
+
+
+@triton.jit
+def _segment_sum_kernel(
+    dh_ptr, sorted_ids_ptr, order_ptr, grad_ptr, carry_ptr, n_rows, H, skip_id,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Block b sums sorted tokens [b * ROWS, (b + 1) * ROWS) run by run. carry[b, 0]: the run that
+    # began in an earlier block (its head piece here); carry[b, 1]: the run that goes on past this block.
+    blk = tl.program_id(0)
+    start = blk * ROWS
+    end = tl.minimum(start + ROWS, n_rows)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    carry = carry_ptr + blk.to(tl.int64) * 2 * H + cols
+    cur = tl.load(sorted_ids_ptr + start).to(tl.int64)
+    before = tl.load(sorted_ids_ptr + start - 1, mask=start > 0, other=-1).to(tl.int64)
+    head = (before == cur).to(tl.int32)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(start, end):
+        idx = tl.load(sorted_ids_ptr + i).to(tl.int64)
+        if idx != cur:
+            if head != 0:
+                tl.store(carry, acc, mask=mask)
+            elif cur != skip_id:
+                tl.store(grad_ptr + cur * H + cols, acc.to(grad_ptr.dtype.element_ty), mask=mask)
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            cur = idx
+            head = head * 0
+        token = tl.load(order_ptr + i)
+        acc += tl.load(dh_ptr + token * H + cols, mask=mask, other=0.0).to(tl.float32)
+    after = tl.load(sorted_ids_ptr + end, mask=end < n_rows, other=-1).to(tl.int64)
+    if head != 0:
+        tl.store(carry, acc, mask=mask)
+    elif after == cur:
+        tl.store(carry + H, acc, mask=mask)
+    elif cur != skip_id:
+        tl.store(grad_ptr + cur * H + cols, acc.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _segment_carry_kernel(
+    sorted_ids_ptr, grad_ptr, carry_ptr, n_rows, H, skip_id,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The block where a cross-block run starts adds its tail piece and the following blocks' heads.
+    blk = tl.program_id(0)
+    start = blk * ROWS
+    end = tl.minimum(start + ROWS, n_rows)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    last = tl.load(sorted_ids_ptr + end - 1).to(tl.int64)
+    before = tl.load(sorted_ids_ptr + start - 1, mask=start > 0, other=-1).to(tl.int64)
+    after = tl.load(sorted_ids_ptr + end, mask=end < n_rows, other=-1).to(tl.int64)
+    if (after == last) & (before != last):
+        acc = tl.load(carry_ptr + (blk.to(tl.int64) * 2 + 1) * H + cols, mask=mask, other=0.0)
+        nxt = blk + 1
+        more = after == last
+        while more:
+            acc += tl.load(carry_ptr + nxt.to(tl.int64) * 2 * H + cols, mask=mask, other=0.0)
+            nxt_end = tl.minimum((nxt + 1) * ROWS, n_rows)
+            more = tl.load(sorted_ids_ptr + nxt_end, mask=nxt_end < n_rows, other=-1).to(tl.int64) == last
+            nxt += 1
+        if last != skip_id:
+            tl.store(grad_ptr + last * H + cols, acc.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def scatter_rows(dh: Tensor, ids: Tensor, n_table_rows: int, dtype: torch.dtype, skip_id: int = -1) -> Tensor:
+    """grad[v] = sum of dh[t] over tokens t with ids[t] == v, fp32-accumulated; row ``skip_id`` stays 0."""
+    n_rows, hidden = dh.shape
+    grad = torch.zeros((n_table_rows, hidden), dtype=dtype, device=dh.device)
+    if n_rows == 0:
+        return grad
+    sorted_ids, order = torch.sort(ids, stable=True)
+    n_blocks = triton.cdiv(n_rows, _SEGMENT_ROWS)
+    carry = torch.empty((n_blocks, 2, hidden), dtype=torch.float32, device=dh.device)
+    block, num_warps = row_config(hidden)
+    _segment_sum_kernel[(n_blocks,)](
+        dh, sorted_ids, order, grad, carry, n_rows, hidden, skip_id,
+        ROWS=_SEGMENT_ROWS, BLOCK=block, num_warps=num_warps,
+    )
+    _segment_carry_kernel[(n_blocks,)](
+        sorted_ids, grad, carry, n_rows, hidden, skip_id, ROWS=_SEGMENT_ROWS, BLOCK=block, num_warps=num_warps,
+    )
+    return grad
+
+
+class Embeddings(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, input_ids: Tensor | None, position_ids: Tensor, token_type_ids: Tensor, words: Tensor,
+        position_weight: Tensor, type_weight: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+        eps: float, dropout_p: float, training: bool, padding_idx: int,
+    ) -> Tensor:
+        # words: the word table, or inputs_embeds (T, H) when input_ids is None.
+        from_embeds = input_ids is None
+        hidden = words.shape[-1]
+        lead_shape = words.shape[:-1] if from_embeds else input_ids.shape
+        ids = None if from_embeds else input_ids.reshape(-1).contiguous()
+        pos_ids = position_ids.reshape(-1).contiguous()
+        type_ids = token_type_ids.reshape(-1).contiguous()
+        words_c = words.detach().reshape(-1, hidden).contiguous() if from_embeds else words.detach().contiguous()
+        pos_w, type_w, w, b = (t.detach().contiguous() for t in (position_weight, type_weight, ln_weight, ln_bias))
+        rows = pos_ids.numel()
+        out_dtype = torch.promote_types(torch.promote_types(words.dtype, pos_w.dtype), type_w.dtype)
+        has_dropout = training and dropout_p > 0.0
+        seed = draw_seed(words.device) if has_dropout else None
+        y = torch.empty((rows, hidden), dtype=out_dtype, device=words.device)
+        mean = torch.empty(rows, dtype=torch.float32, device=words.device)
+        rstd = torch.empty_like(mean)
+        block, num_warps = row_config(hidden)
+        if rows > 0:
+            _emb_fwd_kernel[(rows,)](
+                ids, pos_ids, type_ids, words_c, pos_w, type_w, w, b, y, mean, rstd, seed,
+                hidden, eps, dropout_p, dropout_scale(dropout_p),
+                BLOCK=block, HAS_DROPOUT=has_dropout, FROM_EMBEDS=from_embeds, num_warps=num_warps,
+            )
+        ctx.save_for_backward(ids, pos_ids, type_ids, words_c, pos_w, type_w, w, mean, rstd, seed)
+        ctx.has_dropout = has_dropout
+        ctx.dropout_p = dropout_p
+        ctx.padding_idx = padding_idx
+        ctx.words_shape = words.shape
+        ctx.ln_bias_dtype = ln_bias.dtype
+        return y.view(*lead_shape, hidden)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        ids, pos_ids, type_ids, words, pos_w, type_w, w, mean, rstd, seed = ctx.saved_tensors
+        from_embeds = ids is None
+        rows, hidden = pos_ids.numel(), w.shape[0]
+        dy2d = dy.reshape(rows, hidden).contiguous()
+        dh = torch.empty((rows, hidden), dtype=dy.dtype, device=dy.device)
+        programs = partial_programs(rows, dy.device)
+        partials = torch.zeros((2, programs, hidden), dtype=torch.float32, device=dy.device)
+        block, num_warps = row_config(hidden)
+        if rows > 0:
+            _emb_bwd_kernel[(programs,)](
+                dy2d, ids, pos_ids, type_ids, words, pos_w, type_w, w, mean, rstd, seed, dh, partials,
+                rows, hidden, ctx.dropout_p, dropout_scale(ctx.dropout_p),
+                BLOCK=block, HAS_DROPOUT=ctx.has_dropout, FROM_EMBEDS=from_embeds, num_warps=num_warps,
+            )
+        dw, db = reduce_partials(partials)
+        needs = ctx.needs_input_grad
+        d_words = d_pos = d_type = None
+        if needs[3]:
+            if from_embeds:
+                d_words = dh.to(words.dtype).view(ctx.words_shape)
+            else:
+                d_words = scatter_rows(dh, ids, words.shape[0], words.dtype, ctx.padding_idx)
+        if needs[4]:
+            d_pos = scatter_rows(dh, pos_ids, pos_w.shape[0], pos_w.dtype)
+        if needs[5]:
+            d_type = scatter_rows(dh, type_ids, type_w.shape[0], type_w.dtype)
+        return (
+            None, None, None, d_words, d_pos, d_type, dw.to(w.dtype), db.to(ctx.ln_bias_dtype),
+            None, None, None, None,
+        )
+
+
+def embeddings(
+    input_ids: Tensor | None,
+    position_ids: Tensor,
+    token_type_ids: Tensor,
+    word_weight: Tensor,
+    position_weight: Tensor,
+    type_weight: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float,
+    dropout_p: float,
+    training: bool,
+    inputs_embeds: Tensor | None = None,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """dropout(LayerNorm(word + position + token-type embeddings)); see the module docstring.
+
+    ``inputs_embeds`` replaces the word lookup (its gradient is dh itself).
+    """
+    check_dropout(dropout_p)
+    words = word_weight if inputs_embeds is None else inputs_embeds
+    tables = (words, position_weight, type_weight, ln_weight, ln_bias)
+    if (
+        not kernels_available(words)
+        or words.shape[-1] > MAX_HIDDEN
+        or any(t.dtype not in DTYPES for t in tables)
+    ):
+        return reference.embeddings(
+            input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight, ln_weight,
+            ln_bias, eps, dropout_p, training, inputs_embeds=inputs_embeds, padding_idx=padding_idx,
+        )
+    if padding_idx is None:
+        padding_idx = -1
+    elif padding_idx < 0:
+        padding_idx += word_weight.shape[0]  # as nn.Embedding
+    return Embeddings.apply(
+        None if inputs_embeds is not None else input_ids, position_ids, token_type_ids, words,
+        position_weight, type_weight, ln_weight, ln_bias, eps, dropout_p, training, padding_idx,
+    )
+
+
+def aot_specs() -> list[AotSpec]:
+    specs = []
+    for block, num_warps, dt, tuned in aot_row_configs():
+        tag = f"BLOCK={block},{dt}"
+        tables = {"word_ptr": f"*{dt}", "pos_ptr": f"*{dt}", "type_ptr": f"*{dt}"}
+        ids = {"ids_ptr": "*i64", "pos_ids_ptr": "*i64", "type_ids_ptr": "*i64"}
+        flags = {"BLOCK": "constexpr", "HAS_DROPOUT": "constexpr", "FROM_EMBEDS": "constexpr"}
+        constants = {"BLOCK": block, "HAS_DROPOUT": True, "FROM_EMBEDS": False}
+        fwd_sig = {
+            **ids, **tables, "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32",
+            "rstd_ptr": "*fp32", "seed_ptr": "*i64", "H": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32",
+            **flags,
+        }
+        bwd_sig = {
+            "dy_ptr": f"*{dt}", **ids, **tables, "w_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+            "seed_ptr": "*i64", "dh_ptr": f"*{dt}", "partial_ptr": "*fp32", "n_rows": "i32", "H": "i32",
+            "p": "fp32", "scale": "fp32", **flags,
+        }
+        scatter = {"ROWS": _SEGMENT_ROWS, "BLOCK": block}
+        sum_sig = {
+            "dh_ptr": f"*{dt}", "sorted_ids_ptr": "*i64", "order_ptr": "*i64", "grad_ptr": f"*{dt}",
+            "carry_ptr": "*fp32", "n_rows": "i32", "H": "i32", "skip_id": "i32",
+            "ROWS": "constexpr", "BLOCK": "constexpr",
+        }
+        carry_sig = {
+            "sorted_ids_ptr": "*i64", "grad_ptr": f"*{dt}", "carry_ptr": "*fp32", "n_rows": "i32", "H": "i32",
+            "skip_id": "i32", "ROWS": "constexpr", "BLOCK": "constexpr",
+        }
+        for name, fn, sig, consts in [
+            ("emb_fwd", _emb_fwd_kernel, fwd_sig, constants),
+            ("emb_bwd", _emb_bwd_kernel, bwd_sig, constants),
+            ("emb_segment_sum", _segment_sum_kernel, sum_sig, scatter),
+            ("emb_segment_carry", _segment_carry_kernel, carry_sig, scatter),
+        ]:
+            specs.append(AotSpec(f"{name}[{tag}]", fn, sig, consts, num_warps=num_warps, tuned=tuned))
+    return specs
