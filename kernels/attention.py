@@ -1,0 +1,613 @@
+"""Fused attention for packed variable-length BERT sequences (flash-attention style).
+
+Math, per sequence b and head h, with queries/keys/values of that sequence only
+(``cu_seqlens`` delimits the sequences among the packed tokens; no padding is
+read or computed):
+
+    S = scale * Q K^T                 P = softmax(S) (over the keys)
+    O = dropout(P) V                  lse = log(sum_j exp(S_ij))   (kept in fp32, layout (heads, T))
+
+The softmax runs in base 2: scores are multiplied by ``scale * log2(e)`` once and
+exponentiated with ``exp2``. Dropout keeps P_ij with probability 1 - p and scales
+it by 1 / (1 - p); the keep decision is Philox(seed; key j, query i, b * heads + h),
+so it is regenerated in backward and never stored (``dropout_keep_mask``
+reproduces it). The seed is drawn from torch's default (CPU) generator in forward:
+``torch.manual_seed`` makes runs reproducible and activation checkpointing, which
+restores that generator, replays the same mask.
+
+Backward (``delta = rowsum(dO * O)``, computed by a preprocess kernel):
+
+    dV = dropout(P)^T dO      dP = dropout'(dO V^T)      dS = P * (dP - delta)
+    dQ = scale * dS K         dK = scale * dS^T Q
+
+One program per (key block, sequence, head) accumulates dK, dV over the query
+blocks. dQ is finished in one of three ways (``DQ_*`` below):
+
+* the key block covers the whole sequence (max_seqlen <= BLOCK_N1, e.g. BERT at
+  128 tokens): each dQ block is complete inside the loop and is stored directly;
+* deterministic (default): the same program then computes the dQ rows of its
+  query block by iterating over key blocks, recomputing S and dP;
+* atomic (``deterministic=False`` or ``BERTFAST_ATTENTION_DETERMINISTIC=0``):
+  dQ partials are atomically added to an fp32 buffer and cast at the end.
+
+Why deterministic is the default: on paper it costs 2 extra MMAs per tile pair
+(7 instead of 5), e.g. 26 GFLOP (~30-60 us on an H100) for 16k tokens of 512,
+12 heads, head_dim 64; the atomic path instead zero-fills an fp32 dQ, issues
+(key blocks) x |dQ| fp32 read-modify-writes (4 x 50 MB there) and casts it, a
+comparable ~300 MB of traffic (~100 us at 3.35 TB/s), and its sums depend on
+scheduling. ``torch.use_deterministic_algorithms(True)`` always forces it.
+
+Runs on CUDA for fp16/bf16 (fp32 accumulation) and, under ``TRITON_INTERPRET=1``,
+on fp32/fp16 CPU tensors. Head dims up to 128 (32/64/128 tuned). Everything else
+(fp32 on a GPU, larger head dims, CPU without the interpreter) uses the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from bertfast.ops import reference
+from bertfast.padding import Packing
+
+from .aot import AotSpec
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+PHILOX_ROUNDS = 7  # Philox4x32-7 passes BigCrush; flash-attention uses 7 rounds too
+MAX_HEAD_DIM = 128
+
+# How the backward kernel finishes dQ.
+DQ_STORE = 0  # one key block spans the sequence: each dQ block is complete, store it
+DQ_ATOMIC = 1  # atomic fp32 adds of per-key-block partials
+DQ_RECOMPUTE = 2  # a second loop over key blocks per query block (deterministic)
+_DQ_STORE = tl.constexpr(DQ_STORE)  # the kernels can only read constexpr globals
+_DQ_RECOMPUTE = tl.constexpr(DQ_RECOMPUTE)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, q_idx, k_idx, drop_threshold, N_ROUNDS: tl.constexpr):
+    """True where probability (query q_idx, key k_idx) of head-sequence bh survives dropout.
+
+    q_idx and k_idx broadcast against each other (a row and a column of indices).
+    The top 24 bits of Philox(seed; k, q, bh, 0) are compared with p * 2**24.
+    """
+    c0 = (k_idx + q_idx * 0).to(tl.uint32)
+    c1 = (q_idx + k_idx * 0).to(tl.uint32)
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, c1, zero + bh.to(tl.uint32), zero, N_ROUNDS)
+    return (r >> 8).to(tl.int32) >= drop_threshold
+
+
+@triton.jit(do_not_specialize=["total", "max_seqlen", "seed"])
+def _attn_fwd(
+    Q, K, V, Out, Lse, CuSeqlens,
+    stride_t, stride_h, stride_ot, stride_oh,
+    total, n_heads, max_seqlen,
+    qk_scale, out_scale, drop_threshold, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr,
+):
+    # One program per (query block, sequence, head); query blocks of one head are adjacent, for L2 reuse of K/V.
+    pid = tl.program_id(0)
+    n_mblocks = tl.cdiv(max_seqlen, BLOCK_M)
+    bh = pid // n_mblocks
+    start_m = (pid % n_mblocks) * BLOCK_M
+    h = bh % n_heads
+    seq_start = tl.load(CuSeqlens + bh // n_heads)
+    seqlen = tl.load(CuSeqlens + bh // n_heads + 1) - seq_start
+    if start_m >= seqlen:
+        return
+    # 64-bit base offsets: a packed batch can exceed 2**31 elements, one sequence cannot.
+    base = seq_start.to(tl.int64) * stride_t + h * stride_h
+    Q += base
+    K += base
+    V += base
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < seqlen
+    q = tl.load(Q + offs_m[:, None] * stride_t + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < seqlen
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + cols[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        # The normaliser sums the probabilities before dropout, as softmax-then-dropout does.
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], drop_threshold, N_ROUNDS),
+                         p, 0.0)
+        v = tl.load(V + cols[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    acc = acc * (out_scale / l_i)[:, None]
+    Out += seq_start.to(tl.int64) * stride_ot + h * stride_oh
+    tl.store(Out + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(Out.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+    Lse += h.to(tl.int64) * total + seq_start
+    tl.store(Lse + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
+
+
+@triton.jit(do_not_specialize=["total"])
+def _attn_bwd_delta(
+    Out, DO, Delta,
+    stride_ot, stride_oh, stride_dot, stride_doh, total,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # delta[h, t] = sum_d O[t, h, d] * dO[t, h, d]; over packed tokens, so no sequence bookkeeping.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + h.to(tl.int64) * total + rows, delta, mask=rows < total)
+
+
+@triton.jit(do_not_specialize=["total", "max_seqlen", "seed"])
+def _attn_bwd(
+    Q, K, V, DO, Lse, Delta, DQ, DK, DV, CuSeqlens,
+    stride_t, stride_h, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
+    total, n_heads, max_seqlen,
+    qk_scale, sm_scale, drop_scale, drop_threshold, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
+    DQ_MODE: tl.constexpr, DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr,
+):
+    # One program per (key block, sequence, head): dK, dV of its keys; in DQ_RECOMPUTE mode also dQ of the
+    # query block with the same index (BLOCK_M2 = BLOCK_N1).
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(max_seqlen, BLOCK_N1)
+    bh = pid // n_blocks
+    start_n = (pid % n_blocks) * BLOCK_N1
+    h = bh % n_heads
+    seq_start = tl.load(CuSeqlens + bh // n_heads)
+    seqlen = tl.load(CuSeqlens + bh // n_heads + 1) - seq_start
+    if start_n >= seqlen:
+        return
+    base = seq_start.to(tl.int64) * stride_t + h * stride_h
+    Q += base
+    K += base
+    V += base
+    DO += seq_start.to(tl.int64) * stride_dot + h * stride_doh
+    DQ += seq_start.to(tl.int64) * stride_dqt + h * stride_dqh
+    DK += seq_start.to(tl.int64) * stride_dkt + h * stride_dkh
+    DV += seq_start.to(tl.int64) * stride_dkt + h * stride_dkh
+    Lse += h.to(tl.int64) * total + seq_start
+    Delta += h.to(tl.int64) * total + seq_start
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    cols = start_n + tl.arange(0, BLOCK_N1)
+    kv_mask = (cols < seqlen)[:, None] & d_mask[None, :]
+    k = tl.load(K + cols[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + cols[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+    offs_m1 = tl.arange(0, BLOCK_M1)
+    # Transposed tiles (keys x queries) keep dK, dV in the MMA output layout. Query rows past the end load
+    # q = dO = 0 and lse = +inf, so their P and dS are exactly 0; key rows past the end are never stored.
+    for start_m in range(0, seqlen, BLOCK_M1):
+        rows = start_m + offs_m1
+        m_mask = rows < seqlen
+        q_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(Q + rows[:, None] * stride_t + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2 = tl.load(Lse + rows, mask=m_mask, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(Delta + rows, mask=m_mask, other=0.0)
+        pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+        dpT = tl.dot(v, tl.trans(do))
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[None, :], cols[:, None], drop_threshold, N_ROUNDS)
+            pdT = tl.where(keep, pT * drop_scale, 0.0)
+            dpT = tl.where(keep, dpT * drop_scale, 0.0)
+        else:
+            pdT = pT
+        dv = tl.dot(pdT.to(do.dtype), do, dv)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+        if DQ_MODE != _DQ_RECOMPUTE:
+            dq = tl.dot(tl.trans(dsT).to(k.dtype), k) * sm_scale
+            dq_ptrs = DQ + rows[:, None] * stride_dqt + offs_d[None, :]
+            if DQ_MODE == _DQ_STORE:
+                tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=q_mask)
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=q_mask, sem="relaxed")
+    tl.store(DK + cols[:, None] * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + cols[:, None] * stride_dkt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    if DQ_MODE == _DQ_RECOMPUTE:
+        rows = start_n + tl.arange(0, BLOCK_N1)
+        m_mask = rows < seqlen
+        q_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(Q + rows[:, None] * stride_t + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2 = tl.load(Lse + rows, mask=m_mask, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(Delta + rows, mask=m_mask, other=0.0)
+        dq = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        offs_n2 = tl.arange(0, BLOCK_N2)
+        # Key rows past the end load k = v = 0, so they add nothing to dS K.
+        for start_n2 in range(0, seqlen, BLOCK_N2):
+            cols2 = start_n2 + offs_n2
+            kv2_mask = (cols2 < seqlen)[:, None] & d_mask[None, :]
+            k2 = tl.load(K + cols2[:, None] * stride_t + offs_d[None, :], mask=kv2_mask, other=0.0)
+            v2 = tl.load(V + cols2[:, None] * stride_t + offs_d[None, :], mask=kv2_mask, other=0.0)
+            p = tl.exp2(tl.dot(q, tl.trans(k2)) * qk_scale - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v2))
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, rows[:, None], cols2[None, :], drop_threshold, N_ROUNDS)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k2.dtype), k2, dq)
+        tl.store(DQ + rows[:, None] * stride_dqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=q_mask)
+
+
+@triton.jit(do_not_specialize=["max_seqlen", "seed"])
+def _dropout_mask_kernel(
+    Mask, CuSeqlens, n_heads, max_seqlen, drop_threshold, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr,
+):
+    # Writes the keep mask of one (query block, sequence, head) into a (batch, heads, S, S) uint8 tensor.
+    pid = tl.program_id(0)
+    n_mblocks = tl.cdiv(max_seqlen, BLOCK_M)
+    bh = pid // n_mblocks
+    start_m = (pid % n_mblocks) * BLOCK_M
+    seq_start = tl.load(CuSeqlens + bh // n_heads)
+    seqlen = tl.load(CuSeqlens + bh // n_heads + 1) - seq_start
+    if start_m >= seqlen:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    Mask += bh.to(tl.int64) * max_seqlen * max_seqlen
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], drop_threshold, N_ROUNDS)
+        tl.store(Mask + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.uint8),
+                 mask=(rows < seqlen)[:, None] & (cols < seqlen)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configurations: one table per architecture, keyed by (padded head dim, short sequences?).
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    block_m1: int  # query rows per step of the dK/dV loop
+    block_n1: int  # keys per program (and query rows per program of the dQ loop)
+    block_n2: int  # keys per step of the dQ loop
+    num_warps: int
+    num_stages: int
+
+
+SHORT_SEQLEN = 128  # BERT pretraining phase 1; phase 2 and fine-tuning use up to 512
+
+# arch -> (block_d, max_seqlen <= SHORT_SEQLEN) -> (forward, backward). sm_80 sizes stay within 99 KB of
+# shared memory so that the table also serves sm_86/sm_89 and other parts without a dedicated one.
+CONFIGS: dict[str, dict[tuple[int, bool], tuple[FwdConfig, BwdConfig]]] = {
+    "sm_80": {
+        (32, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 4, 2)),
+        (32, False): (FwdConfig(128, 64, 4, 3), BwdConfig(32, 128, 32, 4, 2)),
+        (64, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 8, 2)),
+        (64, False): (FwdConfig(128, 64, 4, 3), BwdConfig(32, 128, 32, 8, 2)),
+        (128, True): (FwdConfig(64, 64, 4, 2), BwdConfig(32, 64, 32, 4, 2)),
+        (128, False): (FwdConfig(128, 32, 8, 2), BwdConfig(32, 64, 32, 4, 2)),
+    },
+    "sm_90": {
+        (32, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 4, 3)),
+        (32, False): (FwdConfig(128, 64, 4, 3), BwdConfig(32, 128, 32, 4, 3)),
+        (64, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 8, 3)),
+        (64, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 128, 32, 8, 3)),
+        (128, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 8, 2)),
+        (128, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 64, 32, 4, 3)),
+    },
+}
+DELTA_BLOCK_T = 64
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _arch(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "sm_80"  # the interpreter: any table works, this one keeps tiles small
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_90" if major in (9, 10) else "sm_80"
+
+
+def select_configs(device: torch.device, dtype: torch.dtype, head_dim: int, max_seqlen: int
+                   ) -> tuple[FwdConfig, BwdConfig]:
+    """The (forward, backward) configuration the launchers use for these inputs."""
+    return CONFIGS[_arch(device)][(_block_d(head_dim), max_seqlen <= SHORT_SEQLEN)]
+
+
+def _dq_mode(max_seqlen: int, cfg: BwdConfig, deterministic: bool) -> int:
+    if max_seqlen <= cfg.block_n1:
+        return DQ_STORE
+    return DQ_RECOMPUTE if deterministic else DQ_ATOMIC
+
+
+def _dropout_threshold(dropout_p: float) -> int:
+    return min(round(dropout_p * (1 << 24)), 1 << 24)
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default generator (what forward uses when no seed is given)."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers.
+
+
+def _forward(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dropout_p: float, seed: int,
+             cfg: FwdConfig) -> tuple[Tensor, Tensor]:
+    total, _, heads, head_dim = qkv.shape
+    out = qkv.new_empty(total, heads, head_dim)
+    lse = torch.empty(heads, total, device=qkv.device, dtype=torch.float32)
+    batch = cu_seqlens.numel() - 1
+    q, k, v = qkv.unbind(1)
+    grid = (triton.cdiv(max_seqlen, cfg.block_m) * batch * heads,)
+    _attn_fwd[grid](
+        q, k, v, out, lse, cu_seqlens,
+        qkv.stride(0), qkv.stride(2), out.stride(0), out.stride(1),
+        total, heads, max_seqlen,
+        scale * LOG2E, 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0, _dropout_threshold(dropout_p), seed,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        DROPOUT=dropout_p > 0.0, N_ROUNDS=PHILOX_ROUNDS,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def _backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+              scale: float, dropout_p: float, seed: int, cfg: BwdConfig, deterministic: bool) -> Tensor:
+    total, _, heads, head_dim = qkv.shape
+    block_d = _block_d(head_dim)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    delta = torch.empty(heads, total, device=qkv.device, dtype=torch.float32)
+    _attn_bwd_delta[(triton.cdiv(total, DELTA_BLOCK_T), heads)](
+        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=DELTA_BLOCK_T,
+    )
+    dqkv = torch.empty(total, 3, heads, head_dim, device=qkv.device, dtype=qkv.dtype)
+    dq, dk, dv = dqkv.unbind(1)
+    mode = _dq_mode(max_seqlen, cfg, deterministic)
+    if mode == DQ_ATOMIC:
+        dq = torch.zeros(total, heads, head_dim, device=qkv.device, dtype=torch.float32)
+    q, k, v = qkv.unbind(1)
+    batch = cu_seqlens.numel() - 1
+    grid = (triton.cdiv(max_seqlen, cfg.block_n1) * batch * heads,)
+    _attn_bwd[grid](
+        q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens,
+        qkv.stride(0), qkv.stride(2), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+        dk.stride(0), dk.stride(1),
+        total, heads, max_seqlen,
+        scale * LOG2E, scale, 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
+        _dropout_threshold(dropout_p), seed,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_N2=cfg.block_n2,
+        DQ_MODE=mode, DROPOUT=dropout_p > 0.0, N_ROUNDS=PHILOX_ROUNDS,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if mode == DQ_ATOMIC:
+        dqkv[:, 0].copy_(dq)
+    return dqkv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, scale: float,
+                deterministic: bool, seed: int) -> Tensor:
+        fwd_cfg, bwd_cfg = select_configs(qkv.device, qkv.dtype, qkv.shape[-1], max_seqlen)
+        out, lse = _forward(qkv, cu_seqlens, max_seqlen, scale, dropout_p, seed, fwd_cfg)
+        ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, scale, dropout_p, seed, bwd_cfg, deterministic)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        qkv, out, lse, cu_seqlens = ctx.saved_tensors
+        dqkv = _backward(dout, qkv, out, lse, cu_seqlens, *ctx.args)
+        return dqkv, None, None, None, None, None, None
+
+
+def _supported(qkv: Tensor) -> bool:
+    if qkv.shape[-1] > MAX_HEAD_DIM:
+        return False
+    if qkv.is_cuda:
+        # fp32 on a GPU goes to SDPA: IEEE fp32 dots would be slow here and the check compiles no fp32 kernel.
+        return qkv.dtype in (torch.float16, torch.bfloat16)
+    return os.environ.get("TRITON_INTERPRET") == "1" and qkv.dtype in (torch.float16, torch.float32)
+
+
+def flash_attention(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    *,
+    deterministic: bool | None = None,
+    seed: int | None = None,
+) -> Tensor:
+    """Attention over packed sequences: qkv (T, 3, heads, head_dim) -> (T, heads, head_dim).
+
+    ``cu_seqlens`` (batch + 1,) holds the sequence offsets among the T tokens and
+    ``max_seqlen`` must be at least the longest sequence. ``dropout_p`` applies as
+    given (no ``training`` flag here); ``seed`` defaults to :func:`draw_seed`.
+    ``deterministic`` defaults to True unless ``BERTFAST_ATTENTION_DETERMINISTIC=0``
+    (and is forced by ``torch.use_deterministic_algorithms``).
+    """
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    total, three, heads, head_dim = qkv.shape
+    if three != 3:
+        raise ValueError(f"qkv must be (tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    if not _supported(qkv):
+        return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, dropout_p > 0.0, scale)
+    if total == 0 or cu_seqlens.numel() <= 1:
+        return qkv.new_zeros(total, heads, head_dim)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32)
+    if seed is None:
+        seed = draw_seed() if dropout_p > 0.0 else 0
+    if torch.are_deterministic_algorithms_enabled():
+        deterministic = True
+    elif deterministic is None:
+        deterministic = os.environ.get("BERTFAST_ATTENTION_DETERMINISTIC", "1").strip().lower() not in (
+            "0", "false", "no")
+    return _FlashAttention.apply(qkv, cu_seqlens, max_seqlen, dropout_p, scale, deterministic, seed)
+
+
+def attention(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    softmax_scale: float | None = None,
+) -> Tensor:
+    """``bertfast.ops.attention`` on the Triton kernels (same signature and result as the reference)."""
+    return flash_attention(qkv, cu_seqlens, max_seqlen, dropout_p if training else 0.0, softmax_scale)
+
+
+def padded_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    softmax_scale: float | None = None,
+) -> Tensor:
+    """Attention on a padded (B, S, heads, head_dim) batch with a (B, S) mask (True = real token).
+
+    Packs the real tokens, runs the packed kernel and unpacks; padded query rows are zeros.
+    """
+    packing = Packing.from_mask(key_padding_mask)
+    qkv = packing.pack(torch.stack([q, k, v], dim=2))
+    out = attention(qkv, packing.cu_seqlens, packing.max_seqlen, dropout_p, training, softmax_scale)
+    return packing.unpack(out)
+
+
+def dropout_keep_mask(seed: int, cu_seqlens: Tensor, heads: int, max_seqlen: int, dropout_p: float) -> Tensor:
+    """The kernels' dropout keep-mask, (batch, heads, max_seqlen, max_seqlen) bool, [b, h, query, key].
+
+    Entries outside a sequence are False. Runs the kernels' own Philox function, so a
+    reference built with this mask sees exactly the probabilities the kernels kept.
+    """
+    batch = cu_seqlens.numel() - 1
+    mask = torch.zeros(batch, heads, max_seqlen, max_seqlen, device=cu_seqlens.device, dtype=torch.uint8)
+    if batch == 0 or max_seqlen == 0:
+        return mask.bool()
+    block = 32
+    _dropout_mask_kernel[(triton.cdiv(max_seqlen, block) * batch * heads,)](
+        mask, cu_seqlens.to(torch.int32), heads, max_seqlen, _dropout_threshold(dropout_p), seed,
+        BLOCK_M=block, BLOCK_N=block, N_ROUNDS=PHILOX_ROUNDS,
+    )
+    return mask.bool()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ahead-of-time specs: every (kernel, configuration) the launchers can pick.
+
+
+def _dq_modes(cfg: BwdConfig, short: bool) -> list[int]:
+    """DQ modes reachable with ``cfg`` for max_seqlen in (0, SHORT_SEQLEN] (short) or above it."""
+    lowest, highest = (1, SHORT_SEQLEN) if short else (SHORT_SEQLEN + 1, None)
+    modes = [DQ_STORE] if lowest <= cfg.block_n1 else []
+    if highest is None or highest > cfg.block_n1:
+        modes += [DQ_RECOMPUTE, DQ_ATOMIC]
+    return modes
+
+
+def aot_specs() -> list[AotSpec]:
+    choices = [(fwd, bwd, block_d, short, dtype, True)
+               for table in CONFIGS.values() for (block_d, short), (fwd, bwd) in table.items()
+               for dtype in ("fp16", "bf16")]
+    specs: dict[tuple, AotSpec] = {}
+    for fwd, bwd, block_d, short, dtype, tuned in choices:
+        common = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "N_ROUNDS": PHILOX_ROUNDS}
+        for dropout in (False, True):
+            tag = f"D={block_d},{dtype}" + (",dropout" if dropout else "")
+            name = f"attn_fwd[{tag},M={fwd.block_m},N={fwd.block_n},w={fwd.num_warps},s={fwd.num_stages}]"
+            specs[name] = AotSpec(
+                name, _attn_fwd,
+                {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}", "Lse": "*fp32",
+                 "CuSeqlens": "*i32", "stride_t": "i32", "stride_h": "i32", "stride_ot": "i32",
+                 "stride_oh": "i32", "total": "i32", "n_heads": "i32", "max_seqlen": "i32",
+                 "qk_scale": "fp32", "out_scale": "fp32", "drop_threshold": "i32", "seed": "i32",
+                 **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DROPOUT",
+                                  "N_ROUNDS"), "constexpr")},
+                {**common, "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n, "DROPOUT": dropout},
+                fwd.num_warps, fwd.num_stages, tuned,
+            )
+            for mode in _dq_modes(bwd, short):
+                dq_type = "fp32" if mode == DQ_ATOMIC else dtype
+                name = (f"attn_bwd[{tag},dq={('store', 'atomic', 'recompute')[mode]},M1={bwd.block_m1},"
+                        f"N1={bwd.block_n1},N2={bwd.block_n2},w={bwd.num_warps},s={bwd.num_stages}]")
+                specs[name] = AotSpec(
+                    name, _attn_bwd,
+                    {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "DO": f"*{dtype}", "Lse": "*fp32",
+                     "Delta": "*fp32", "DQ": f"*{dq_type}", "DK": f"*{dtype}", "DV": f"*{dtype}",
+                     "CuSeqlens": "*i32",
+                     **dict.fromkeys(("stride_t", "stride_h", "stride_dot", "stride_doh", "stride_dqt",
+                                      "stride_dqh", "stride_dkt", "stride_dkh", "total", "n_heads",
+                                      "max_seqlen"), "i32"),
+                     "qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32", "drop_threshold": "i32",
+                     "seed": "i32",
+                     **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M1", "BLOCK_N1", "BLOCK_N2", "DQ_MODE",
+                                      "DROPOUT", "N_ROUNDS"), "constexpr")},
+                    {**common, "BLOCK_M1": bwd.block_m1, "BLOCK_N1": bwd.block_n1, "BLOCK_N2": bwd.block_n2,
+                     "DQ_MODE": mode, "DROPOUT": dropout},
+                    bwd.num_warps, bwd.num_stages, tuned,
+                )
+        name = f"attn_bwd_delta[D={block_d},{dtype}]"
+        specs[name] = AotSpec(
+            name, _attn_bwd_delta,
+            {"Out": f"*{dtype}", "DO": f"*{dtype}", "Delta": "*fp32",
+             **dict.fromkeys(("stride_ot", "stride_oh", "stride_dot", "stride_doh", "total"), "i32"),
+             **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_T"), "constexpr")},
+            {"HEAD_DIM": block_d, "BLOCK_D": block_d, "BLOCK_T": DELTA_BLOCK_T},
+        )
+    specs["dropout_mask"] = AotSpec(
+        "dropout_mask", _dropout_mask_kernel,
+        {"Mask": "*u8", "CuSeqlens": "*i32", "n_heads": "i32", "max_seqlen": "i32", "drop_threshold": "i32",
+         "seed": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "N_ROUNDS": "constexpr"},
+        {"BLOCK_M": 32, "BLOCK_N": 32, "N_ROUNDS": PHILOX_ROUNDS}, tuned=False,
+    )
+    return list(specs.values())
