@@ -81,8 +81,12 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden: Tensor, packing: Packing) -> Tensor:
-        return self.output(self.self(hidden, packing), hidden)
+    def forward(self, hidden: Tensor, packing: Packing, rows: Tensor | None = None) -> Tensor:
+        """With ``rows``, every token is a key but only those rows go on: the rest of the layer is per row."""
+        context = self.self(hidden, packing)
+        if rows is not None:
+            context, hidden = context.index_select(0, rows), hidden.index_select(0, rows)
+        return self.output(context, hidden)
 
 
 class BertIntermediate(nn.Module):
@@ -110,8 +114,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden: Tensor, packing: Packing) -> Tensor:
-        attended = self.attention(hidden, packing)
+    def forward(self, hidden: Tensor, packing: Packing, rows: Tensor | None = None) -> Tensor:
+        attended = self.attention(hidden, packing, rows)
         return self.output(self.intermediate(attended), attended)
 
 
@@ -121,14 +125,23 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, hidden: Tensor, packing: Packing, output_hidden_states: bool = False) -> list[Tensor]:
-        """Runs every layer on packed tokens; returns [last] or [embeddings, layer 1, ..., last]."""
+    def forward(
+        self, hidden: Tensor, packing: Packing, output_hidden_states: bool = False,
+        last_layer_rows: Tensor | None = None,
+    ) -> list[Tensor]:
+        """Runs every layer on packed tokens; returns [last] or [embeddings, layer 1, ..., last].
+
+        With ``last_layer_rows`` the last layer computes only those rows (its attention still reads
+        every token as a key), like flash-attention's BERT does for the MLM loss.
+        """
         states = [hidden]
-        for layer in self.layer:
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            rows = last_layer_rows if i == last else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, packing, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, packing, rows, use_reentrant=False)
             else:
-                hidden = layer(hidden, packing)
+                hidden = layer(hidden, packing, rows)
             states.append(hidden)
         return states if output_hidden_states else [hidden]
 

@@ -268,3 +268,18 @@ def test_dropout_statistics_match_transformers(tmp_path):
     spread_ratio = a.std(0).mean() / b.std(0).mean()
     assert mean_gap < 0.1, mean_gap
     assert 0.95 < spread_ratio < 1.05, spread_ratio
+
+
+def test_last_layer_runs_only_on_labelled_rows_and_cls():
+    torch.manual_seed(0)
+    model = bertfast.BertForPreTraining(small_config()).eval()
+    ids, mask, types = ragged_batch()
+    labels = torch.full_like(ids, -100)
+    labels[1, 4] = 3
+    labels[3, 10] = 8
+    encoded = model.bert.encode(ids, mask, types, needed=labels != -100)
+    assert encoded.hidden.shape[0] == 2 + 4  # two labelled tokens + each row's [CLS]
+    subset = model(ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    full = model(ids, attention_mask=mask, token_type_ids=types, labels=labels, return_logits=True)
+    close(subset.loss, full.loss, tol=1e-6, what="loss")
+    close(subset.seq_relationship_logits, full.seq_relationship_logits, tol=1e-6, what="nsp logits")

@@ -35,9 +35,16 @@ class Encoded:
     """The encoder's result on packed tokens, before any padding is put back."""
 
     packing: Packing
-    hidden: Tensor  # (T, hidden): the last layer
+    hidden: Tensor  # (T, hidden): the last layer; (len(rows), hidden) when only some rows were computed
     states: list[Tensor] | None  # embeddings and every layer, packed, when hidden states were asked for
     pooled: Tensor | None  # (batch, hidden)
+    rows: Tensor | None = None  # the packed rows that ``hidden`` holds, ascending; None = all T
+
+    def select(self, packed_rows: Tensor) -> Tensor:
+        """Last-layer outputs of the given packed rows (which must have been computed)."""
+        if self.rows is None:
+            return self.hidden.index_select(0, packed_rows)
+        return self.hidden.index_select(0, torch.searchsorted(self.rows, packed_rows))
 
     def padded_states(self) -> tuple[Tensor, ...] | None:
         return None if self.states is None else tuple(self.packing.unpack(s) for s in self.states)
@@ -292,23 +299,35 @@ class BertModel(BertPreTrainedModel):
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         output_hidden_states: bool = False,
+        needed: Tensor | None = None,
     ) -> Encoded:
-        """Run the encoder on packed tokens and leave the result packed (heads use this directly)."""
+        """Run the encoder on packed tokens and leave the result packed (heads use this directly).
+
+        ``needed`` (batch, seq_len) bool marks the only positions whose output the caller will read
+        (besides each row's first token, for the pooler): the last layer then computes just those.
+        """
         packing, packed = self._pack_inputs(input_ids, attention_mask, token_type_ids, position_ids,
                                             inputs_embeds)
         hidden = self.embeddings(packed["input_ids"], packed["position_ids"], packed["token_type_ids"],
                                  packed["inputs_embeds"])
-        states = self.encoder(hidden, packing, output_hidden_states)
-        last = states[-1]
-        pooled = None
+        lengths = packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]
+        rows = None
+        if needed is not None and tuple(needed.shape) != (packing.batch, packing.seqlen):
+            raise ValueError(f"labels has shape {tuple(needed.shape)}, expected {(packing.batch, packing.seqlen)}")
+        if needed is not None and not output_hidden_states:
+            keep = packing.pack(needed.bool())
+            if self.pooler is not None and packing.total:
+                keep[packing.first_token_rows()[lengths > 0]] = True
+            rows = torch.nonzero(keep).flatten()
+        states = self.encoder(hidden, packing, output_hidden_states, last_layer_rows=rows)
+        encoded = Encoded(packing, states[-1], states if output_hidden_states else None, None, rows)
         if self.pooler is not None:
-            first = last.new_zeros(packing.batch, last.shape[-1])
+            first = hidden.new_zeros(packing.batch, hidden.shape[-1], dtype=encoded.hidden.dtype)
             if packing.total:
-                lengths = packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]
-                rows = last.index_select(0, packing.first_token_rows())
-                first = torch.where((lengths > 0)[:, None], rows, first)  # an all-padding row pools zeros
-            pooled = self.pooler(first)
-        return Encoded(packing, last, states if output_hidden_states else None, pooled)
+                cls_rows = encoded.select(packing.first_token_rows())
+                first = torch.where((lengths > 0)[:, None], cls_rows, first)  # an all-padding row pools zeros
+            encoded.pooled = self.pooler(first)
+        return encoded
 
     def forward(
         self,

@@ -36,9 +36,14 @@ def _masked_lm(
     rows = torch.nonzero(packed_labels != IGNORE_INDEX).flatten()
     chosen = packed_labels.index_select(0, rows)
     _check_range("labels", chosen, vocab_size, "vocab_size; use -100 for positions without a label")
-    loss, n_correct = head.loss(encoded.hidden.index_select(0, rows), chosen)
+    loss, n_correct = head.loss(encoded.select(rows), chosen)
     count = torch.tensor(rows.numel(), device=loss.device)
     return loss, n_correct / count.clamp(min=1), count
+
+
+def _loss_only_positions(labels: Tensor | None, return_logits: bool) -> Tensor | None:
+    """With labels and no logits asked for, only the labelled positions need the last layer."""
+    return labels != IGNORE_INDEX if labels is not None and not return_logits else None
 
 
 def _next_sentence(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,7 +85,7 @@ class BertForPreTraining(BertPreTrainedModel):
         """
         check_no_attentions(output_attentions)
         encoded = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                   bool(output_hidden_states))
+                                   bool(output_hidden_states), needed=_loss_only_positions(labels, return_logits))
         out = BertForPreTrainingOutput(
             seq_relationship_logits=self.cls.seq_relationship(encoded.pooled),
             hidden_states=encoded.padded_states(),
@@ -124,7 +129,7 @@ class BertForMaskedLM(BertPreTrainedModel):
         """With ``labels``, ``logits`` is None unless ``return_logits=True`` (the loss never needs them)."""
         check_no_attentions(output_attentions)
         encoded = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                   bool(output_hidden_states))
+                                   bool(output_hidden_states), needed=_loss_only_positions(labels, return_logits))
         out = MaskedLMOutput(hidden_states=encoded.padded_states())
         if labels is not None:
             out.loss, out.mlm_accuracy, out.mlm_count = _masked_lm(
