@@ -1,0 +1,126 @@
+"""The ``bertfast`` command: ``bertfast pretrain`` and ``bertfast tokenizer train``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from bertfast.io import CheckpointError
+
+PRETRAIN_EPILOG = """\
+Options can also come from --config FILE (YAML or JSON; keys are the option names with - or _);
+options given on the command line override the file.
+
+The default run trains the tiny preset on the built-in corpus (CPython's reference manual, no
+download) for a few minutes on a CPU and writes, in OUTPUT_DIR: metrics.jsonl (train and
+"split": "eval" records), metrics.png, checkpoint-STEP/ directories (model in transformers'
+format + tokenizer + trainer_state.pt) and final/ (the trained model and tokenizer).
+
+Several processes: torchrun --nproc_per_node N -m bertfast pretrain ... trains with
+DistributedDataParallel (NCCL on GPUs, gloo on CPU); each process reads its own share of the
+batches and only rank 0 writes files.
+
+Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 130 stopped by SIGINT
+(Ctrl-C) after saving a checkpoint (a second Ctrl-C aborts at once), 1 stopped after too many
+non-finite losses, 2 bad options or input. Continue a stopped run with --resume latest.
+"""
+
+
+def _pretrain_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from bertfast.training.config import option_fields
+
+    parser = subparsers.add_parser(
+        "pretrain", help="pretrain a BERT (MLM + NSP) on a corpus",
+        description="Pretrain a BERT with masked-LM and next-sentence prediction.",
+        epilog=PRETRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options")
+    for name, default, meta in option_fields():
+        flag = "--" + name.replace("_", "-")
+        shown = f" (default: {' '.join(default) if isinstance(default, list) else default})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
+                                  "help": meta["help"] + (shown if default is not None else "")}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs.update(action="extend", nargs="+", metavar="PATH")
+        else:
+            kwargs["type"] = type(default) if default is not None else str
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+            else:
+                kwargs["metavar"] = meta.get("metavar") or {int: "N", float: "X"}.get(type(default), "PATH")
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("tokenizer", help="tokenizer tools")
+    commands = parser.add_subparsers(dest="tokenizer_command", required=True)
+    train = commands.add_parser(
+        "train", help="train a WordPiece vocabulary",
+        description="Train a BERT WordPiece vocabulary ([PAD]=0, [UNK], [CLS], [SEP], [MASK] first) and "
+                    "write tokenizer.json, vocab.txt and transformers' tokenizer config to OUTPUT.",
+    )
+    train.add_argument("--corpus", action="extend", nargs="+", metavar="PATH",
+                       help="corpus files, directories or globs, or 'builtin' (default: builtin)")
+    train.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size (default: 8000)")
+    train.add_argument("--min-frequency", type=int, default=2,
+                       help="least count of a merged piece (default: 2)")
+    train.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True,
+                       help="lowercase the text (default: true)")
+    train.add_argument("--output", required=True, metavar="DIR", help="directory to write")
+    return parser
+
+
+def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from bertfast.data import EmptyCorpusError
+    from bertfast.training import PretrainConfig, load_config_file, pretrain
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        values = load_config_file(args.config) if args.config else {}
+        values.update(given)
+        config = PretrainConfig.from_dict(values)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    try:
+        return pretrain(config)
+    except (EmptyCorpusError, FileNotFoundError, CheckpointError) as e:
+        print(f"bertfast pretrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_tokenizer_train(args: argparse.Namespace) -> int:
+    from bertfast.data import EmptyCorpusError, read_documents, resolve_paths, train_tokenizer
+    from bertfast.data.corpus import CorpusStats
+
+    stats = CorpusStats()
+    try:
+        paths = resolve_paths(args.corpus or ["builtin"])
+        sentences = [s for doc in read_documents(paths, stats) for s in doc]
+        if not sentences:
+            raise EmptyCorpusError(f"the corpus yields no text ({stats.summary()})")
+    except (EmptyCorpusError, FileNotFoundError) as e:
+        print(f"bertfast tokenizer train: error: {e}", file=sys.stderr)
+        return 2
+    tokenizer = train_tokenizer(sentences, args.vocab_size, lowercase=args.lowercase,
+                                min_frequency=args.min_frequency)
+    tokenizer.save(args.output)
+    print(f"corpus: {stats.summary()}")
+    print(f"wrote a {tokenizer.vocab_size}-token WordPiece vocabulary to {args.output} "
+          "(tokenizer.json, vocab.txt)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bertfast", description="bertfast command-line tools")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    pretrain_parser = _pretrain_parser(subparsers)
+    _tokenizer_parser(subparsers)
+    args = parser.parse_args(argv)
+    if args.command == "pretrain":
+        return _run_pretrain(args, pretrain_parser)
+    return _run_tokenizer_train(args)

@@ -1,0 +1,186 @@
+"""Tokenising a corpus once into memory-mapped numpy shards, reused by every later run.
+
+A cache directory (named by a hash of the sources and the tokenizer) holds, per shard:
+
+* ``shard-NNNNN.tokens.npy``: the token ids of all sentences, back to back (uint16 when the
+  vocabulary fits, else int32),
+* ``shard-NNNNN.sentences.npy``: int64 offsets, sentence ``i`` is ``tokens[s[i]:s[i + 1]]``,
+* ``shard-NNNNN.documents.npy``: int64 offsets into the sentences, document ``d`` is sentences
+  ``docs[d]`` to ``docs[d + 1]``,
+
+plus ``counts.npy`` (how often each token id occurs) and ``meta.json``, written last, so that a
+directory without it is an interrupted build and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bertfast.data.corpus import BUILTIN, CorpusStats, EmptyCorpusError, read_documents
+from bertfast.data.tokenizer import WordPieceTokenizer
+from bertfast.io import atomic_write_text
+
+CACHE_VERSION = 1
+META_FILE = "meta.json"
+_ENCODE_BATCH = 4096  # sentences per call into the (multi-threaded) Rust tokenizer
+
+
+@dataclass
+class Shard:
+    tokens: np.ndarray  # memory-mapped
+    sentences: np.ndarray
+    documents: np.ndarray
+
+
+class TokenizedCorpus:
+    """The documents of a token cache: ``document(d)`` gives its shard and sentence token ranges."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.meta = json.loads((self.directory / META_FILE).read_text(encoding="utf-8"))
+        self.shards = [
+            Shard(
+                tokens=np.load(self.directory / f"shard-{i:05d}.tokens.npy", mmap_mode="r"),
+                sentences=np.load(self.directory / f"shard-{i:05d}.sentences.npy"),
+                documents=np.load(self.directory / f"shard-{i:05d}.documents.npy"),
+            )
+            for i in range(self.meta["shards"])
+        ]
+        self.counts = np.load(self.directory / "counts.npy")
+        # Global document d lives in shard doc_shard[d] as that shard's document doc_local[d].
+        sizes = [len(s.documents) - 1 for s in self.shards]
+        self.doc_shard = np.repeat(np.arange(len(sizes)), sizes)
+        self.doc_local = np.concatenate([np.arange(n) for n in sizes]) if sizes else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.doc_shard)
+
+    # Pickled (to DataLoader workers) as its directory, so the shards are mapped again, not copied.
+    def __getstate__(self) -> dict:
+        return {"directory": str(self.directory)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["directory"])
+
+    def sentence_bounds(self, d: int) -> tuple[int, np.ndarray]:
+        """(shard index, token offsets of the document's sentences: n_sentences + 1 values)."""
+        shard = int(self.doc_shard[d])
+        local = int(self.doc_local[d])
+        docs = self.shards[shard].documents
+        return shard, self.shards[shard].sentences[docs[local]:docs[local + 1] + 1]
+
+    def tokens(self, shard: int, start: int, end: int) -> np.ndarray:
+        return self.shards[shard].tokens[start:end]
+
+    @property
+    def stats_summary(self) -> str:
+        return self.meta["stats"]
+
+    @property
+    def problems(self) -> dict[str, int]:
+        return self.meta["problems"]
+
+
+def sources_fingerprint(paths: list[str]) -> str:
+    """Changes when a source file is added, removed, resized or touched."""
+    keys = []
+    for path in paths:
+        if path == BUILTIN:
+            keys.append([BUILTIN, sys.version])
+        else:
+            stat = os.stat(path)
+            keys.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+
+
+def cache_key(paths: list[str], tokenizer: WordPieceTokenizer) -> str:
+    spec = json.dumps([CACHE_VERSION, tokenizer.fingerprint(), sources_fingerprint(paths)])
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _batched_documents(paths: list[str], stats: CorpusStats) -> Iterator[list[list[str]]]:
+    batch: list[list[str]] = []
+    size = 0
+    for document in read_documents(paths, stats):
+        batch.append(document)
+        size += len(document)
+        if size >= _ENCODE_BATCH:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _write_shard(directory: Path, index: int, tokens: list[np.ndarray], sentences: list[int],
+                 documents: list[int], dtype: type) -> None:
+    flat = np.concatenate(tokens).astype(dtype) if tokens else np.zeros(0, dtype)
+    np.save(directory / f"shard-{index:05d}.tokens.npy", flat)
+    np.save(directory / f"shard-{index:05d}.sentences.npy", np.asarray(sentences, dtype=np.int64))
+    np.save(directory / f"shard-{index:05d}.documents.npy", np.asarray(documents, dtype=np.int64))
+
+
+def build_token_cache(paths: list[str], tokenizer: WordPieceTokenizer, cache_root: str | os.PathLike,
+                      shard_tokens: int = 1 << 24, progress: bool = True) -> TokenizedCorpus:
+    """Tokenise the documents of ``paths`` into a cache under ``cache_root`` (or reuse a finished one)."""
+    directory = Path(cache_root) / cache_key(paths, tokenizer)
+    if (directory / META_FILE).is_file():
+        return TokenizedCorpus(directory)
+    partial = directory.with_name(directory.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    stats = CorpusStats()
+    shards = kept_documents = 0
+    tokens: list[np.ndarray] = []
+    sentences, documents = [0], [0]
+    bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress, dynamic_ncols=True)
+    for batch in _batched_documents(paths, stats):
+        encoded = tokenizer.encode_batch([s for doc in batch for s in doc])
+        batch_tokens = []
+        position = 0
+        for doc in batch:
+            kept = 0
+            for ids in encoded[position:position + len(doc)]:
+                if ids:  # a sentence of only whitespace or control characters has no tokens
+                    batch_tokens.append(np.asarray(ids, dtype=np.int64))
+                    tokens.append(batch_tokens[-1])
+                    sentences.append(sentences[-1] + len(ids))
+                    kept += 1
+            position += len(doc)
+            if kept:
+                documents.append(documents[-1] + kept)
+                kept_documents += 1
+            if sentences[-1] >= shard_tokens:
+                _write_shard(partial, shards, tokens, sentences, documents, dtype)
+                shards += 1
+                tokens, sentences, documents = [], [0], [0]
+        if batch_tokens:
+            counts += np.bincount(np.concatenate(batch_tokens), minlength=tokenizer.vocab_size)
+        bar.update(len(batch))
+        bar.set_postfix(tokens=f"{int(counts.sum()):,}", refresh=False)
+    bar.close()
+    if len(documents) > 1:
+        _write_shard(partial, shards, tokens, sentences, documents, dtype)
+        shards += 1
+    if shards == 0:
+        raise EmptyCorpusError(f"the corpus yields no text ({stats.summary()}); sources: {', '.join(paths)}")
+    np.save(partial / "counts.npy", counts)
+    meta = {"version": CACHE_VERSION, "sources": paths, "shards": shards, "tokens": int(counts.sum()),
+            "documents": kept_documents, "stats": stats.summary(), "problems": dict(stats.problems)}
+    atomic_write_text(partial / META_FILE, json.dumps(meta, indent=2) + "\n")
+    try:
+        partial.rename(directory)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(partial, ignore_errors=True)
+    return TokenizedCorpus(directory)

@@ -1,0 +1,169 @@
+"""The options of a pretraining run: one dataclass that is the CLI, the config-file schema and the defaults.
+
+Each field's metadata holds its help text (and, for some, a short flag name); ``bertfast pretrain``
+builds its argument parser from these fields, and ``--config`` files (YAML or JSON) may set any of
+them, with ``-`` or ``_`` in names. Precedence: defaults < config file < command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bertfast.config import PRESETS
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class PretrainConfig:
+    # Model and data
+    preset: str = _opt("tiny", "model size", choices=tuple(PRESETS))
+    corpus: list[str] = _opt(
+        ["builtin"],
+        "corpus files, directories or glob patterns (repeatable); .jsonl/.json files hold one "
+        "{\"text\": ...} document per line, other files one sentence per line with a blank line "
+        "between documents; 'builtin' is CPython's reference manual (no download)",
+    )
+    tokenizer: str | None = _opt(
+        None, "tokenizer.json, vocab.txt or a directory holding one; default: train a WordPiece "
+        "vocabulary on the corpus (cached in OUTPUT_DIR/tokenizer)",
+    )
+    vocab_size: int = _opt(4000, "vocabulary size when training the tokenizer")
+    lowercase: bool = _opt(True, "lowercase text (trained tokenizer, or a bare vocab.txt)")
+    seq_len: int = _opt(128, "maximum sequence length in tokens ([CLS] A [SEP] B [SEP])")
+    short_seq_prob: float = _opt(0.1, "probability of a shorter random target length (as BERT)")
+    eval_fraction: float = _opt(0.05, "fraction of documents held out for evaluation")
+    mask_prob: float = _opt(0.15, "fraction of tokens chosen for MLM")
+    mask_token_prob: float = _opt(0.8, "of the chosen tokens, the fraction replaced by [MASK]")
+    random_token_prob: float = _opt(0.1, "of the chosen tokens, the fraction replaced by a random token")
+    whole_word_mask: bool = _opt(False, "mask whole words (a token and its ## pieces) together")
+    num_workers: int = _opt(0, "DataLoader worker processes building batches (0: in the training process)")
+    cache_dir: str | None = _opt(None, "where tokenised shards are cached (default: OUTPUT_DIR/cache)",
+                                 metavar="DIR")
+    # Optimisation
+    max_steps: int = _opt(800, "optimizer steps to train for")
+    batch_size: int = _opt(32, "sequences per micro-batch per process (a step sees "
+                           "batch-size x grad-accum x processes)")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    lr: float = _opt(1e-3, "peak learning rate")
+    warmup_steps: int = _opt(80, "steps of linear warmup to the peak lr, then linear decay to 0 at max-steps")
+    weight_decay: float = _opt(0.01, "decoupled weight decay (not on biases and LayerNorm)")
+    optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "lamb"))
+    clip_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    precision: str = _opt("auto", "compute precision (auto: bf16 on a GPU that has it, else fp32; "
+                          "fp16 uses a gradient scaler)", choices=("auto", "fp32", "bf16", "fp16"))
+    activation_checkpointing: bool = _opt(False, "recompute encoder layers in backward to save memory")
+    max_nonfinite_steps: int = _opt(5, "stop after this many consecutive steps skipped for a "
+                                    "non-finite loss")
+    seed: int = _opt(0, "seed of the model init, data order, masks and dropout")
+    device: str = _opt("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
+    # Output
+    output_dir: str = _opt("runs/pretrain", "run directory: metrics, plots, checkpoints, final model",
+                           metavar="DIR")
+    resume: str | None = _opt(None, "continue from a checkpoint directory, or 'latest' in OUTPUT_DIR "
+                              "(starts fresh when there is none)", metavar="PATH|latest")
+    save_every: int = _opt(500, "save a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(3, "how many checkpoint-STEP directories to keep (0: all)")
+    eval_every: int = _opt(100, "evaluate on the held-out documents every N steps (0: only at the end)")
+    log_every: int = _opt(10, "write a train record to metrics.jsonl every N steps")
+    progress: bool = _opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        self.validate()
+
+    def validate(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        positive = ("vocab_size", "max_steps", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "weight_decay", "clip_norm", "num_workers", "save_every",
+                        "eval_every", "keep_checkpoints", "short_seq_prob", "lr")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seq_len < 8:
+            raise ValueError(f"seq_len must be at least 8, got {self.seq_len}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not self.corpus:
+            raise ValueError("corpus must name at least one source")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
+        """Build from a mapping whose keys may use ``-`` or ``_``; unknown keys raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
+        types = {f.name: str(f.type) for f in fields(cls)}
+        unknown = sorted(set(normalized) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; see `bertfast pretrain --help`")
+        return cls(**{k: _coerce(k, types[k], v) for k, v in normalized.items()})
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """Check and convert a config-file value (YAML reads 1e-3 as a string, for one)."""
+    try:
+        if value is None and kind.endswith("| None"):
+            return None
+        if kind.startswith("list"):
+            return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "false", "yes", "no", "1", "0"):
+                return str(value).lower() in ("true", "yes", "1")
+            raise ValueError
+        if kind.startswith("int"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {name} expects {kind}, got {value!r}") from None
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The options in a YAML (.yaml/.yml) or JSON file, as a dict."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text)
+    else:
+        values = json.loads(text)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values")
+    return values
+
+
+def option_fields() -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, default, metadata) of every option, for building a command-line parser."""
+    out = []
+    for f in fields(PretrainConfig):
+        default = f.default_factory() if f.default is MISSING else f.default
+        out.append((f.name, default, dict(f.metadata)))
+    return out
