@@ -9,12 +9,12 @@ Rows go through in chunks holding at most ``chunk_bytes`` of logits (default 256
    reduction factor written over the logits in place (second loop),
 3. ``grad_x_c = g @ W``, ``grad_W += g.T @ x_c`` (fp32 across chunks), ``grad_b += g.sum(0)``.
 
-Backward of ``mean``/``sum`` only multiplies the saved gradients by grad_output. ``none`` gives
-every row its own grad_output, which the summed grad_W and grad_b cannot take afterwards, so its
-backward runs the chunks again with the per-row grad_output as the factor.
+Backward of ``mean``/``sum`` only multiplies the gradients from forward by grad_output. ``none``
+gives every row its own grad_output, which the summed grad_W and grad_b cannot take afterwards, so
+its backward runs the chunks again with the per-row grad_output as the factor.
 
-:func:`linear_cross_entropy_torch` is the same algorithm with torch's log_softmax in place of
-the kernel, for CPU tensors.
+:func:`linear_cross_entropy_torch` is the same algorithm with torch ops in place of the kernel,
+for CPU tensors.
 """
 
 from __future__ import annotations
@@ -122,19 +122,26 @@ def _softmax_xent_torch(
     loss_out: Tensor, correct_out: Tensor,
 ) -> Tensor:
     vocab = logits.shape[1]
+    z = logits if logits.dtype == torch.float32 else logits.float()  # worked on in place, in fp32
     valid = labels != ignore_index
     target = torch.where(valid, labels, 0)[:, None]
-    correct_out.copy_((logits.argmax(1) == labels) & valid)
-    logp = torch.log_softmax(logits, 1, dtype=torch.float32)
-    loss = -(1.0 - smoothing) * logp.gather(1, target).squeeze(1)
+    row_max, argmax = z.max(1)  # first maximum, as torch.argmax
+    correct_out.copy_((argmax == labels) & valid)
+    label_logit = z.gather(1, target).squeeze(1)
+    mean_logit = z.mean(1) if smoothing else None
+    exp = z.sub_(row_max[:, None]).exp_()
+    total = exp.sum(1)
+    lse = total.log() + row_max
+    loss = lse - (1.0 - smoothing) * label_logit
     if smoothing:
-        loss -= smoothing * logp.mean(1)
+        loss -= smoothing * mean_logit
     loss_out.copy_(torch.where(valid, loss, 0.0))
-    grad = logp.exp_()
+    # (softmax - smoothed one-hot) * scale, with scale 0 on ignored rows.
+    weight = scale * valid
+    grad = exp.mul_((weight / total)[:, None])
     if smoothing:
-        grad.sub_(smoothing / vocab)
-    grad.scatter_add_(1, target, grad.new_full(target.shape, smoothing - 1.0))
-    grad.mul_((scale * valid)[:, None])  # also zeroes the ignored rows
+        grad.sub_((weight * (smoothing / vocab))[:, None])
+    grad.scatter_add_(1, target, (weight * (smoothing - 1.0))[:, None])
     return grad if grad.dtype == logits.dtype else logits.copy_(grad)
 
 
@@ -153,14 +160,15 @@ def chunk_rows(n_rows: int, bytes_per_row: int, chunk_bytes: int | None = None) 
 def _run_chunks(
     x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int, smoothing: float,
     scale: Tensor, need: tuple[bool, bool, bool], chunk_bytes: int | None,
-    xent: SoftmaxXent, workspace_bytes: int,
+    xent: SoftmaxXent, fp32_work_copy: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Per-row loss and correctness, and the gradients in ``need`` (x, weight, bias) with each
     row's gradient times ``scale`` (one value, or one per row)."""
     rows, vocab = x.shape[0], weight.shape[0]
     loss = torch.zeros(rows, dtype=torch.float32, device=x.device)
     correct = torch.zeros(rows, dtype=torch.int32, device=x.device)
-    step = chunk_rows(rows, vocab * (x.element_size() + workspace_bytes), chunk_bytes)
+    work_bytes = 4 if fp32_work_copy and x.dtype != torch.float32 else 0
+    step = chunk_rows(rows, vocab * (x.element_size() + work_bytes), chunk_bytes)
     chunked = rows > step
     grad_x = torch.empty_like(x) if need[0] else None
     # Several chunks add up their grad_W and grad_b in fp32; a single chunk keeps the matmul's dtype.
@@ -202,7 +210,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-        smoothing: float, reduction: str, chunk_bytes: int | None, xent: SoftmaxXent, workspace_bytes: int,
+        smoothing: float, reduction: str, chunk_bytes: int | None, xent: SoftmaxXent, fp32_work_copy: bool,
     ) -> tuple[Tensor, Tensor]:
         n_valid = (labels != ignore_index).sum()
         if reduction == "mean":
@@ -211,36 +219,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
             factor = torch.ones(1, dtype=torch.float32, device=x.device)
         # ``none`` computes its gradients in backward, once each row's grad_output is known.
         need = (False, False, False) if reduction == "none" else tuple(ctx.needs_input_grad[:3])
-        loss, correct, grad_x, grad_w, grad_b = _run_chunks(
-            x, weight, bias, labels, ignore_index, smoothing, factor, need, chunk_bytes, xent, workspace_bytes
+        loss, correct, *grads = _run_chunks(
+            x, weight, bias, labels, ignore_index, smoothing, factor, need, chunk_bytes, xent, fp32_work_copy
         )
         n_correct = correct.sum(dtype=torch.int64)
         ctx.mark_non_differentiable(n_correct)
-        ctx.reduction = reduction
+        ctx.save_for_backward(x, weight, bias, labels, factor)
+        ctx.settings = (ignore_index, smoothing, chunk_bytes, xent, fp32_work_copy)
+        # Not saved tensors: backward scales them in place and drops them (see backward).
+        ctx.grads = grads if any(need) else None
         if reduction == "none":
-            ctx.save_for_backward(x, weight, bias, labels)
-            ctx.recompute = (ignore_index, smoothing, chunk_bytes, xent, workspace_bytes)
             return loss, n_correct
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
         total = loss.sum()
         return (total / n_valid.clamp(min=1) if reduction == "mean" else total), n_correct
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor | None) -> tuple[Tensor | None, ...]:
-        if ctx.reduction == "none":
-            x, weight, bias, labels = ctx.saved_tensors
-            ignore_index, smoothing, chunk_bytes, xent, workspace_bytes = ctx.recompute
-            _, _, grad_x, grad_w, grad_b = _run_chunks(
-                x, weight, bias, labels, ignore_index, smoothing, grad_loss.float().contiguous(),
-                tuple(ctx.needs_input_grad[:3]), chunk_bytes, xent, workspace_bytes,
-            )
-        else:
-            grad_x, grad_w, grad_b = (None if g is None else g * grad_loss for g in ctx.saved_tensors)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        nones = (None,) * 7
+        if ctx.grads is not None:
+            # The gradients from forward serve one backward: scaled in place (no second copy of
+            # grad_W) and released, so they do not live on with the graph.
+            grads, ctx.grads = ctx.grads, None
+            return *(None if g is None else g.mul_(grad_loss) for g in grads), *nones
+        # reduction "none" (a grad_output per row), or a second backward through a retained graph.
+        x, weight, bias, labels, factor = ctx.saved_tensors
+        _, _, *grads = _run_chunks(
+            x, weight, bias, labels, *ctx.settings[:2], (grad_loss.float() * factor).reshape(-1),
+            tuple(ctx.needs_input_grad[:3]), *ctx.settings[2:],
+        )
+        return *grads, *nones
 
 
 def _linear_cross_entropy(
-    xent: SoftmaxXent, workspace_bytes: int, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+    xent: SoftmaxXent, fp32_work_copy: bool, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
     ignore_index: int, label_smoothing: float, reduction: str, chunk_bytes: int | None,
 ) -> tuple[Tensor, Tensor]:
     if reduction not in REDUCTIONS:
@@ -254,7 +265,7 @@ def _linear_cross_entropy(
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(
             x, weight, bias, labels.contiguous(), ignore_index, float(label_smoothing), reduction,
-            chunk_bytes, xent, workspace_bytes,
+            chunk_bytes, xent, fp32_work_copy,
         )
 
 
@@ -274,7 +285,7 @@ def linear_cross_entropy(
     At most ``chunk_bytes`` of logits exist at once.
     """
     return _linear_cross_entropy(
-        _softmax_xent_triton, 0, x, weight, bias, labels, ignore_index, label_smoothing, reduction,
+        _softmax_xent_triton, False, x, weight, bias, labels, ignore_index, label_smoothing, reduction,
         chunk_bytes,
     )
 
@@ -289,12 +300,12 @@ def linear_cross_entropy_torch(
     reduction: str = "mean",
     chunk_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The same chunked algorithm in plain PyTorch (log_softmax instead of the kernel), for CPU.
+    """The same chunked algorithm in plain PyTorch (an in-place softmax instead of the kernel), for CPU.
 
-    Each chunk also holds an fp32 work copy of its logits, counted in ``chunk_bytes``.
+    fp16/bf16 chunks also hold an fp32 work copy of their logits, counted in ``chunk_bytes``.
     """
     return _linear_cross_entropy(
-        _softmax_xent_torch, 4, x, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_bytes
+        _softmax_xent_torch, True, x, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_bytes
     )
 
 

@@ -105,8 +105,7 @@ def test_small_chunks_match_one_chunk(impl, reduction, rows_per_chunk):
     grad_out = torch.randn(11) if reduction == "none" else torch.tensor(1.7)
     kwargs = dict(reduction=reduction, label_smoothing=0.1)
     whole = run(IMPLS[impl], x, weight, bias, labels, grad_out, **kwargs)
-    row_bytes = 1000 * (4 + (4 if impl == "torch" else 0))  # fp32 logits (+ the torch version's work copy)
-    chunked = run(IMPLS[impl], x, weight, bias, labels, grad_out, chunk_bytes=rows_per_chunk * row_bytes, **kwargs)
+    chunked = run(IMPLS[impl], x, weight, bias, labels, grad_out, chunk_bytes=rows_per_chunk * 1000 * 4, **kwargs)
     assert_same(chunked, whole, rtol=1e-5)
 
 
@@ -121,7 +120,9 @@ def test_chunk_size_from_argument_environment_and_default(monkeypatch):
     assert ce.chunk_rows(10, 100, chunk_bytes=1) == 1
 
 
-def test_chunks_stay_within_the_memory_bound(monkeypatch):
+@pytest.mark.parametrize("dtype,row_bytes", [(torch.float32, 100 * 4), (torch.bfloat16, 100 * (2 + 4))])
+def test_chunks_stay_within_the_memory_bound(monkeypatch, dtype, row_bytes):
+    """fp32 chunks hold their logits; bf16 chunks their logits and an fp32 work copy."""
     seen = []
     real = ce._softmax_xent_torch
 
@@ -130,8 +131,8 @@ def test_chunks_stay_within_the_memory_bound(monkeypatch):
         return real(logits, *args)
 
     monkeypatch.setattr(ce, "_softmax_xent_torch", spy)
-    x, weight, bias, labels = make_inputs(23, 100)
-    monkeypatch.setenv(ce.CHUNK_BYTES_ENV, str(5 * 100 * 8))  # 5 rows of fp32 logits + fp32 work copy
+    x, weight, bias, labels = make_inputs(23, 100, dtype=dtype)
+    monkeypatch.setenv(ce.CHUNK_BYTES_ENV, str(5 * row_bytes + row_bytes // 2))
     ce.linear_cross_entropy_torch(x, weight, bias, labels)[0].backward()
     assert sum(seen) == 23 and max(seen) <= 5 and len(seen) == 5
     seen.clear()
