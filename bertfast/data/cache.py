@@ -121,12 +121,58 @@ def _batched_documents(paths: list[str], stats: CorpusStats) -> Iterator[list[li
         yield batch
 
 
-def _write_shard(directory: Path, index: int, tokens: list[np.ndarray], sentences: list[int],
-                 documents: list[int], dtype: type) -> None:
-    flat = np.concatenate(tokens).astype(dtype) if tokens else np.zeros(0, dtype)
-    np.save(directory / f"shard-{index:05d}.tokens.npy", flat)
-    np.save(directory / f"shard-{index:05d}.sentences.npy", np.asarray(sentences, dtype=np.int64))
-    np.save(directory / f"shard-{index:05d}.documents.npy", np.asarray(documents, dtype=np.int64))
+class ShardWriter:
+    """Writes documents of token-id sentences into the shard files of a cache directory."""
+
+    def __init__(self, directory: str | os.PathLike, vocab_size: int, shard_tokens: int = 1 << 24) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+        self.shard_tokens = shard_tokens
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.shards = self.documents = self.tokens = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tokens: list[np.ndarray] = []
+        self._sentences, self._documents = [0], [0]
+
+    def add_document(self, sentences: list[list[int]]) -> None:
+        """Add a document; sentences without tokens are dropped, and so is a document left empty."""
+        arrays = [np.asarray(ids, dtype=np.int64) for ids in sentences if len(ids)]
+        if not arrays:
+            return
+        for array in arrays:
+            self._tokens.append(array)
+            self._sentences.append(self._sentences[-1] + len(array))
+        self._documents.append(self._documents[-1] + len(arrays))
+        self.documents += 1
+        if self._sentences[-1] >= self.shard_tokens:
+            self._flush()
+
+    @property
+    def pending_tokens(self) -> int:
+        return self._sentences[-1]
+
+    def _flush(self) -> None:
+        prefix = self.directory / f"shard-{self.shards:05d}"
+        tokens = np.concatenate(self._tokens)
+        self.counts += np.bincount(tokens, minlength=len(self.counts))
+        self.tokens += len(tokens)
+        np.save(f"{prefix}.tokens.npy", tokens.astype(self.dtype))
+        np.save(f"{prefix}.sentences.npy", np.asarray(self._sentences, dtype=np.int64))
+        np.save(f"{prefix}.documents.npy", np.asarray(self._documents, dtype=np.int64))
+        self.shards += 1
+        self._reset()
+
+    def finish(self, **meta: object) -> None:
+        """Write the last shard, the token counts and ``meta.json`` (extra ``meta`` fields included)."""
+        if len(self._documents) > 1:
+            self._flush()
+        np.save(self.directory / "counts.npy", self.counts)
+        meta = {"version": CACHE_VERSION, "shards": self.shards, "tokens": self.tokens,
+                "documents": self.documents, "stats": f"{self.documents} documents", "problems": {}, **meta}
+        atomic_write_text(self.directory / META_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 def build_token_cache(paths: list[str], tokenizer: WordPieceTokenizer, cache_root: str | os.PathLike,
@@ -137,48 +183,22 @@ def build_token_cache(paths: list[str], tokenizer: WordPieceTokenizer, cache_roo
         return TokenizedCorpus(directory)
     partial = directory.with_name(directory.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    writer = ShardWriter(partial, tokenizer.vocab_size, shard_tokens)
     stats = CorpusStats()
-    shards = kept_documents = 0
-    tokens: list[np.ndarray] = []
-    sentences, documents = [0], [0]
     bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress, dynamic_ncols=True)
     for batch in _batched_documents(paths, stats):
         encoded = tokenizer.encode_batch([s for doc in batch for s in doc])
-        batch_tokens = []
         position = 0
         for doc in batch:
-            kept = 0
-            for ids in encoded[position:position + len(doc)]:
-                if ids:  # a sentence of only whitespace or control characters has no tokens
-                    batch_tokens.append(np.asarray(ids, dtype=np.int64))
-                    tokens.append(batch_tokens[-1])
-                    sentences.append(sentences[-1] + len(ids))
-                    kept += 1
+            writer.add_document(encoded[position:position + len(doc)])
             position += len(doc)
-            if kept:
-                documents.append(documents[-1] + kept)
-                kept_documents += 1
-            if sentences[-1] >= shard_tokens:
-                _write_shard(partial, shards, tokens, sentences, documents, dtype)
-                shards += 1
-                tokens, sentences, documents = [], [0], [0]
-        if batch_tokens:
-            counts += np.bincount(np.concatenate(batch_tokens), minlength=tokenizer.vocab_size)
         bar.update(len(batch))
-        bar.set_postfix(tokens=f"{int(counts.sum()):,}", refresh=False)
+        bar.set_postfix(tokens=f"{writer.tokens + writer.pending_tokens:,}", refresh=False)
     bar.close()
-    if len(documents) > 1:
-        _write_shard(partial, shards, tokens, sentences, documents, dtype)
-        shards += 1
-    if shards == 0:
+    if writer.documents == 0:
+        shutil.rmtree(partial, ignore_errors=True)
         raise EmptyCorpusError(f"the corpus yields no text ({stats.summary()}); sources: {', '.join(paths)}")
-    np.save(partial / "counts.npy", counts)
-    meta = {"version": CACHE_VERSION, "sources": paths, "shards": shards, "tokens": int(counts.sum()),
-            "documents": kept_documents, "stats": stats.summary(), "problems": dict(stats.problems)}
-    atomic_write_text(partial / META_FILE, json.dumps(meta, indent=2) + "\n")
+    writer.finish(sources=paths, stats=stats.summary(), problems=dict(stats.problems))
     try:
         partial.rename(directory)
     except OSError:  # another process finished the same cache first

@@ -28,9 +28,9 @@ JSON_SUFFIXES = (".jsonl", ".json")
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) before whitespace
 # and a capital letter, digit or opening quote/bracket.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]’”]*\s+(?=[\"'(\[“‘A-Z0-9])")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]’”]))\s+(?=[\"'(\[“‘A-Z0-9])")
 _HEADING_RULE = re.compile(r"^([*=\-~^])\1{2,}$")
-_TABLE_RULE = re.compile(r"^\s*\+[-=+]+\+\s*$")
+_TABLE_RULE = re.compile(r"^\s*[-=+*~^|]{3,}[-=+*~^|\s]*$")
 # Indented blocks with these marks are code or grammar, not wrapped prose.
 _CODE_MARK = re.compile(r"^\s*(>>>|\.\.\.)|::=|[{};]\s*$|^\s*(def|class|for|if|return|import)\b")
 _WARN_LIMIT = 5
