@@ -171,10 +171,9 @@ def _run_chunks(
     step = chunk_rows(rows, vocab * (x.element_size() + work_bytes), chunk_bytes)
     chunked = rows > step
     grad_x = torch.empty_like(x) if need[0] else None
-    # Several chunks add up their grad_W and grad_b in fp32; a single chunk keeps the matmul's dtype.
-    acc_dtype = torch.float32 if chunked else x.dtype
-    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device) if need[1] else None
-    grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need[2] else None
+    # Several chunks add up grad_W and grad_b in fp32; one chunk's matmul already is the gradient.
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need[1] and chunked else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need[2] and chunked else None
     buffer = torch.empty(min(step, rows), vocab, dtype=x.dtype, device=x.device)
     for start in range(0, rows, step):
         end = min(start + step, rows)
@@ -188,21 +187,22 @@ def _run_chunks(
         grad = xent(
             logits, labels[start:end], row_scale, ignore_index, smoothing, loss[start:end], correct[start:end]
         )
-        if grad_x is not None:
+        if need[0]:
             torch.mm(grad, weight, out=grad_x[start:end])
-        if grad_w is not None:
+        if need[1]:
             if not chunked:
                 grad_w = grad.T @ x_c
             elif grad.dtype == torch.float32:
                 grad_w.addmm_(grad.T, x_c)
             else:
                 grad_w += grad.T @ x_c
-        if grad_b is not None:
-            grad_b += grad.sum(0, dtype=torch.float32)
-    if grad_w is not None:
-        grad_w = grad_w.to(weight.dtype)
-    if grad_b is not None:
-        grad_b = grad_b.to(bias.dtype)
+        if need[2]:
+            part = grad.sum(0, dtype=torch.float32)
+            grad_b = grad_b.add_(part) if chunked else part
+    if need[1]:
+        grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
+    if need[2]:
+        grad_b = torch.zeros_like(bias) if grad_b is None else grad_b.to(bias.dtype)
     return loss, correct, grad_x, grad_w, grad_b
 
 
