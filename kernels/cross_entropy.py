@@ -240,7 +240,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # The gradients from forward serve one backward: scaled in place (no second copy of
             # grad_W) and released, so they do not live on with the graph.
             grads, ctx.grads = ctx.grads, None
-            return *(None if g is None else g.mul_(grad_loss) for g in grads), *nones
+            # On CPU, reading the usual grad_output of exactly 1 is free and saves a pass over grad_W.
+            if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+                grads = [None if g is None else g.mul_(grad_loss) for g in grads]
+            return *grads, *nones
         # reduction "none" (a grad_output per row), or a second backward through a retained graph.
         x, weight, bias, labels, factor = ctx.saved_tensors
         _, _, *grads = _run_chunks(
