@@ -75,11 +75,18 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 @cache
 def _load(target: str) -> Callable | None:
+    """The implementation at ``module:function``, or None when its backend is not installed here.
+
+    Only a missing backend (no triton, no compiled extension) means "use the reference"; any other
+    import error is a bug and is raised rather than silently hidden behind the reference.
+    """
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError:
-        return None
+    except ModuleNotFoundError as e:
+        if e.name in ("triton", "bertfast._C"):
+            return None
+        raise
     return getattr(module, attr)
 
 
