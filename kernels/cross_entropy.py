@@ -31,7 +31,7 @@ from torch import Tensor
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 CHUNK_BYTES_ENV = "BERTFAST_CE_CHUNK_BYTES"
 REDUCTIONS = ("mean", "sum", "none")
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DTYPES = ("fp32", "bf16", "fp16")
 _BLOCKS = (256, 512, 1024, 2048, 4096)
 
 
@@ -213,14 +213,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         smoothing: float, reduction: str, chunk_bytes: int | None, xent: SoftmaxXent, fp32_work_copy: bool,
     ) -> tuple[Tensor, Tensor]:
         n_valid = (labels != ignore_index).sum()
-        if reduction == "mean":
-            factor = n_valid.clamp(min=1).to(torch.float32).reciprocal().reshape(1)
-        else:
-            factor = torch.ones(1, dtype=torch.float32, device=x.device)
+        ones = torch.ones(1, dtype=torch.float32, device=x.device)
+        factor = n_valid.clamp(min=1).to(torch.float32).reciprocal().reshape(1) if reduction == "mean" else ones
+        # fp16 flushes softmax / n_valid to zero below 6e-8 (most of a 30k vocabulary), where the
+        # reference, scaled by a loss scaler's grad_output, keeps it: fp16 gradients take the mean's
+        # factor after the matmuls instead, together with grad_output.
+        ctx.late_factor = factor[0] if reduction == "mean" and x.dtype == torch.float16 else None
         # ``none`` computes its gradients in backward, once each row's grad_output is known.
         need = (False, False, False) if reduction == "none" else tuple(ctx.needs_input_grad[:3])
         loss, correct, *grads = _run_chunks(
-            x, weight, bias, labels, ignore_index, smoothing, factor, need, chunk_bytes, xent, fp32_work_copy
+            x, weight, bias, labels, ignore_index, smoothing, ones if ctx.late_factor is not None else factor,
+            need, chunk_bytes, xent, fp32_work_copy,
         )
         n_correct = correct.sum(dtype=torch.int64)
         ctx.mark_non_differentiable(n_correct)
@@ -240,9 +243,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # The gradients from forward serve one backward: scaled in place (no second copy of
             # grad_W) and released, so they do not live on with the graph.
             grads, ctx.grads = ctx.grads, None
+            scale = grad_loss if ctx.late_factor is None else grad_loss * ctx.late_factor  # 0-dim
             # On CPU, reading the usual grad_output of exactly 1 is free and saves a pass over grad_W.
-            if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
-                grads = [None if g is None else g.mul_(grad_loss) for g in grads]
+            if scale.device.type != "cpu" or scale.item() != 1.0:
+                grads = [None if g is None else g.mul_(scale) for g in grads]
             return *grads, *nones
         # reduction "none" (a grad_output per row), or a second backward through a retained graph.
         x, weight, bias, labels, factor = ctx.saved_tensors
@@ -314,7 +318,7 @@ def linear_cross_entropy_torch(
 
 def aot_specs() -> list[AotSpec]:
     specs = []
-    for dtype in _DTYPES.values():
+    for dtype in _DTYPES:
         for block in _BLOCKS:
             _, num_warps = _block_config(block)
             specs.append(AotSpec(

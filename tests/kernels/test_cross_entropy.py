@@ -160,6 +160,20 @@ def test_reduced_precision_relative_rule(impl, dtype, rows, vocab, chunk_bytes):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_fp16_keeps_small_probabilities_under_a_loss_scale(impl):
+    """Near-uniform softmax over 30522 words, / 64 rows: below fp16's range unless scaled up first."""
+    x, weight, bias, labels = make_inputs(64, 30522, hidden=16)
+    weight, bias = (t.detach().mul(0.01).requires_grad_() for t in (weight, bias))
+    grad_out = torch.tensor(1024.0)  # what a loss scaler passes
+    expected = run(reference.linear_cross_entropy, x, weight, bias, labels, grad_out)
+    low = [t.detach().half().requires_grad_() for t in (x, weight, bias)]
+    same_dtype = run(reference.linear_cross_entropy, *low, labels, grad_out)
+    actual = run(IMPLS[impl], *low, labels, grad_out)
+    for name, i in (("grad_x", 2), ("grad_weight", 3), ("grad_bias", 4)):
+        assert_relative_rule(actual[i].float(), expected[i], same_dtype[i].float(), atol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_autocast_runs_the_matmuls_in_bf16(impl):
     x, weight, bias, labels = make_inputs(24, 700, hidden=64)
     expected = run(reference.linear_cross_entropy, x, weight, bias, labels)
