@@ -30,7 +30,7 @@ from torch import Tensor
 
 from bertfast.ops import reference
 
-_TILE = 4096  # elements per program: 32 per thread with 4 warps
+_TILE = 2048  # elements per program: 16 per thread with 4 warps
 _NUM_WARPS = 4
 
 
