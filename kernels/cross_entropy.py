@@ -75,7 +75,7 @@ def _softmax_xent_kernel(
     lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), 0))
     argmax = tl.min(tl.where(run_max == row_max, run_arg, V), 0)
 
-    # Labels are in [0, V) or ignore_index; the clamp only keeps a bad label from reading out of bounds.
+    # Labels are in [0, V) or ignore_index; this only keeps a bad label from reading out of bounds.
     target = tl.where(valid & (label >= 0) & (label < V), label, 0)
     x_label = tl.load(row_ptr + target).to(tl.float32)
     loss = lse - (1.0 - smoothing) * x_label - smoothing * (tl.sum(run_total, 0) / V)
