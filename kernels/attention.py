@@ -85,6 +85,17 @@ def _dropout_keep(seed, bh, q_idx, k_idx, drop_threshold, N_ROUNDS: tl.constexpr
     return (r >> 8).to(tl.int32) >= drop_threshold
 
 
+@triton.jit
+def _tile(Base, rows, stride, offs_d, ALIGNED: tl.constexpr):
+    """Pointers to a (rows, head_dim) tile whose rows start ``stride`` elements apart."""
+    ptrs = Base + rows[:, None] * stride + offs_d[None, :]
+    if ALIGNED:
+        # What the runtime learns from 16-byte aligned pointers and strides; stated here so that the
+        # ahead-of-time compile (which knows nothing of the arguments) vectorises the same way.
+        ptrs = tl.multiple_of(ptrs, [16, 16])
+    return ptrs
+
+
 @triton.jit(do_not_specialize=["total", "max_seqlen", "seed"])
 def _attn_fwd(
     Q, K, V, Out, Lse, CuSeqlens,
@@ -92,7 +103,7 @@ def _attn_fwd(
     total, n_heads, max_seqlen,
     qk_scale, out_scale, drop_threshold, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # One program per (query block, sequence, head); query blocks of one head are adjacent, for L2 reuse of K/V.
     pid = tl.program_id(0)
@@ -115,7 +126,7 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < seqlen
-    q = tl.load(Q + offs_m[:, None] * stride_t + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+    q = tl.load(_tile(Q, offs_m, stride_t, offs_d, ALIGNED), mask=m_mask[:, None] & d_mask[None, :],
                 other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -125,7 +136,7 @@ def _attn_fwd(
         cols = start_n + offs_n
         n_mask = cols < seqlen
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + cols[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_tile(K, cols, stride_t, offs_d, ALIGNED), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -137,13 +148,13 @@ def _attn_fwd(
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], drop_threshold, N_ROUNDS),
                          p, 0.0)
-        v = tl.load(V + cols[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(_tile(V, cols, stride_t, offs_d, ALIGNED), mask=kv_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
     acc = acc * (out_scale / l_i)[:, None]
     Out += seq_start.to(tl.int64) * stride_ot + h * stride_oh
-    tl.store(Out + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(Out.dtype.element_ty),
+    tl.store(_tile(Out, offs_m, stride_ot, offs_d, ALIGNED), acc.to(Out.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
     Lse += h.to(tl.int64) * total + seq_start
     tl.store(Lse + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
@@ -153,15 +164,15 @@ def _attn_fwd(
 def _attn_bwd_delta(
     Out, DO, Delta,
     stride_ot, stride_oh, stride_dot, stride_doh, total,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # delta[h, t] = sum_d O[t, h, d] * dO[t, h, d]; over packed tokens, so no sequence bookkeeping.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(_tile(Out + h * stride_oh, rows, stride_ot, offs_d, ALIGNED), mask=mask, other=0.0)
+    do = tl.load(_tile(DO + h * stride_doh, rows, stride_dot, offs_d, ALIGNED), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + h.to(tl.int64) * total + rows, delta, mask=rows < total)
 
@@ -174,7 +185,7 @@ def _attn_bwd(
     qk_scale, sm_scale, drop_scale, drop_threshold, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
-    DQ_MODE: tl.constexpr, DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr,
+    DQ_MODE: tl.constexpr, DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # One program per (key block, sequence, head): dK, dV of its keys; in DQ_RECOMPUTE mode also dQ of the
     # query block with the same index (BLOCK_M2 = BLOCK_N1).
@@ -202,8 +213,8 @@ def _attn_bwd(
     d_mask = offs_d < HEAD_DIM
     cols = start_n + tl.arange(0, BLOCK_N1)
     kv_mask = (cols < seqlen)[:, None] & d_mask[None, :]
-    k = tl.load(K + cols[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + cols[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(_tile(K, cols, stride_t, offs_d, ALIGNED), mask=kv_mask, other=0.0)
+    v = tl.load(_tile(V, cols, stride_t, offs_d, ALIGNED), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
     offs_m1 = tl.arange(0, BLOCK_M1)
@@ -213,8 +224,8 @@ def _attn_bwd(
         rows = start_m + offs_m1
         m_mask = rows < seqlen
         q_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + rows[:, None] * stride_t + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(_tile(Q, rows, stride_t, offs_d, ALIGNED), mask=q_mask, other=0.0)
+        do = tl.load(_tile(DO, rows, stride_dot, offs_d, ALIGNED), mask=q_mask, other=0.0)
         lse2 = tl.load(Lse + rows, mask=m_mask, other=float("inf")) * 1.4426950408889634
         delta = tl.load(Delta + rows, mask=m_mask, other=0.0)
         pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -230,21 +241,21 @@ def _attn_bwd(
         dk = tl.dot(dsT.to(q.dtype), q, dk)
         if DQ_MODE != _DQ_RECOMPUTE:
             dq = tl.dot(tl.trans(dsT).to(k.dtype), k) * sm_scale
-            dq_ptrs = DQ + rows[:, None] * stride_dqt + offs_d[None, :]
+            dq_ptrs = _tile(DQ, rows, stride_dqt, offs_d, ALIGNED)
             if DQ_MODE == _DQ_STORE:
                 tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=q_mask)
             else:
                 tl.atomic_add(dq_ptrs, dq, mask=q_mask, sem="relaxed")
-    tl.store(DK + cols[:, None] * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+    tl.store(_tile(DK, cols, stride_dkt, offs_d, ALIGNED), (dk * sm_scale).to(DK.dtype.element_ty),
              mask=kv_mask)
-    tl.store(DV + cols[:, None] * stride_dkt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile(DV, cols, stride_dkt, offs_d, ALIGNED), dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     if DQ_MODE == _DQ_RECOMPUTE:
         rows = start_n + tl.arange(0, BLOCK_N1)
         m_mask = rows < seqlen
         q_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + rows[:, None] * stride_t + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(_tile(Q, rows, stride_t, offs_d, ALIGNED), mask=q_mask, other=0.0)
+        do = tl.load(_tile(DO, rows, stride_dot, offs_d, ALIGNED), mask=q_mask, other=0.0)
         lse2 = tl.load(Lse + rows, mask=m_mask, other=float("inf")) * 1.4426950408889634
         delta = tl.load(Delta + rows, mask=m_mask, other=0.0)
         dq = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
@@ -253,8 +264,8 @@ def _attn_bwd(
         for start_n2 in range(0, seqlen, BLOCK_N2):
             cols2 = start_n2 + offs_n2
             kv2_mask = (cols2 < seqlen)[:, None] & d_mask[None, :]
-            k2 = tl.load(K + cols2[:, None] * stride_t + offs_d[None, :], mask=kv2_mask, other=0.0)
-            v2 = tl.load(V + cols2[:, None] * stride_t + offs_d[None, :], mask=kv2_mask, other=0.0)
+            k2 = tl.load(_tile(K, cols2, stride_t, offs_d, ALIGNED), mask=kv2_mask, other=0.0)
+            v2 = tl.load(_tile(V, cols2, stride_t, offs_d, ALIGNED), mask=kv2_mask, other=0.0)
             p = tl.exp2(tl.dot(q, tl.trans(k2)) * qk_scale - lse2[:, None])
             dp = tl.dot(do, tl.trans(v2))
             if DROPOUT:
@@ -262,7 +273,7 @@ def _attn_bwd(
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k2.dtype), k2, dq)
-        tl.store(DQ + rows[:, None] * stride_dqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+        tl.store(_tile(DQ, rows, stride_dqt, offs_d, ALIGNED), (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=q_mask)
 
 
@@ -312,24 +323,28 @@ class BwdConfig:
 
 SHORT_SEQLEN = 128  # BERT pretraining phase 1; phase 2 and fine-tuning use up to 512
 
-# arch -> (block_d, max_seqlen <= SHORT_SEQLEN) -> (forward, backward). sm_80 sizes stay within 99 KB of
-# shared memory so that the table also serves sm_86/sm_89 and other parts without a dedicated one.
+# arch -> (block_d, max_seqlen <= SHORT_SEQLEN) -> (forward, backward). Every entry compiles without
+# register spills for sm_80 and sm_90 alike (the ahead-of-time check builds each for both), and the sm_80
+# entries stay under 99 KB of shared memory, so that table also serves sm_86/sm_89 and unknown parts.
+# 128-row tiles use 8 warps: with 4, Philox (dropout) and the dK/dV accumulators spill. Short sequences
+# take 64-row query blocks (fewer wasted rows in ragged batches) and one 128-key block per program in
+# backward, so that dQ is complete inside the loop (DQ_STORE); head_dim 128 halves that block.
 CONFIGS: dict[str, dict[tuple[int, bool], tuple[FwdConfig, BwdConfig]]] = {
     "sm_80": {
-        (32, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 4, 2)),
-        (32, False): (FwdConfig(128, 64, 4, 3), BwdConfig(32, 128, 32, 4, 2)),
-        (64, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 8, 2)),
-        (64, False): (FwdConfig(128, 64, 4, 3), BwdConfig(32, 128, 32, 8, 2)),
-        (128, True): (FwdConfig(64, 64, 4, 2), BwdConfig(32, 64, 32, 4, 2)),
-        (128, False): (FwdConfig(128, 32, 8, 2), BwdConfig(32, 64, 32, 4, 2)),
+        (32, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 8, 2)),
+        (32, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 128, 32, 8, 2)),
+        (64, True): (FwdConfig(64, 64, 4, 3), BwdConfig(16, 128, 32, 8, 2)),
+        (64, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 128, 32, 8, 2)),
+        (128, True): (FwdConfig(64, 32, 4, 2), BwdConfig(32, 64, 32, 8, 2)),
+        (128, False): (FwdConfig(128, 32, 8, 2), BwdConfig(32, 64, 32, 8, 2)),
     },
-    "sm_90": {
-        (32, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 4, 3)),
-        (32, False): (FwdConfig(128, 64, 4, 3), BwdConfig(32, 128, 32, 4, 3)),
-        (64, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 8, 3)),
-        (64, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 128, 32, 8, 3)),
-        (128, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 8, 2)),
-        (128, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 64, 32, 4, 3)),
+    "sm_90": {  # 228 KB of shared memory: deeper/wider forward tiles at head_dim 128
+        (32, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 128, 32, 8, 2)),
+        (32, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 128, 32, 8, 2)),
+        (64, True): (FwdConfig(64, 64, 4, 3), BwdConfig(16, 128, 32, 8, 2)),
+        (64, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 128, 32, 8, 2)),
+        (128, True): (FwdConfig(64, 64, 4, 3), BwdConfig(32, 64, 32, 8, 2)),
+        (128, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 64, 32, 8, 2)),
     },
 }
 DELTA_BLOCK_T = 64
@@ -346,10 +361,9 @@ def _arch(device: torch.device) -> str:
     return "sm_90" if major in (9, 10) else "sm_80"
 
 
-def select_configs(device: torch.device, dtype: torch.dtype, head_dim: int, max_seqlen: int
-                   ) -> tuple[FwdConfig, BwdConfig]:
+def select_configs(device: torch.device, head_dim: int, max_seqlen: int) -> tuple[FwdConfig, BwdConfig]:
     """The (forward, backward) configuration the launchers use for these inputs."""
-    return CONFIGS[_arch(device)][(_block_d(head_dim), max_seqlen <= SHORT_SEQLEN)]
+    return CONFIGS[_arch(device)][(max(32, _block_d(head_dim)), max_seqlen <= SHORT_SEQLEN)]
 
 
 def _dq_mode(max_seqlen: int, cfg: BwdConfig, deterministic: bool) -> int:
@@ -360,6 +374,17 @@ def _dq_mode(max_seqlen: int, cfg: BwdConfig, deterministic: bool) -> int:
 
 def _dropout_threshold(dropout_p: float) -> int:
     return min(round(dropout_p * (1 << 24)), 1 << 24)
+
+
+def _aligned(*tensors: Tensor) -> bool:
+    """Whether every tile row of these (tokens, heads, head_dim) tensors starts on a 16-byte boundary."""
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
+
+
+def _rows_aligned(x: Tensor) -> Tensor:
+    """``x`` itself, or a contiguous copy when its layout would lose the 16-byte aligned (vectorised) path."""
+    return x if _aligned(x) or x.is_contiguous() else x.contiguous()
 
 
 def draw_seed() -> int:
@@ -385,7 +410,7 @@ def _forward(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dro
         total, heads, max_seqlen,
         scale * LOG2E, 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0, _dropout_threshold(dropout_p), seed,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DROPOUT=dropout_p > 0.0, N_ROUNDS=PHILOX_ROUNDS,
+        DROPOUT=dropout_p > 0.0, N_ROUNDS=PHILOX_ROUNDS, ALIGNED=_aligned(q, k, v, out),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -395,12 +420,11 @@ def _backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: T
               scale: float, dropout_p: float, seed: int, cfg: BwdConfig, deterministic: bool) -> Tensor:
     total, _, heads, head_dim = qkv.shape
     block_d = _block_d(head_dim)
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    dout = _rows_aligned(dout if dout.stride(-1) == 1 else dout.contiguous())
     delta = torch.empty(heads, total, device=qkv.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(total, DELTA_BLOCK_T), heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=DELTA_BLOCK_T,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=DELTA_BLOCK_T, ALIGNED=_aligned(out, dout),
     )
     dqkv = torch.empty(total, 3, heads, head_dim, device=qkv.device, dtype=qkv.dtype)
     dq, dk, dv = dqkv.unbind(1)
@@ -418,7 +442,7 @@ def _backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: T
         scale * LOG2E, scale, 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
         _dropout_threshold(dropout_p), seed,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_N2=cfg.block_n2,
-        DQ_MODE=mode, DROPOUT=dropout_p > 0.0, N_ROUNDS=PHILOX_ROUNDS,
+        DQ_MODE=mode, DROPOUT=dropout_p > 0.0, N_ROUNDS=PHILOX_ROUNDS, ALIGNED=_aligned(q, k, v, dout, dq, dk, dv),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if mode == DQ_ATOMIC:
@@ -430,7 +454,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, scale: float,
                 deterministic: bool, seed: int) -> Tensor:
-        fwd_cfg, bwd_cfg = select_configs(qkv.device, qkv.dtype, qkv.shape[-1], max_seqlen)
+        fwd_cfg, bwd_cfg = select_configs(qkv.device, qkv.shape[-1], max_seqlen)
         out, lse = _forward(qkv, cu_seqlens, max_seqlen, scale, dropout_p, seed, fwd_cfg)
         ctx.save_for_backward(qkv, out, lse, cu_seqlens)
         ctx.args = (max_seqlen, scale, dropout_p, seed, bwd_cfg, deterministic)
@@ -480,8 +504,7 @@ def flash_attention(
         return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, dropout_p > 0.0, scale)
     if total == 0 or cu_seqlens.numel() <= 1:
         return qkv.new_zeros(total, heads, head_dim)
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
+    qkv = _rows_aligned(qkv if qkv.stride(-1) == 1 else qkv.contiguous())
     cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32)
     if seed is None:
         seed = draw_seed() if dropout_p > 0.0 else 0
@@ -561,7 +584,7 @@ def aot_specs() -> list[AotSpec]:
                for dtype in ("fp16", "bf16")]
     specs: dict[tuple, AotSpec] = {}
     for fwd, bwd, block_d, short, dtype, tuned in choices:
-        common = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "N_ROUNDS": PHILOX_ROUNDS}
+        common = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "N_ROUNDS": PHILOX_ROUNDS, "ALIGNED": True}
         for dropout in (False, True):
             tag = f"D={block_d},{dtype}" + (",dropout" if dropout else "")
             name = f"attn_fwd[{tag},M={fwd.block_m},N={fwd.block_n},w={fwd.num_warps},s={fwd.num_stages}]"
@@ -572,7 +595,7 @@ def aot_specs() -> list[AotSpec]:
                  "stride_oh": "i32", "total": "i32", "n_heads": "i32", "max_seqlen": "i32",
                  "qk_scale": "fp32", "out_scale": "fp32", "drop_threshold": "i32", "seed": "i32",
                  **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DROPOUT",
-                                  "N_ROUNDS"), "constexpr")},
+                                  "N_ROUNDS", "ALIGNED"), "constexpr")},
                 {**common, "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n, "DROPOUT": dropout},
                 fwd.num_warps, fwd.num_stages, tuned,
             )
@@ -591,7 +614,7 @@ def aot_specs() -> list[AotSpec]:
                      "qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32", "drop_threshold": "i32",
                      "seed": "i32",
                      **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M1", "BLOCK_N1", "BLOCK_N2", "DQ_MODE",
-                                      "DROPOUT", "N_ROUNDS"), "constexpr")},
+                                      "DROPOUT", "N_ROUNDS", "ALIGNED"), "constexpr")},
                     {**common, "BLOCK_M1": bwd.block_m1, "BLOCK_N1": bwd.block_n1, "BLOCK_N2": bwd.block_n2,
                      "DQ_MODE": mode, "DROPOUT": dropout},
                     bwd.num_warps, bwd.num_stages, tuned,
@@ -601,8 +624,8 @@ def aot_specs() -> list[AotSpec]:
             name, _attn_bwd_delta,
             {"Out": f"*{dtype}", "DO": f"*{dtype}", "Delta": "*fp32",
              **dict.fromkeys(("stride_ot", "stride_oh", "stride_dot", "stride_doh", "total"), "i32"),
-             **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_T"), "constexpr")},
-            {"HEAD_DIM": block_d, "BLOCK_D": block_d, "BLOCK_T": DELTA_BLOCK_T},
+             **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_T", "ALIGNED"), "constexpr")},
+            {"HEAD_DIM": block_d, "BLOCK_D": block_d, "BLOCK_T": DELTA_BLOCK_T, "ALIGNED": True},
         )
     specs["dropout_mask"] = AotSpec(
         "dropout_mask", _dropout_mask_kernel,
