@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from bertfast.ops import reference
 from bertfast.padding import Packing
@@ -461,6 +462,7 @@ class _FlashAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout: Tensor):
         qkv, out, lse, cu_seqlens = ctx.saved_tensors
         dqkv = _backward(dout, qkv, out, lse, cu_seqlens, *ctx.args)
