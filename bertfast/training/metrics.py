@@ -52,15 +52,17 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike) -> None
         if points:
             ax.plot(*zip(*points, strict=True), label=label, **style)
 
-    curve(loss_ax, train, "loss", "train loss (MLM + NSP)")
-    curve(loss_ax, train, "mlm_loss", "train MLM loss", alpha=0.6)
-    curve(loss_ax, evals, "loss", "eval loss", marker="o")
-    curve(loss_ax, evals, "mlm_loss", "eval MLM loss", marker="o", alpha=0.6)
+    # One colour per quantity: train is a line, eval the same colour with markers.
+    eval_style = {"marker": "o", "linestyle": "--"}
+    curve(loss_ax, train, "loss", "train loss (MLM + NSP)", color="C0")
+    curve(loss_ax, evals, "loss", "eval loss", color="C0", **eval_style)
+    curve(loss_ax, train, "mlm_loss", "train MLM loss", color="C1")
+    curve(loss_ax, evals, "mlm_loss", "eval MLM loss", color="C1", **eval_style)
     loss_ax.set(xlabel="step", ylabel="loss", title="loss")
-    curve(acc_ax, train, "mlm_acc", "train MLM acc")
-    curve(acc_ax, evals, "mlm_acc", "eval MLM acc", marker="o")
-    curve(acc_ax, train, "nsp_acc", "train NSP acc", alpha=0.6)
-    curve(acc_ax, evals, "nsp_acc", "eval NSP acc", marker="o", alpha=0.6)
+    curve(acc_ax, train, "mlm_acc", "train MLM acc", color="C1")
+    curve(acc_ax, evals, "mlm_acc", "eval MLM acc", color="C1", **eval_style)
+    curve(acc_ax, train, "nsp_acc", "train NSP acc", color="C2")
+    curve(acc_ax, evals, "nsp_acc", "eval NSP acc", color="C2", **eval_style)
     if evals and evals[-1].get("baseline_mlm_acc") is not None:
         acc_ax.axhline(evals[-1]["baseline_mlm_acc"], color="gray", linestyle="--",
                        label="most-frequent-token MLM acc")

@@ -294,15 +294,21 @@ class Pretrainer:
         return torch.stack([torch.as_tensor(v, device=self.device, dtype=torch.float64) for v in values])
 
     def train_step(self, batches: Iterator[dict[str, Tensor]]) -> bool:
-        """One optimizer step; False when it was skipped for a non-finite loss."""
+        """One optimizer step; False when it was skipped for a non-finite loss (or gradient norm)."""
         sums = sum(self._micro_step(next(batches), k == self.config.grad_accum - 1)
                    for k in range(self.config.grad_accum))
         finite = all_reduce(torch.isfinite(sums[:3]).all().to(torch.float64).reshape(1), self.env,
-                            dist.ReduceOp.MIN if self.env.enabled else None)
-        if finite.item():
-            if self.config.clip_norm > 0:
-                self.scaler.unscale_(self.optimizer)
-                self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+                            dist.ReduceOp.MIN if self.env.enabled else None).item() > 0
+        what = "loss"
+        if finite and self.config.clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+            # The fp16 scaler skips overflowing steps itself; otherwise an inf/nan gradient would
+            # poison the weights. Gradients are all-reduced, so every rank decides the same.
+            if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
+                finite, what = False, "gradient norm"
+            self.grad_norm = grad_norm
+        if finite:
             self.lr = self.scheduler.get_last_lr()[0]
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -314,10 +320,10 @@ class Pretrainer:
         else:
             self.consecutive_nonfinite += 1
             self.skipped_steps += 1
-            self.say(f"step {self.step + 1}: non-finite loss ({sums[0].item()}); update skipped "
+            self.say(f"step {self.step + 1}: non-finite {what} (loss {sums[0].item()}); update skipped "
                      f"({self.consecutive_nonfinite} in a row, stopping at {self.config.max_nonfinite_steps})")
         self.optimizer.zero_grad(set_to_none=True)
-        return bool(finite.item())
+        return finite
 
     def _log_train(self, bar: tqdm) -> None:
         window = all_reduce(self.window.clone(), self.env)

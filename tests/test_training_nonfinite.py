@@ -1,0 +1,57 @@
+"""The non-finite guard: a step with a NaN loss is skipped; too many in a row stop the run."""
+
+import numpy as np
+import pytest
+import torch
+
+from bertfast.training import PretrainConfig, Pretrainer
+from bertfast.training.distributed import DistEnv
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(tmp_path, poison, **overrides):
+    """A trainer whose model returns a NaN loss on the forward calls (counted from 0) that ``poison`` picks."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(30)]
+    text = "\n\n".join("\n".join(" ".join(rng.choice(words, 8)) + " ." for _ in range(5)) for _ in range(20))
+    (tmp_path / "corpus.txt").write_text(text)
+    values = dict(corpus=[str(tmp_path / "corpus.txt")], output_dir=str(tmp_path / "run"), vocab_size=80,
+                  seq_len=32, batch_size=4, max_steps=5, warmup_steps=0, eval_every=0, log_every=1,
+                  progress=False, max_nonfinite_steps=3)
+    values.update(overrides)
+    trainer = Pretrainer(PretrainConfig(**values), DistEnv(), torch.device("cpu"))
+    forward = trainer.model.forward
+    calls = iter(range(10**6))
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if poison(next(calls)):
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+    return trainer
+
+
+def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, capsys):
+    trainer = make_trainer(tmp_path, lambda call: call == 1)
+    assert trainer.train() == 0
+    assert (trainer.step, trainer.skipped_steps) == (5, 1)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert "step 2: non-finite loss (loss nan); update skipped (1 in a row" in capsys.readouterr().out
+
+
+def test_consecutive_nan_steps_stop_the_run(tmp_path, capsys):
+    trainer = make_trainer(tmp_path, lambda call: call >= 1)
+    assert trainer.train() == 1
+    assert (trainer.step, trainer.skipped_steps) == (1, 3)
+    out = capsys.readouterr().out
+    assert "stopping: 3 consecutive steps had a non-finite loss" in out
+    assert not (tmp_path / "run" / "final").exists()
