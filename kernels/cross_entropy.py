@@ -214,7 +214,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         n_valid = (labels != ignore_index).sum()
         ones = torch.ones(1, dtype=torch.float32, device=x.device)
-        factor = n_valid.clamp(min=1).to(torch.float32).reciprocal().reshape(1) if reduction == "mean" else ones
+        factor = ones
+        if reduction == "mean":
+            factor = n_valid.clamp(min=1).to(torch.float32).reciprocal().reshape(1)
         # fp16 flushes softmax / n_valid to zero below 6e-8 (most of a 30k vocabulary), where the
         # reference, scaled by a loss scaler's grad_output, keeps it: fp16 gradients take the mean's
         # factor after the matmuls instead, together with grad_output.
@@ -312,7 +314,8 @@ def linear_cross_entropy_torch(
     fp16/bf16 chunks also hold an fp32 work copy of their logits, counted in ``chunk_bytes``.
     """
     return _linear_cross_entropy(
-        _softmax_xent_torch, True, x, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_bytes
+        _softmax_xent_torch, True, x, weight, bias, labels, ignore_index, label_smoothing, reduction,
+        chunk_bytes,
     )
 
 

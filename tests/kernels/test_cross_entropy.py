@@ -1,4 +1,4 @@
-"""Fused linear + softmax cross-entropy (Triton kernel and the chunked torch version) against the reference."""
+"""Fused linear + softmax cross-entropy (Triton kernel, chunked torch version) against the reference."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def assert_same(actual, expected, rtol=1e-4):
             continue
         assert torch.isfinite(a.float()).all(), name
         scale = max(e.abs().max().item(), 1.0) if e.numel() else 1.0
-        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * 0.1 * scale, msg=lambda m, n=name: f"{n}: {m}")
+        atol = rtol * 0.1 * scale
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -105,7 +106,8 @@ def test_small_chunks_match_one_chunk(impl, reduction, rows_per_chunk):
     grad_out = torch.randn(11) if reduction == "none" else torch.tensor(1.7)
     kwargs = dict(reduction=reduction, label_smoothing=0.1)
     whole = run(IMPLS[impl], x, weight, bias, labels, grad_out, **kwargs)
-    chunked = run(IMPLS[impl], x, weight, bias, labels, grad_out, chunk_bytes=rows_per_chunk * 1000 * 4, **kwargs)
+    chunk_bytes = rows_per_chunk * 1000 * 4
+    chunked = run(IMPLS[impl], x, weight, bias, labels, grad_out, chunk_bytes=chunk_bytes, **kwargs)
     assert_same(chunked, whole, rtol=1e-5)
 
 
@@ -143,7 +145,9 @@ def test_chunks_stay_within_the_memory_bound(monkeypatch, dtype, row_bytes):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows,vocab,chunk_bytes", [(24, 1000, None), (24, 1000, 8 * 1000 * 2), (3, 30522, None)])
+@pytest.mark.parametrize(
+    "rows,vocab,chunk_bytes", [(24, 1000, None), (24, 1000, 8 * 1000 * 2), (3, 30522, None)]
+)
 def test_reduced_precision_relative_rule(impl, dtype, rows, vocab, chunk_bytes):
     x, weight, bias, labels = make_inputs(rows, vocab, hidden=48)
     kwargs = dict(label_smoothing=0.1)
@@ -251,6 +255,8 @@ def test_gpu_bert_shapes(dtype, chunk_bytes, reduction):
     expected = run(reference.linear_cross_entropy, x, weight, bias, labels, grad_out, reduction=reduction)
     low = [t.detach().to(dtype).requires_grad_() for t in (x, weight, bias)]
     same_dtype = run(reference.linear_cross_entropy, *low, labels, grad_out, reduction=reduction)
-    actual = run(ce.linear_cross_entropy, *low, labels, grad_out, reduction=reduction, chunk_bytes=chunk_bytes)
+    actual = run(
+        ce.linear_cross_entropy, *low, labels, grad_out, reduction=reduction, chunk_bytes=chunk_bytes
+    )
     for name, i in (("loss", 0), ("grad_x", 2), ("grad_weight", 3), ("grad_bias", 4)):
         assert_relative_rule(actual[i].float(), expected[i], same_dtype[i].float(), atol=1e-4, name=name)
