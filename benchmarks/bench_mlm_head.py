@@ -109,7 +109,14 @@ def liger_loss() -> Callable | None:
     except ImportError:
         return None
     module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
-    return lambda x, weight, bias, labels: module(weight, x, labels, bias)
+
+    def loss(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cuda"):  # its matmuls take one dtype, as bertfast's op casts itself
+            dtype = torch.get_autocast_dtype("cuda")
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        return module(weight, x, labels, bias)
+
+    return loss
 
 
 def head_steps(batch: int, seq: int, device: torch.device, mask_prob: float, compile_: bool):
