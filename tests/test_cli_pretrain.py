@@ -29,9 +29,9 @@ def read_records(run):
 
 def test_default_corpus_run_learns_and_writes_everything(tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["pretrain", "--output-dir", str(run), "--max-steps", "40", "--seq-len", "64", "--batch-size", "16",
-                 "--vocab-size", "1000", "--warmup-steps", "4", "--lr", "2e-3", "--eval-every", "20",
-                 "--save-every", "20", "--log-every", "5", "--no-progress"])
+    code = main(["pretrain", "--output-dir", str(run), "--max-steps", "40", "--seq-len", "64",
+                 "--batch-size", "16", "--vocab-size", "1000", "--warmup-steps", "4", "--lr", "2e-3",
+                 "--eval-every", "20", "--save-every", "20", "--log-every", "5", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
     assert "held-out: MLM acc" in out and "most-frequent-token baseline" in out
@@ -68,12 +68,13 @@ def test_broken_input_is_reported_and_an_empty_corpus_fails_clearly(tmp_path, ca
     bad.write_bytes(b'{"text": "Fine document. Two sentences."}\nnot json\n{"no": "text"}\n\xff\xfe\n')
     (tmp_path / "empty.txt").write_text("")
     args = ["pretrain", "--output-dir", str(tmp_path / "run"), "--corpus", str(tmp_path / "*.txt"), str(bad),
-            "--max-steps", "2", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "60", "--eval-every", "0",
-            "--no-progress"]
+            "--max-steps", "2", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "60",
+            "--eval-every", "0", "--no-progress"]
     with pytest.warns(UserWarning) as caught:
         assert main(args) == 0
     assert any("skipped broken input" in str(w.message) for w in caught)
-    assert "1 bad encoding lines, 1 empty files, 1 invalid json lines, 1 missing text field" in capsys.readouterr().out
+    summary = "1 bad encoding lines, 1 empty files, 1 invalid json lines, 1 missing text field"
+    assert summary in capsys.readouterr().out
 
     code = main(["pretrain", "--output-dir", str(tmp_path / "run2"), "--corpus", str(tmp_path / "empty.txt"),
                  "--no-progress"])
@@ -82,7 +83,8 @@ def test_broken_input_is_reported_and_an_empty_corpus_fails_clearly(tmp_path, ca
 
 
 def test_tokenizer_train_command(tmp_path, capsys):
-    assert main(["tokenizer", "train", "--corpus", "builtin", "--vocab-size", "500", "--output", str(tmp_path)]) == 0
+    args = ["tokenizer", "train", "--corpus", "builtin", "--vocab-size", "500", "--output", str(tmp_path)]
+    assert main(args) == 0
     vocab = (tmp_path / "vocab.txt").read_text().splitlines()
     assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(vocab) == 500
     assert (tmp_path / "tokenizer.json").is_file()
@@ -101,9 +103,9 @@ def wait_for(predicate, timeout):
 @pytest.mark.parametrize(("signum", "expected_code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum, expected_code):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "bertfast", "pretrain", "--output-dir", str(run), "--max-steps", "100000",
-               "--seq-len", "32", "--batch-size", "4", "--vocab-size", "300", "--save-every", "0", "--eval-every", "0",
-               "--log-every", "1", "--no-progress"]
+    command = [sys.executable, "-m", "bertfast", "pretrain", "--output-dir", str(run),
+               "--max-steps", "100000", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "300",
+               "--save-every", "0", "--eval-every", "0", "--log-every", "1", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:

@@ -13,8 +13,8 @@ CONTINUATION[50:] = True  # ids 50.. are "##" pieces
 
 
 def collator(**kwargs) -> MaskingCollator:
-    return MaskingCollator(pad_id=PAD, mask_id=MASK, special_ids=np.arange(5), replacement_ids=np.arange(5, VOCAB),
-                           continuation=CONTINUATION, **kwargs)
+    return MaskingCollator(pad_id=PAD, mask_id=MASK, special_ids=np.arange(5),
+                           replacement_ids=np.arange(5, VOCAB), continuation=CONTINUATION, **kwargs)
 
 
 def random_pair(rng, len_a, len_b):
@@ -49,7 +49,8 @@ def test_batch_is_padded_and_specials_and_padding_are_never_chosen():
 @pytest.mark.parametrize("probs", [(0.15, 0.8, 0.1), (0.3, 0.5, 0.25)])
 def test_rates_match_the_configured_probabilities(probs):
     mask_prob, mask_token_prob, random_token_prob = probs
-    masker = collator(mask_prob=mask_prob, mask_token_prob=mask_token_prob, random_token_prob=random_token_prob)
+    masker = collator(mask_prob=mask_prob, mask_token_prob=mask_token_prob,
+                      random_token_prob=random_token_prob)
     rng = np.random.default_rng(0)
     chosen = masked = randomised = kept = real = 0
     for _ in range(400):

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from bertfast.data import PretrainingData, baseline_accuracy, build_token_cache, make_collator, train_tokenizer
+from bertfast.data import (
+    PretrainingData,
+    baseline_accuracy,
+    build_token_cache,
+    make_collator,
+    train_tokenizer,
+)
 from bertfast.data.instances import instance_tokens
 
 
@@ -32,9 +38,10 @@ def data(setup, **kwargs):
     return PretrainingData(corpus, tokenizer, make_collator(tokenizer), **options)
 
 
-def test_cache_is_reused(setup, tmp_path):
+def test_cache_is_reused(setup):
     corpus, tokenizer = setup
-    again = build_token_cache(list(corpus.meta["sources"]), tokenizer, corpus.directory.parent, progress=False)
+    sources = list(corpus.meta["sources"])
+    again = build_token_cache(sources, tokenizer, corpus.directory.parent, progress=False)
     assert again.directory == corpus.directory
 
 

@@ -68,6 +68,6 @@ def test_two_processes_stay_in_sync(tmp_path):
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]  # rank 0 writes, once
     assert all(r["grad_norm"] > 0 and r["lr"] > 0 for r in train)
-    assert (run / "checkpoint-4" / "trainer_state.pt").is_file() and (run / "final" / "model.safetensors").is_file()
+    assert (run / "final" / "model.safetensors").is_file()
     state = torch.load(run / "checkpoint-4" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2

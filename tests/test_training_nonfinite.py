@@ -17,7 +17,7 @@ def _one_thread():
 
 
 def make_trainer(tmp_path, poison, **overrides):
-    """A trainer whose model returns a NaN loss on the forward calls (counted from 0) that ``poison`` picks."""
+    """A trainer whose model's loss is NaN on the forward calls (counted from 0) ``poison`` picks."""
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(30)]
     text = "\n\n".join("\n".join(" ".join(rng.choice(words, 8)) + " ." for _ in range(5)) for _ in range(20))

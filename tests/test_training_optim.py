@@ -23,7 +23,8 @@ def test_no_weight_decay_on_biases_and_layernorm():
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = parameter_groups(model, 0.01)
     assert sorted(names[id(p)] for p in decay["params"]) == ["dense.weight", "embeddings.weight"]
-    assert sorted(names[id(p)] for p in no_decay["params"]) == ["LayerNorm.bias", "LayerNorm.weight", "dense.bias"]
+    expected = ["LayerNorm.bias", "LayerNorm.weight", "dense.bias"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == expected
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
 
 
@@ -51,7 +52,8 @@ def test_lamb_matches_the_formula(wd, adapt):
     for g in grads:
         param.grad = g.clone()
         opt.step()
-    torch.testing.assert_close(param.detach(), lamb_reference(start, grads, 0.05, wd, adapt), rtol=1e-5, atol=1e-6)
+    expected = lamb_reference(start, grads, 0.05, wd, adapt)
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_lamb_trust_ratio_leaves_zero_tensors_unscaled():

@@ -85,7 +85,8 @@ class PretrainConfig:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                raise ValueError(
+                    f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         positive = ("vocab_size", "max_steps", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) <= 0:

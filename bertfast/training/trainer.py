@@ -136,7 +136,8 @@ class Pretrainer:
         if config.resume and not self.resume_from:
             self.say(f"no checkpoint in {self.out} yet: starting from scratch")
         elif not config.resume and list_checkpoints(self.out):
-            self.say(f"note: {self.out} holds checkpoints of an earlier run; pass --resume latest to continue it")
+            self.say(f"note: {self.out} holds checkpoints of an earlier run; "
+                     "pass --resume latest to continue it")
 
         self._prepare_data()
         self._prepare_model()
@@ -149,6 +150,9 @@ class Pretrainer:
             self._load_checkpoint(Path(self.resume_from))
         self.last_saved = self.step if self.resume_from else -1
         self.last_eval = -1
+        self.lr, self.grad_norm = self.scheduler.get_last_lr()[0], None
+        self.started = self.window_started = time.perf_counter()
+        self.live_tokens = 0.0  # tokens trained on since window_started (for tokens/s)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step if self.resume_from else None) \
             if env.is_main else None
 
@@ -267,7 +271,7 @@ class Pretrainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
-    def _batches(self) -> Iterator[dict[str, Tensor]]:
+    def batch_stream(self) -> Iterator[dict[str, Tensor]]:
         """Micro-batches from the current data position on, across epochs; advances the position."""
         while True:
             batches = self.data.epoch(self.epoch)
@@ -321,13 +325,15 @@ class Pretrainer:
             self.consecutive_nonfinite += 1
             self.skipped_steps += 1
             self.say(f"step {self.step + 1}: non-finite {what} (loss {sums[0].item()}); update skipped "
-                     f"({self.consecutive_nonfinite} in a row, stopping at {self.config.max_nonfinite_steps})")
+                     f"({self.consecutive_nonfinite} in a row, "
+                     f"stopping at {self.config.max_nonfinite_steps})")
         self.optimizer.zero_grad(set_to_none=True)
         return finite
 
     def _log_train(self, bar: tqdm) -> None:
         window = all_reduce(self.window.clone(), self.env)
-        tokens = all_reduce(torch.tensor([self.live_tokens], dtype=torch.float64, device=self.device), self.env)
+        tokens = torch.tensor([self.live_tokens], dtype=torch.float64, device=self.device)
+        tokens = all_reduce(tokens, self.env)
         now = time.perf_counter()
         values = dict(zip(_SUMS, window.tolist(), strict=True))
         micro = max(values["micro_batches"], 1)
@@ -352,7 +358,7 @@ class Pretrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
-        """Loss and accuracies on the held-out batches (all ranks), written as a ``"split": "eval"`` record."""
+        """Loss and accuracies on the held-out batches (all ranks), as a ``"split": "eval"`` record."""
         self.last_eval = self.step
         model = self.model
         model.eval()
@@ -376,7 +382,8 @@ class Pretrainer:
         if self.env.is_main:
             self.metrics.write(record)
             self.say(f"eval @ step {self.step}: loss {record['loss']:.3f}, MLM acc {record['mlm_acc']:.3f} "
-                     f"(most-frequent-token baseline {self.baseline_acc:.3f}), NSP acc {record['nsp_acc']:.3f}")
+                     f"(most-frequent-token baseline {self.baseline_acc:.3f}), "
+                     f"NSP acc {record['nsp_acc']:.3f}")
         return record
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -398,8 +405,7 @@ class Pretrainer:
                 pass
         self.started = self.window_started = time.perf_counter()
         self.live_tokens = 0.0
-        self.lr, self.grad_norm = self.scheduler.get_last_lr()[0], None
-        batches = self._batches()
+        batches = self.batch_stream()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
                    disable=not (self.env.is_main and cfg.progress))
         code = EXIT_OK
