@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bertfast.data import train_tokenizer
 from bertfast.training import PretrainConfig, pretrain
 from bertfast.training.checkpoint import list_checkpoints, load_state, resolve_resume
 
@@ -100,3 +101,15 @@ def test_resume_latest_continues_and_extends_a_run(tmp_path):
     assert sorted(train) == [1, 2, 3, 4]
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         resolve_resume(tmp_path, str(tmp_path / "run" / "final"))
+
+
+def test_dataloader_workers_do_not_change_the_batches(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    # One tokenizer for both runs (training one twice need not give the same vocabulary).
+    lines = [line for line in open(corpus, encoding="utf-8").read().splitlines() if line]
+    train_tokenizer(lines, 150).save(tmp_path / "tokenizer")
+    options = dict(max_steps=3, eval_every=0, save_every=0, grad_accum=1, tokenizer=str(tmp_path / "tokenizer"))
+    assert pretrain(config(tmp_path, corpus, "inline", **options)) == 0
+    assert pretrain(config(tmp_path, corpus, "workers", num_workers=2, **options)) == 0
+    inline, workers = records(tmp_path / "inline"), records(tmp_path / "workers")
+    assert [inline[s]["loss"] for s in inline] == [workers[s]["loss"] for s in workers]

@@ -99,7 +99,12 @@ class WordPieceTokenizer:
 
 def train_tokenizer(sentences: Iterable[str], vocab_size: int, lowercase: bool = True,
                     min_frequency: int = 2) -> WordPieceTokenizer:
-    """Learn a WordPiece vocabulary of at most ``vocab_size`` tokens (specials first, [PAD] = 0)."""
+    """Learn a WordPiece vocabulary of at most ``vocab_size`` tokens (specials first, [PAD] = 0).
+
+    HF tokenizers' trainer breaks ties between equally frequent merges in hash-map order
+    (huggingface/tokenizers#1794), so two trainings on the same text may differ slightly; that is
+    why a run caches its trained vocabulary and every checkpoint carries the tokenizer files.
+    """
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     tokenizer = _bert_pipeline(Tokenizer(models.WordPiece(unk_token=UNK)), lowercase)
