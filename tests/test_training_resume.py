@@ -1,6 +1,7 @@
 """Checkpoints: resuming reproduces an uninterrupted run exactly, and every file loads safely."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,9 +107,10 @@ def test_resume_latest_continues_and_extends_a_run(tmp_path):
 def test_dataloader_workers_do_not_change_the_batches(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     # One tokenizer for both runs (training one twice need not give the same vocabulary).
-    lines = [line for line in open(corpus, encoding="utf-8").read().splitlines() if line]
+    lines = [line for line in Path(corpus).read_text(encoding="utf-8").splitlines() if line]
     train_tokenizer(lines, 150).save(tmp_path / "tokenizer")
-    options = dict(max_steps=3, eval_every=0, save_every=0, grad_accum=1, tokenizer=str(tmp_path / "tokenizer"))
+    options = dict(max_steps=3, eval_every=0, save_every=0, grad_accum=1,
+                   tokenizer=str(tmp_path / "tokenizer"))
     assert pretrain(config(tmp_path, corpus, "inline", **options)) == 0
     assert pretrain(config(tmp_path, corpus, "workers", num_workers=2, **options)) == 0
     inline, workers = records(tmp_path / "inline"), records(tmp_path / "workers")
