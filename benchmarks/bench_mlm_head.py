@@ -3,6 +3,7 @@
     python benchmarks/bench_mlm_head.py                  # CPU: fp32, 8x128 and 2x512 (~1-2 minutes)
     python benchmarks/bench_mlm_head.py --quick          # CPU: one shape, fewer steps (< 1 minute)
     python benchmarks/bench_mlm_head.py --compile        # CPU: also the torch.compile baselines (slow)
+    python benchmarks/bench_mlm_head.py --threads 1      # CPU shared with other work: see below
     python benchmarks/bench_mlm_head.py --out benchmarks/results/mlm_head_cpu.json   # or .md
     python benchmarks/bench_mlm_head.py --op-rows 614,4000 --shapes ""   # only the op, at MLM row counts
 
@@ -24,6 +25,8 @@ The op section times linear_cross_entropy alone (hidden 768, vocab 30522): the r
 reference under torch.compile, and bertfast's version, with TFLOP/s of its three matmuls on a GPU.
 Times are medians; peak memory is what a step allocates beyond its inputs and parameters (on CPU:
 peak resident memory, with large allocations returned to the OS at once so that it tracks tensors).
+On a CPU busy with other work, small multi-threaded ops wait for descheduled OpenMP threads (an
+index_add_ of 154 rows: 0.02 ms on one thread, ~80 ms on two); --threads 1 keeps that noise out.
 """
 
 from __future__ import annotations
@@ -262,6 +265,7 @@ def main() -> None:
     parser.add_argument("--mask-prob", type=float, default=0.15)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="one shape, fewer steps")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time the torch.compile baselines (default: on GPU only)")
     parser.add_argument("--out", type=Path, help="write the results here (.json, or .md for a table)")
@@ -269,6 +273,8 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     autocast_dtype = None if dtype == torch.float32 else dtype
     shapes = args.shapes if args.shapes is not None else ("32x128,8x512" if on_gpu else "8x128,2x512")
