@@ -33,8 +33,10 @@ def make_inputs(rows: int, vocab: int, hidden: int = 32, dtype=torch.float32, bi
 def run(fn, x, weight, bias, labels, grad_out=None, **kwargs):
     """(loss, n_correct, grad_x, grad_weight, grad_bias) after a backward with ``grad_out``."""
     loss, n_correct = fn(x, weight, bias, labels, **kwargs)
-    if grad_out is None:
-        grad_out = torch.full_like(loss, 1.7) if loss.dim() == 0 else torch.linspace(-1.0, 2.0, len(loss))
+    if grad_out is None and loss.dim() == 0:
+        grad_out = torch.full_like(loss, 1.7)
+    elif grad_out is None:
+        grad_out = torch.linspace(-1.0, 2.0, len(loss), device=loss.device)
     inputs = [t for t in (x, weight, bias) if t is not None]
     grads = list(torch.autograd.grad(loss, inputs, grad_out))
     grad_bias = grads.pop() if bias is not None else None
