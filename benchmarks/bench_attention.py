@@ -23,7 +23,8 @@ as lower throughput; percentages are of the H100 SXM dense bf16 peak (990 TFLOP/
 largest difference of the output from the reference's.
 
 On CPU the Triton kernels do not run (only under TRITON_INTERPRET, which measures nothing about
-speed): the table compares the reference with SDPA's backends on one small shape.
+speed): the table compares the reference with SDPA's backends on one small shape, on one thread
+unless --threads says otherwise.
 """
 
 from __future__ import annotations
@@ -219,6 +220,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="time the reference under torch.compile on CPU")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out on a GPU")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: spinning worker threads on shared cores ruin the timings)")
     parser.add_argument("--out", type=Path, help="write the results here (.json, or .md for tables)")
     args = parser.parse_args()
 
@@ -234,10 +237,11 @@ def main() -> None:
         note = "Triton kernels on the GPU; TFLOP/s count useful (unpadded) work."
     else:
         seqlens, head_counts, tokens = (64,), (4,), args.tokens or 512
-        reps = 3 if args.quick else 5
+        torch.set_num_threads(args.threads)
+        reps = 5 if args.quick else 15
         compile_reference = args.compile
-        note = ("CPU: the Triton kernels are not timed (they run on CPU only under TRITON_INTERPRET, "
-                "which says nothing about speed); reference and SDPA backends only.")
+        note = (f"CPU, {args.threads} thread(s): the Triton kernels are not timed (they run on CPU only under "
+                "TRITON_INTERPRET, which says nothing about speed); reference and SDPA backends only.")
     torch.manual_seed(0)
     shapes = []
     for max_seqlen in seqlens:
