@@ -32,6 +32,7 @@ from bertfast.kernels.layernorm_common import (
     draw_seed,
     dropout_keep,
     dropout_scale,
+    dtype_tag,
     kernels_available,
     partial_programs,
     reduce_partials,
@@ -195,18 +196,18 @@ def bias_dropout_add_layernorm(
 
 def aot_specs() -> list[AotSpec]:
     specs = []
-    for block, num_warps, dt, tuned in aot_row_configs():
-        tag = f"BLOCK={block},{dt}"
+    for block, num_warps, act, dt, tuned in aot_row_configs():
+        tag = f"BLOCK={block},{dtype_tag(act, dt)}"
         fwd_sig = {
-            "x_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}",
+            "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}",
             "y_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64",
             "H": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32", "BLOCK": "constexpr",
             "HAS_DROPOUT": "constexpr",
         }
         bwd_sig = {
-            "dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}",
+            "dy_ptr": f"*{dt}", "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}",
             "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64", "dres_ptr": f"*{dt}",
-            "dx_ptr": f"*{dt}", "partial_ptr": "*fp32", "n_rows": "i32", "H": "i32", "p": "fp32",
+            "dx_ptr": f"*{act}", "partial_ptr": "*fp32", "n_rows": "i32", "H": "i32", "p": "fp32",
             "scale": "fp32", "BLOCK": "constexpr", "HAS_DROPOUT": "constexpr", "STORE_DX": "constexpr",
         }
         for dropout in (True, False):
@@ -220,7 +221,7 @@ def aot_specs() -> list[AotSpec]:
             ))
             specs.append(AotSpec(
                 f"bdal_bwd[{tag},{kind}]", _bdal_bwd_kernel, {**bwd_sig, **seed},
-                {"BLOCK": block, "HAS_DROPOUT": dropout, "STORE_DX": dropout, **seed_value},
+                {"BLOCK": block, "HAS_DROPOUT": dropout, "STORE_DX": dropout or act != dt, **seed_value},
                 num_warps=num_warps, tuned=tuned,
             ))
     return specs

@@ -20,6 +20,7 @@ from bertfast.kernels.aot import AotSpec
 from bertfast.kernels.layernorm_common import (
     DTYPES,
     check_approximate,
+    dtype_tag,
     gelu,
     gelu_grad,
     kernels_available,
@@ -141,19 +142,21 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
 def aot_specs() -> list[AotSpec]:
     block_m, block_n = _tile_config(3072)
     specs = []
-    for dtype, approx in [("fp32", False), ("bf16", False), ("fp16", False), ("bf16", True)]:
+    # (x dtype, bias and output dtype, tanh): every dtype, autocast's bf16 x with an fp32 bias, tanh once.
+    for act, dtype, approx in [("fp32", "fp32", False), ("bf16", "bf16", False), ("fp16", "fp16", False),
+                               ("bf16", "fp32", False), ("bf16", "bf16", True)]:
         constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "APPROX_TANH": approx}
-        tag = f"N=3072,{dtype}" + (",tanh" if approx else "")
+        tag = f"N=3072,{dtype_tag(act, dtype)}" + (",tanh" if approx else "")
         common = {"M": "i32", "N": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                   "APPROX_TANH": "constexpr"}
         specs.append(AotSpec(
             f"bias_gelu_fwd[{tag}]", _bias_gelu_fwd_kernel,
-            {"x_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", **common},
+            {"x_ptr": f"*{act}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", **common},
             constants, num_warps=_NUM_WARPS,
         ))
         specs.append(AotSpec(
             f"bias_gelu_bwd[{tag}]", _bias_gelu_bwd_kernel,
-            {"dy_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}",
+            {"dy_ptr": f"*{dtype}", "x_ptr": f"*{act}", "bias_ptr": f"*{dtype}", "dx_ptr": f"*{act}",
              "dbias_partial_ptr": "*fp32", **common},
             constants, num_warps=_NUM_WARPS,
         ))

@@ -25,6 +25,7 @@ from bertfast.kernels.layernorm_common import (
     MAX_HIDDEN,
     aot_row_configs,
     check_approximate,
+    dtype_tag,
     gelu,
     gelu_grad,
     kernels_available,
@@ -155,19 +156,19 @@ def bias_gelu_layernorm(
 
 def aot_specs() -> list[AotSpec]:
     specs = []
-    for block, num_warps, dt, tuned in aot_row_configs():
+    for block, num_warps, act, dt, tuned in aot_row_configs():
         constants = {"BLOCK": block, "APPROX_TANH": False}
         fwd_sig = {
-            "x_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
+            "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
             "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "H": "i32", "eps": "fp32",
             "BLOCK": "constexpr", "APPROX_TANH": "constexpr",
         }
         bwd_sig = {
-            "dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "w_ptr": f"*{dt}",
-            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": f"*{dt}", "partial_ptr": "*fp32",
+            "dy_ptr": f"*{dt}", "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "w_ptr": f"*{dt}",
+            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": f"*{act}", "partial_ptr": "*fp32",
             "n_rows": "i32", "H": "i32", "BLOCK": "constexpr", "APPROX_TANH": "constexpr",
         }
-        tag = f"BLOCK={block},{dt}"
+        tag = f"BLOCK={block},{dtype_tag(act, dt)}"
         specs.append(AotSpec(f"bgl_fwd[{tag}]", _bgl_fwd_kernel, fwd_sig, constants, num_warps=num_warps,
                              tuned=tuned))
         specs.append(AotSpec(f"bgl_bwd[{tag}]", _bgl_bwd_kernel, bwd_sig, constants, num_warps=num_warps,

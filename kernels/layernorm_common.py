@@ -40,11 +40,20 @@ def row_config(hidden: int) -> tuple[int, int]:
     return block, min(16, max(1, block // 256))
 
 
-def aot_row_configs() -> list[tuple[int, int, str, bool]]:
-    """(BLOCK, num_warps, dtype, tuned) for the AOT check: the tuned rows in every dtype, the widest in fp32."""
+def aot_row_configs() -> list[tuple[int, int, str, str, bool]]:
+    """(BLOCK, num_warps, activation dtype, parameter dtype, tuned) for the AOT check.
+
+    The tuned rows in every dtype and as autocast runs them (bf16 activations from a matmul with
+    fp32 parameters, residual and outputs), and the widest row in fp32.
+    """
     tuned = sorted({row_config(h) for h in TUNED_HIDDEN})
-    configs = [(block, warps, dtype, True) for block, warps in tuned for dtype in DTYPES.values()]
-    return configs + [(*row_config(MAX_HIDDEN), "fp32", False)]
+    configs = [(block, warps, dtype, dtype, True) for block, warps in tuned for dtype in DTYPES.values()]
+    configs += [(block, warps, "bf16", "fp32", True) for block, warps in tuned]
+    return configs + [(*row_config(MAX_HIDDEN), "fp32", "fp32", False)]
+
+
+def dtype_tag(act: str, param: str) -> str:
+    return act if act == param else f"{act}+{param}"
 
 
 def partial_programs(n_items: int, device: torch.device, share: int = 1) -> int:

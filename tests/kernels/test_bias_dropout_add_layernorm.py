@@ -36,17 +36,15 @@ def check(inputs):
     grad = torch.randn(x.shape, dtype=x.dtype, device=x.device)
     actual = run(kernel.bias_dropout_add_layernorm, inputs, grad)
     ref32 = run(reference.bias_dropout_add_layernorm, [t.float() for t in inputs], grad.float())
-    if x.dtype == torch.float32:
-        for name, a, r in zip(NAMES, actual, ref32, strict=True):
-            scale = max(r.abs().max().item(), 1.0) if r.numel() else 1.0
-            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
-        return
     ref_same = run(reference.bias_dropout_add_layernorm, inputs, grad)
-    ulp = 2.0**-8 if x.dtype == torch.bfloat16 else 2.0**-11
     for name, a, r32, rs in zip(NAMES, actual, ref32, ref_same, strict=True):
         assert a.dtype == rs.dtype, name
         scale = max(r32.abs().max().item(), 1.0) if r32.numel() else 1.0
-        assert_relative_rule(a, r32, rs, atol=ulp * scale, name=name)
+        if a.dtype == torch.float32:
+            torch.testing.assert_close(a, r32, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            ulp = 2.0**-8 if a.dtype == torch.bfloat16 else 2.0**-11
+            assert_relative_rule(a, r32, rs, atol=ulp * scale, name=name)
 
 
 @pytest.mark.parametrize(
@@ -60,6 +58,13 @@ def test_fp32_matches_reference(rows, hidden):
 @pytest.mark.parametrize("rows,hidden", [(1, 8), (3, 1000), (127, 768)])
 def test_half_precision_relative_rule(rows, hidden, dtype):
     check(make_inputs(rows, hidden, DTYPES[dtype]))
+
+
+@pytest.mark.parametrize("rows,hidden", [(3, 384), (127, 768)])
+def test_autocast_mix_of_bf16_activation_and_fp32_parameters(rows, hidden):
+    # Under autocast the dense output is bf16 while bias, residual and LayerNorm stay fp32: fp32 out.
+    x, *rest = make_inputs(rows, hidden)
+    check([x.bfloat16(), *rest])
 
 
 def test_extra_leading_dims_and_zero_rows():
