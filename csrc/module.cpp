@@ -38,17 +38,19 @@ F32 bias_gelu_forward(const F32& x, const F32& b) {
   return y;
 }
 
-F32 bias_gelu_backward(const F32& dy, const F32& x, const F32& b) {
+py::tuple bias_gelu_backward(const F32& dy, const F32& x, const F32& b) {
   check_bias(b);
   const int64_t hidden = b.shape(0);
   const int64_t rows = rows_of(x, hidden, "x");
   if (rows_of(dy, hidden, "dy") != rows) throw std::invalid_argument("dy and x differ in rows");
   F32 dx({rows, hidden});
+  F32 db({hidden});
   {
     py::gil_scoped_release release;
-    bertfast::bias_gelu_backward(dy.data(), x.data(), b.data(), dx.mutable_data(), rows, hidden);
+    bertfast::bias_gelu_backward(dy.data(), x.data(), b.data(), dx.mutable_data(), db.mutable_data(), rows,
+                                 hidden);
   }
-  return dx;
+  return py::make_tuple(dx, db);
 }
 
 }  // namespace
@@ -58,5 +60,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("bias_gelu_forward", &bias_gelu_forward, py::arg("x"), py::arg("bias"),
         "y = gelu(x + bias), exact erf GELU, float32");
   m.def("bias_gelu_backward", &bias_gelu_backward, py::arg("dy"), py::arg("x"), py::arg("bias"),
-        "dx of y = gelu(x + bias); the bias gradient is dx.sum(0)");
+        "(dx, dbias) of y = gelu(x + bias)");
 }

@@ -6,7 +6,7 @@
 namespace bertfast {
 
 void bias_gelu_forward(const float* x, const float* b, float* y, int64_t rows, int64_t hidden);
-void bias_gelu_backward(const float* dy, const float* x, const float* b, float* dx, int64_t rows,
+void bias_gelu_backward(const float* dy, const float* x, const float* b, float* dx, float* db, int64_t rows,
                         int64_t hidden);
 
 }  // namespace bertfast

@@ -5,7 +5,8 @@ faster implementations:
 
 * ``triton``: Triton kernels in ``bertfast.kernels`` (CUDA tensors; CPU tensors
   too when ``TRITON_INTERPRET=1``, which is how the tests run them),
-* ``native``: C++ kernels in ``bertfast._C`` (CPU, float32),
+* ``native``: the CPU implementations: C++ kernels in ``bertfast._C`` and, where
+  that is what is fastest, chunked PyTorch (the masked-LM cross-entropy),
 * ``torch``: the reference.
 
 The backend is chosen per call: CUDA tensors use ``triton``, CPU tensors use
@@ -41,7 +42,11 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "bias_gelu_layernorm": {"triton": "bertfast.kernels.bias_gelu_layernorm:bias_gelu_layernorm"},
     "attention": {"triton": "bertfast.kernels.attention:attention"},
     "padded_attention": {"triton": "bertfast.kernels.attention:padded_attention"},
-    "linear_cross_entropy": {"triton": "bertfast.kernels.cross_entropy:linear_cross_entropy"},
+    "linear_cross_entropy": {
+        "triton": "bertfast.kernels.cross_entropy:linear_cross_entropy",
+        # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.
+        "native": "bertfast.kernels.cross_entropy:linear_cross_entropy_torch",
+    },
 }
 
 _forced: str | None = None
