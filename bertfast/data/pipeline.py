@@ -38,7 +38,7 @@ def make_collator(tokenizer: WordPieceTokenizer, mask_prob: float = 0.15, mask_t
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class EpochBatches(Dataset):
     """Batch ``i`` of one epoch for one rank: masked, padded tensors (a map-style dataset of batches)."""
 
