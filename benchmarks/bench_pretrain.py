@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -149,7 +150,8 @@ def main() -> None:
         rows["data pipeline only"] = timed(data_step, steps, warmup, device)
         dense_params = sum(p.numel() for n, p in trainer.model.named_parameters() if "embeddings" not in n)
 
-    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name() if on_gpu else
+                   f"CPU ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f})")
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
     title = (f"{device_name}, preset {preset}, batch {batch_size} x seq <= {args.seq_len}, {precision}, "
              f"median of {steps} steps")
