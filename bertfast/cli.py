@@ -94,20 +94,19 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _run_tokenizer_train(args: argparse.Namespace) -> int:
-    from bertfast.data import EmptyCorpusError, read_documents, resolve_paths, train_tokenizer
-    from bertfast.data.corpus import CorpusStats
+    from bertfast.data import CorpusStats, EmptyCorpusError, read_documents, resolve_paths, train_tokenizer
 
     stats = CorpusStats()
     try:
         paths = resolve_paths(args.corpus or ["builtin"])
-        sentences = [s for doc in read_documents(paths, stats) for s in doc]
-        if not sentences:
+        sentences = (s for doc in read_documents(paths, stats) for s in doc)
+        tokenizer = train_tokenizer(sentences, args.vocab_size, lowercase=args.lowercase,
+                                    min_frequency=args.min_frequency)
+        if stats.sentences == 0:
             raise EmptyCorpusError(f"the corpus yields no text ({stats.summary()})")
     except (EmptyCorpusError, FileNotFoundError) as e:
         print(f"bertfast tokenizer train: error: {e}", file=sys.stderr)
         return 2
-    tokenizer = train_tokenizer(sentences, args.vocab_size, lowercase=args.lowercase,
-                                min_frequency=args.min_frequency)
     tokenizer.save(args.output)
     print(f"corpus: {stats.summary()}")
     print(f"wrote a {tokenizer.vocab_size}-token WordPiece vocabulary to {args.output} "

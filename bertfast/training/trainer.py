@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from bertfast.config import BertConfig
 from bertfast.data import (
+    CorpusStats,
     EmptyCorpusError,
     PretrainingData,
     WordPieceTokenizer,
@@ -103,12 +104,15 @@ def prepare_tokenizer(config: PretrainConfig, paths: list[str], env: DistEnv) ->
     if env.is_main:
         cached = source_file.is_file() and json.loads(source_file.read_text(encoding="utf-8")) == source
         if not cached:
+            stats = CorpusStats()
             with warnings.catch_warnings():  # the token cache pass reports broken input
                 warnings.simplefilter("ignore")
-                sentences = [s for doc in read_documents(paths) for s in doc]
-            if not sentences:
-                raise EmptyCorpusError(f"the corpus yields no text; sources: {', '.join(paths)}")
-            train_tokenizer(sentences, config.vocab_size, lowercase=config.lowercase).save(directory)
+                sentences = (s for doc in read_documents(paths, stats) for s in doc)
+                tokenizer = train_tokenizer(sentences, config.vocab_size, lowercase=config.lowercase)
+            if stats.sentences == 0:
+                raise EmptyCorpusError(f"the corpus yields no text ({stats.summary()}); "
+                                       f"sources: {', '.join(paths)}")
+            tokenizer.save(directory)
             atomic_write_text(source_file, json.dumps(source) + "\n")
     barrier(env)
     return load_tokenizer(directory)
