@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bertfast.kernels import cross_entropy as ce
 
+from bertfast.kernels import cross_entropy as ce
 from bertfast.ops import reference
 
 HIDDEN, VOCAB, IGNORE = 768, 30522, -100

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from bertfast.kernels.aot import AotSpec
 from bertfast.kernels.layernorm_common import (
     DTYPES,
@@ -27,8 +29,6 @@ from bertfast.kernels.layernorm_common import (
     partial_programs,
     reduce_partials,
 )
-from torch import Tensor
-
 from bertfast.ops import reference
 
 _TILE = 2048  # elements per program: 16 per thread with 4 warps

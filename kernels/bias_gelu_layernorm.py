@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from bertfast.kernels.aot import AotSpec
 from bertfast.kernels.layernorm_common import (
     DTYPES,
@@ -33,8 +35,6 @@ from bertfast.kernels.layernorm_common import (
     reduce_partials,
     row_config,
 )
-from torch import Tensor
-
 from bertfast.ops import reference
 
 

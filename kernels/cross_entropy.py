@@ -25,8 +25,9 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
-from bertfast.kernels.aot import AotSpec
 from torch import Tensor
+
+from bertfast.kernels.aot import AotSpec
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 CHUNK_BYTES_ENV = "BERTFAST_CE_CHUNK_BYTES"

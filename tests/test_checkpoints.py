@@ -193,3 +193,13 @@ def test_config_round_trip_and_presets(tmp_path):
     assert back.id2label == {0: "neg", 1: "pos"} and back.label2id == {"neg": 0, "pos": 1}
     with pytest.raises(ValueError, match="unknown preset"):
         BertConfig.from_preset("huge")
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        bertfast.BertModel(tiny_config()).save_pretrained(tmp_path)
+    finally:
+        os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

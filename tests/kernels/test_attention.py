@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from bertfast.kernels import attention as attn
 from numerics import assert_relative_rule
 
 from bertfast import ops
+from bertfast.kernels import attention as attn
 from bertfast.ops import reference
 
 

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from bertfast.kernels import bias_dropout_add_layernorm as kernel
 from numerics import assert_relative_rule
 
 from bertfast import ops
+from bertfast.kernels import bias_dropout_add_layernorm as kernel
 from bertfast.ops import reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bertfast.kernels import bias_gelu_layernorm as kernel
 from numerics import assert_relative_rule
 
 from bertfast import ops
+from bertfast.kernels import bias_gelu_layernorm as kernel
 from bertfast.ops import reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bertfast.kernels import cross_entropy as ce
 from numerics import assert_relative_rule
 
 from bertfast import ops
+from bertfast.kernels import cross_entropy as ce
 from bertfast.ops import reference
 
 IMPLS = {"triton": ce.linear_cross_entropy, "torch": ce.linear_cross_entropy_torch}
