@@ -43,6 +43,7 @@ class Row:
     registers: int | None = None
     spill_bytes: int | None = None
     shared_bytes: int | None = None
+    mma: str | None = None  # the tensor-core instruction in the PTX: "wgmma" (Hopper), "mma", or "-"
     tuned: bool = True
     error: str | None = None
 
@@ -73,6 +74,13 @@ def _ptxas_usage(log: str) -> tuple[int, int]:
     if registers is None or spills is None:
         raise RuntimeError(f"no ptxas -v report in the compile log: {log[-300:]!r}")
     return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
+
+
+def _tensor_core_instruction(ptx: str) -> str:
+    """Which matrix instruction the kernel's dots became: sm_90 should show Hopper's wgmma."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if "mma.sync" in ptx else "-"
 
 
 def _worker_env() -> None:
@@ -106,6 +114,7 @@ def _compile(module_name: str, index: int, arch: str) -> Row:
             )
         row.registers, row.spill_bytes = _ptxas_usage(log.getvalue())
         row.shared_bytes = compiled.metadata.shared
+        row.mma = _tensor_core_instruction(compiled.asm["ptx"])
     except Exception as e:  # any failure is a row of the report, not a crash of the check
         row.error = f"{type(e).__name__}: {e}".strip().splitlines()[0][:200]
     return row
@@ -142,7 +151,7 @@ def _discover(only: set[str] | None) -> tuple[list[tuple[str, int]], list[Row]]:
 
 
 def _print_table(rows: list[Row]) -> None:
-    header = ("module", "kernel", "config", "arch", "regs", "spills", "smem", "status")
+    header = ("module", "kernel", "config", "arch", "regs", "spills", "smem", "mma", "status")
     lines = []
     for r in rows:
         if r.error is not None:
@@ -156,6 +165,7 @@ def _print_table(rows: list[Row]) -> None:
             "-" if r.registers is None else str(r.registers),
             "-" if r.spill_bytes is None else str(r.spill_bytes),
             "-" if r.shared_bytes is None else str(r.shared_bytes),
+            r.mma or "-",
             status,
         ))
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header) - 1)]

@@ -33,6 +33,11 @@ def test_every_kernel_module_compiles_for_sm80_and_sm90():
     compiled = {(row[0], row[3]) for row in table if len(row) >= 8 and row[-1] == "ok"}
     for module in ("bias_gelu", "bias_dropout_add_layernorm", "bias_gelu_layernorm", "embeddings"):
         assert {(module, "sm_80"), (module, "sm_90")} <= compiled, module
+    # The attention matmuls use Hopper's wgmma on sm_90 and mma.sync on sm_80.
+    attention = [row for row in table if len(row) >= 9 and row[0] == "attention" and row[1] in ("attn_fwd", "attn_bwd")]
+    assert attention
+    for row in attention:
+        assert row[7] == ("wgmma" if row[3] == "sm_90" else "mma"), row
 
 
 def test_a_module_that_does_not_import_is_a_failure_row(tmp_path, monkeypatch):
