@@ -257,6 +257,7 @@ class Embeddings(torch.autograd.Function):
         programs = partial_programs(rows, dy.device)
         partials = torch.zeros((2, programs, hidden), dtype=torch.float32, device=dy.device)
         block, num_warps = row_config(hidden)
+        num_warps = _bwd_warps(num_warps)
         if rows > 0:
             _emb_bwd_kernel[(programs,)](
                 dy2d, ids, pos_ids, type_ids, words, pos_w, type_w, w, mean, rstd, seed, dh, partials,
@@ -322,6 +323,12 @@ def embeddings(
     )
 
 
+def _bwd_warps(num_warps: int) -> int:
+    """The backward keeps two fp32 partial rows and the gathered tables live: half the values per
+    thread of the forward, or Triton 3.6 spills at BLOCK=1024 on sm_80."""
+    return min(16, 2 * num_warps)
+
+
 def aot_specs() -> list[AotSpec]:
     specs = []
     for block, num_warps, act, dt, tuned in aot_row_configs():
@@ -358,5 +365,6 @@ def aot_specs() -> list[AotSpec]:
             ("emb_segment_sum", _segment_sum_kernel, sum_sig, scatter),
             ("emb_segment_carry", _segment_carry_kernel, carry_sig, scatter),
         ]:
-            specs.append(AotSpec(f"{name}[{tag}]", fn, sig, consts, num_warps=num_warps, tuned=tuned))
+            warps = _bwd_warps(num_warps) if name == "emb_bwd" else num_warps
+            specs.append(AotSpec(f"{name}[{tag}]", fn, sig, consts, num_warps=warps, tuned=tuned))
     return specs
