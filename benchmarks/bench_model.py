@@ -111,7 +111,8 @@ def main() -> None:
         print(f"{name:32s} {r['step_ms']:10.1f} {r['tokens_per_s']:12.0f} {mem:>10s} {r['step_ms'] / base:17.2f}x")
     if args.out:
         args.out.write_text(json.dumps({
-            "device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": time.strftime("%Y-%m-%d"), "device": device_name, "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "preset": preset, "batch": batch, "seq": args.seq, "dtype": str(dtype), "results": results,
         }, indent=2))
 
