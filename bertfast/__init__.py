@@ -25,6 +25,7 @@ _EXPORTS = {
     "BertForTokenClassification": "bertfast.models",
     "BertForQuestionAnswering": "bertfast.models",
     "BertForMultipleChoice": "bertfast.models",
+    "from_transformers": "bertfast.models",
 }
 
 __all__ = sorted(_EXPORTS)

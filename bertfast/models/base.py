@@ -165,6 +165,20 @@ class BertPreTrainedModel(nn.Module):
         model.eval()
         return (model, info) if output_loading_info else model
 
+    @classmethod
+    def from_transformers(cls: type[M], model: nn.Module) -> M:
+        """A bertfast model with the same config and weights as a live transformers BERT model.
+
+        ``bertfast.BertForSequenceClassification.from_transformers(hf_model)``; the result is on the
+        same device, in the same dtype and mode. Any weight that does not carry over is an error.
+        """
+        config = BertConfig.from_dict(model.config.to_dict())
+        ours = cls(config)
+        source = f"transformers {type(model).__name__}"
+        ours.load_checkpoint_state(model.state_dict(), strict=True, source=source)
+        parameter = next(model.parameters())
+        return ours.to(device=parameter.device, dtype=parameter.dtype).train(model.training)
+
     def load_checkpoint_state(
         self, state: dict[str, Tensor], strict: bool = False, source: str = "checkpoint"
     ) -> dict[str, list[str]]:
