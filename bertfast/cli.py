@@ -1,4 +1,4 @@
-"""The ``bertfast`` command: ``bertfast pretrain`` and ``bertfast tokenizer train``."""
+"""The ``bertfast`` command: ``bertfast pretrain``, ``bertfast finetune`` and ``bertfast tokenizer train``."""
 
 from __future__ import annotations
 
@@ -36,8 +36,14 @@ def _pretrain_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Pretrain a BERT with masked-LM and next-sentence prediction.",
         epilog=PRETRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_options(parser, option_fields())
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser, options: list[tuple[str, Any, dict[str, Any]]]) -> None:
+    """One flag per config field; unset flags stay out of the namespace so a --config file can set them."""
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options")
-    for name, default, meta in option_fields():
+    for name, default, meta in options:
         flag = "--" + name.replace("_", "-")
         shown = f" (default: {' '.join(default) if isinstance(default, list) else default})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
@@ -53,6 +59,42 @@ def _pretrain_parser(subparsers: Any) -> argparse.ArgumentParser:
             else:
                 kwargs["metavar"] = meta.get("metavar") or {int: "N", float: "X"}.get(type(default), "PATH")
         parser.add_argument(flag, **kwargs)
+
+
+FINETUNE_EPILOG = """\
+Options can also come from --config FILE (YAML or JSON; keys are the option names with - or _);
+options given on the command line override the file.
+
+Data: JSONL files, one JSON object per line:
+  classification            {"text": ..., "label": ...} or {"text": ..., "text_pair": ..., "label": ...};
+                            labels are strings or integers (the label set of the training file is
+                            stored in the model's config as id2label), or numbers with --regression
+  token-classification      {"tokens": [word, ...], "tags": [tag, ...]} (BIO tags for span F1)
+  multiple-choice           {"context": ..., "choices": [...], "label": index of the right choice}
+  question-answering        {"question": ..., "context": ..., "answer": {"text": ..., "start": char offset}}
+
+Metrics (each epoch, on --eval): classification accuracy, macro F1, Matthews correlation (and F1 of
+label 1 with two labels); regression Pearson, Spearman, MSE; token classification span-level
+precision/recall/F1 and word accuracy; multiple choice accuracy; question answering SQuAD exact
+match and token F1. The best epoch is chosen by accuracy, Pearson, span F1, accuracy, F1 respectively.
+
+OUTPUT_DIR gets metrics.jsonl ("split": "train" and "eval" records), finetune_config.json, best/ and
+last/ (the model in transformers' format plus tokenizer files: load with transformers'
+AutoModelFor... or bertfast's classes). Exit codes: 0 done, 2 bad options or input.
+"""
+
+
+def _finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from bertfast.finetune.config import FinetuneConfig
+    from bertfast.training.config import option_fields
+
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune a pretrained BERT on a classification, tagging, multiple-choice or QA task",
+        description="Fine-tune a pretrained BERT (from bertfast pretrain, or a transformers BERT directory) "
+                    "and evaluate it each epoch.",
+        epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_options(parser, option_fields(FinetuneConfig))
     return parser
 
 
@@ -93,6 +135,24 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         return 2
 
 
+def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from bertfast.finetune import DataError, FinetuneConfig, finetune
+    from bertfast.training import load_config_file
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        values = load_config_file(args.config) if args.config else {}
+        values.update(given)
+        config = FinetuneConfig.from_dict(values)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    try:
+        return finetune(config)
+    except (DataError, FileNotFoundError, CheckpointError) as e:
+        print(f"bertfast finetune: error: {e}", file=sys.stderr)
+        return 2
+
+
 def _run_tokenizer_train(args: argparse.Namespace) -> int:
     from bertfast.data import CorpusStats, EmptyCorpusError, read_documents, resolve_paths, train_tokenizer
 
@@ -118,8 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bertfast", description="bertfast command-line tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
     pretrain_parser = _pretrain_parser(subparsers)
+    finetune_parser = _finetune_parser(subparsers)
     _tokenizer_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "pretrain":
         return _run_pretrain(args, pretrain_parser)
+    if args.command == "finetune":
+        return _run_finetune(args, finetune_parser)
     return _run_tokenizer_train(args)

@@ -16,7 +16,7 @@ from typing import Any
 from bertfast.config import PRESETS
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
+def option(default: Any, help: str, **extra: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -25,56 +25,56 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 @dataclass
 class PretrainConfig:
     # Model and data
-    preset: str = _opt("tiny", "model size", choices=tuple(PRESETS))
-    corpus: list[str] = _opt(
+    preset: str = option("tiny", "model size", choices=tuple(PRESETS))
+    corpus: list[str] = option(
         ["builtin"],
         "corpus files, directories or glob patterns (repeatable); .jsonl/.json files hold one "
         "{\"text\": ...} document per line, other files one sentence per line with a blank line "
         "between documents; 'builtin' is CPython's reference manual (no download)",
     )
-    tokenizer: str | None = _opt(
+    tokenizer: str | None = option(
         None, "tokenizer.json, vocab.txt or a directory holding one; default: train a WordPiece "
         "vocabulary on the corpus (cached in OUTPUT_DIR/tokenizer)",
     )
-    vocab_size: int = _opt(4000, "vocabulary size when training the tokenizer")
-    lowercase: bool = _opt(True, "lowercase text (trained tokenizer, or a bare vocab.txt)")
-    seq_len: int = _opt(128, "maximum sequence length in tokens ([CLS] A [SEP] B [SEP])")
-    short_seq_prob: float = _opt(0.1, "probability of a shorter random target length (as BERT)")
-    eval_fraction: float = _opt(0.05, "fraction of documents held out for evaluation")
-    mask_prob: float = _opt(0.15, "fraction of tokens chosen for MLM")
-    mask_token_prob: float = _opt(0.8, "of the chosen tokens, the fraction replaced by [MASK]")
-    random_token_prob: float = _opt(0.1, "of the chosen tokens, the fraction replaced by a random token")
-    whole_word_mask: bool = _opt(False, "mask whole words (a token and its ## pieces) together")
-    num_workers: int = _opt(0, "DataLoader worker processes building batches (0: in the training process)")
-    cache_dir: str | None = _opt(None, "where tokenised shards are cached (default: OUTPUT_DIR/cache)",
+    vocab_size: int = option(4000, "vocabulary size when training the tokenizer")
+    lowercase: bool = option(True, "lowercase text (trained tokenizer, or a bare vocab.txt)")
+    seq_len: int = option(128, "maximum sequence length in tokens ([CLS] A [SEP] B [SEP])")
+    short_seq_prob: float = option(0.1, "probability of a shorter random target length (as BERT)")
+    eval_fraction: float = option(0.05, "fraction of documents held out for evaluation")
+    mask_prob: float = option(0.15, "fraction of tokens chosen for MLM")
+    mask_token_prob: float = option(0.8, "of the chosen tokens, the fraction replaced by [MASK]")
+    random_token_prob: float = option(0.1, "of the chosen tokens, the fraction replaced by a random token")
+    whole_word_mask: bool = option(False, "mask whole words (a token and its ## pieces) together")
+    num_workers: int = option(0, "DataLoader worker processes building batches (0: in the training process)")
+    cache_dir: str | None = option(None, "where tokenised shards are cached (default: OUTPUT_DIR/cache)",
                                  metavar="DIR")
     # Optimisation
-    max_steps: int = _opt(800, "optimizer steps to train for")
-    batch_size: int = _opt(32, "sequences per micro-batch per process (a step sees "
+    max_steps: int = option(800, "optimizer steps to train for")
+    batch_size: int = option(32, "sequences per micro-batch per process (a step sees "
                            "batch-size x grad-accum x processes)")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
-    lr: float = _opt(1e-3, "peak learning rate")
-    warmup_steps: int = _opt(80, "steps of linear warmup to the peak lr, then linear decay to 0 at max-steps")
-    weight_decay: float = _opt(0.01, "decoupled weight decay (not on biases and LayerNorm)")
-    optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "lamb"))
-    clip_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
-    precision: str = _opt("auto", "compute precision (auto: bf16 on a GPU that has it, else fp32; "
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    lr: float = option(1e-3, "peak learning rate")
+    warmup_steps: int = option(80, "steps of linear warmup to the peak lr, then linear decay to 0 at max-steps")
+    weight_decay: float = option(0.01, "decoupled weight decay (not on biases and LayerNorm)")
+    optimizer: str = option("adamw", "optimizer", choices=("adamw", "lamb"))
+    clip_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    precision: str = option("auto", "compute precision (auto: bf16 on a GPU that has it, else fp32; "
                           "fp16 uses a gradient scaler)", choices=("auto", "fp32", "bf16", "fp16"))
-    activation_checkpointing: bool = _opt(False, "recompute encoder layers in backward to save memory")
-    max_nonfinite_steps: int = _opt(5, "stop after this many consecutive steps skipped for a "
+    activation_checkpointing: bool = option(False, "recompute encoder layers in backward to save memory")
+    max_nonfinite_steps: int = option(5, "stop after this many consecutive steps skipped for a "
                                     "non-finite loss")
-    seed: int = _opt(0, "seed of the model init, data order, masks and dropout")
-    device: str = _opt("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
+    seed: int = option(0, "seed of the model init, data order, masks and dropout")
+    device: str = option("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
     # Output
-    output_dir: str = _opt("runs/pretrain", "run directory: metrics, plots, checkpoints, final model",
+    output_dir: str = option("runs/pretrain", "run directory: metrics, plots, checkpoints, final model",
                            metavar="DIR")
-    resume: str | None = _opt(None, "continue from a checkpoint directory, or 'latest' in OUTPUT_DIR "
+    resume: str | None = option(None, "continue from a checkpoint directory, or 'latest' in OUTPUT_DIR "
                               "(starts fresh when there is none)", metavar="PATH|latest")
-    save_every: int = _opt(500, "save a checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _opt(3, "how many checkpoint-STEP directories to keep (0: all)")
-    eval_every: int = _opt(100, "evaluate on the held-out documents every N steps (0: only at the end)")
-    log_every: int = _opt(10, "write a train record to metrics.jsonl every N steps")
-    progress: bool = _opt(True, "show progress bars")
+    save_every: int = option(500, "save a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = option(3, "how many checkpoint-STEP directories to keep (0: all)")
+    eval_every: int = option(100, "evaluate on the held-out documents every N steps (0: only at the end)")
+    log_every: int = option(10, "write a train record to metrics.jsonl every N steps")
+    progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):
@@ -115,10 +115,10 @@ class PretrainConfig:
         unknown = sorted(set(normalized) - known)
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; see `bertfast pretrain --help`")
-        return cls(**{k: _coerce(k, types[k], v) for k, v in normalized.items()})
+        return cls(**{k: coerce_option(k, types[k], v) for k, v in normalized.items()})
 
 
-def _coerce(name: str, kind: str, value: Any) -> Any:
+def coerce_option(name: str, kind: str, value: Any) -> Any:
     """Check and convert a config-file value (YAML reads 1e-3 as a string, for one)."""
     try:
         if value is None and kind.endswith("| None"):
@@ -161,10 +161,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-def option_fields() -> list[tuple[str, Any, dict[str, Any]]]:
-    """(name, default, metadata) of every option, for building a command-line parser."""
+def option_fields(config_class: type = PretrainConfig) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, default, metadata) of every option of a config dataclass, for building a command-line parser."""
     out = []
-    for f in fields(PretrainConfig):
+    for f in fields(config_class):
         default = f.default_factory() if f.default is MISSING else f.default
         out.append((f.name, default, dict(f.metadata)))
     return out

@@ -1,0 +1,74 @@
+"""The options of ``bertfast finetune``: the CLI, the ``--config`` file schema and the defaults in one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from bertfast.finetune.tasks import TASKS
+from bertfast.training.config import coerce_option, option
+
+REQUIRED = ("task", "model", "train", "eval")
+
+
+@dataclass
+class FinetuneConfig:
+    task: str | None = option(None, "what to fine-tune for (required)", choices=TASKS)
+    model: str | None = option(
+        None, "pretrained directory: config.json + model weights + tokenizer.json or vocab.txt, e.g. "
+        "runs/pretrain/final or a transformers BERT directory (required)", metavar="DIR")
+    train: str | None = option(None, "training data, JSONL (required; formats below)", metavar="FILE")
+    eval: str | None = option(None, "evaluation data, JSONL in the same format (required)", metavar="FILE")
+    regression: bool = option(False, "classification with one float label per example (STS-B style)")
+    output_dir: str = option("runs/finetune", "run directory: metrics.jsonl, best/ and last/ models",
+                             metavar="DIR")
+    epochs: int = option(3, "passes over the training data")
+    batch_size: int = option(32, "examples per optimizer step")
+    lr: float = option(5e-5, "peak learning rate (AdamW)")
+    warmup_ratio: float = option(0.1, "fraction of the steps spent warming the lr up linearly; then linear "
+                                 "decay to 0")
+    weight_decay: float = option(0.01, "decoupled weight decay (not on biases and LayerNorm)")
+    clip_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    seq_len: int = option(128, "maximum sequence length in tokens (longer inputs are truncated; QA "
+                          "contexts are split into overlapping windows)")
+    max_answer_length: int = option(30, "question answering: longest predicted answer, in tokens")
+    precision: str = option("auto", "compute precision (auto: bf16 on a GPU that has it, else fp32; "
+                            "fp16 uses a gradient scaler)", choices=("auto", "fp32", "bf16", "fp16"))
+    seed: int = option(0, "seed of the head's init, the data order and dropout")
+    device: str = option("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
+    log_every: int = option(50, "write a train record to metrics.jsonl every N steps (and at each epoch's end)")
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        missing = [name for name in REQUIRED if getattr(self, name) is None]
+        if missing:
+            raise ValueError("missing required option(s): " + ", ".join("--" + m for m in missing))
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        for name in ("epochs", "batch_size", "log_every", "max_answer_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "clip_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.seq_len < 8:
+            raise ValueError(f"seq_len must be at least 8, got {self.seq_len}")
+        if self.regression and self.task != "classification":
+            raise ValueError("--regression applies to --task classification only")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """Build from a mapping whose keys may use ``-`` or ``_``; unknown keys raise ValueError."""
+        types = {f.name: str(f.type) for f in fields(cls)}
+        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalized) - set(types))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; see `bertfast finetune --help`")
+        return cls(**{k: coerce_option(k, types[k], v) for k, v in normalized.items()})

@@ -1,0 +1,332 @@
+"""The four fine-tuning tasks: each reads its data, sets up labels, encodes features and scores predictions.
+
+A feature is one model input (a window of a long QA context is one feature of its example): a dict
+of token id lists and labels that :func:`collate` pads into a batch, plus the bookkeeping (keys
+starting with ``_``) that scoring needs to map predictions back to examples.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from bertfast import metrics
+from bertfast.data import WordPieceTokenizer
+from bertfast.finetune import data
+from bertfast.finetune.data import DataError
+from bertfast.models import (
+    BertForMultipleChoice,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+)
+
+Feature = dict[str, Any]
+IGNORE = -100  # label of positions the loss skips, as in transformers
+
+
+def _plain(tokenizer: WordPieceTokenizer, seq_len: int | None) -> Tokenizer:
+    """The fast tokenizer with our truncation and no padding (a tokenizer.json may carry its own)."""
+    raw = tokenizer.tokenizer
+    raw.no_padding()
+    if seq_len is None:
+        raw.no_truncation()
+    else:
+        raw.enable_truncation(max_length=seq_len, strategy="longest_first")
+    return raw
+
+
+def _sorted_labels(values: set) -> list:
+    return sorted(values, key=lambda v: (isinstance(v, str), v if isinstance(v, int) else str(v)))
+
+
+class Task(ABC):
+    name: str
+    model_class: type
+    main_metric: str
+
+    @abstractmethod
+    def read(self, path: str | os.PathLike) -> list:
+        """The checked examples of a JSONL file."""
+
+    def label_config(self, train: list) -> dict[str, Any]:
+        """Model config overrides for these training examples (the label set, the problem type)."""
+        return {}
+
+    @abstractmethod
+    def encode(self, examples: list, tokenizer: WordPieceTokenizer, seq_len: int) -> list[Feature]:
+        """Model inputs and labels of the examples, truncated (or windowed) to ``seq_len`` tokens."""
+
+    def split_outputs(self, output: Any, batch: dict[str, Tensor]) -> list[Any]:
+        """The model's output for each feature of the batch, on the CPU, without padding."""
+        return list(output.logits.float().cpu())
+
+    @abstractmethod
+    def score(self, examples: list, features: list[Feature], outputs: list[Any]) -> dict[str, float]:
+        """The task's metrics of the per-feature outputs against the examples' labels."""
+
+
+class _Labelled(Task):
+    """Tasks whose labels are a set of names collected from the training data."""
+
+    labels: list
+
+    def _label_ids(self, train_labels: set) -> dict[str, Any]:
+        self.labels = _sorted_labels(train_labels)
+        self.label2id = {label: i for i, label in enumerate(self.labels)}
+        id2label = {i: str(label) for i, label in enumerate(self.labels)}
+        return {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+
+    def _label_id(self, where: str, label: Any) -> int:
+        if label not in self.label2id:
+            raise DataError(f"{where}: label {label!r} does not occur in the training data")
+        return self.label2id[label]
+
+
+class SequenceClassification(_Labelled):
+    name = "classification"
+    model_class = BertForSequenceClassification
+
+    def __init__(self, regression: bool = False) -> None:
+        self.regression = regression
+        self.main_metric = "pearson" if regression else "accuracy"
+
+    def read(self, path: str | os.PathLike) -> list[data.ClassificationExample]:
+        return data.read_classification(path, self.regression)
+
+    def label_config(self, train: list[data.ClassificationExample]) -> dict[str, Any]:
+        if self.regression:
+            return {"num_labels": 1, "problem_type": "regression"}
+        return {**self._label_ids({e.label for e in train}), "problem_type": "single_label_classification"}
+
+    def encode(self, examples: list[data.ClassificationExample], tokenizer: WordPieceTokenizer,
+               seq_len: int) -> list[Feature]:
+        raw = _plain(tokenizer, seq_len)
+        features = []
+        for e in examples:
+            enc = raw.encode(e.text, e.text_pair) if e.text_pair is not None else raw.encode(e.text)
+            label = e.label if self.regression else self._label_id(e.where, e.label)
+            features.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": label})
+        return features
+
+    def score(self, examples: list, features: list[Feature], outputs: list[Tensor]) -> dict[str, float]:
+        references = [f["labels"] for f in features]
+        if self.regression:
+            predicted = [o.item() for o in outputs]
+            return {"pearson": metrics.pearson(predicted, references),
+                    "spearman": metrics.spearman(predicted, references),
+                    "mse": sum((p - r) ** 2 for p, r in zip(predicted, references, strict=True)) / len(predicted)}
+        predicted = [int(o.argmax()) for o in outputs]
+        scores = {"accuracy": metrics.accuracy(predicted, references),
+                  "f1_macro": metrics.f1_macro(predicted, references),
+                  "matthews": metrics.matthews_corrcoef(predicted, references)}
+        if len(self.labels) == 2:
+            scores["f1"] = metrics.f1_binary(predicted, references, positive=1)
+        return scores
+
+
+class TokenClassification(_Labelled):
+    """Each word's tag sits on its first word piece; the other pieces and special tokens are ignored."""
+
+    name = "token-classification"
+    model_class = BertForTokenClassification
+    main_metric = "f1"
+
+    def read(self, path: str | os.PathLike) -> list[data.TokenExample]:
+        return data.read_token_classification(path)
+
+    def label_config(self, train: list[data.TokenExample]) -> dict[str, Any]:
+        return self._label_ids({t for e in train for t in e.tags})
+
+    def encode(self, examples: list[data.TokenExample], tokenizer: WordPieceTokenizer,
+               seq_len: int) -> list[Feature]:
+        raw = _plain(tokenizer, seq_len)
+        features = []
+        for e in examples:
+            enc = raw.encode(e.tokens, is_pretokenized=True)
+            labels, firsts, previous = [], [], None
+            for position, word in enumerate(enc.word_ids):
+                if word is not None and word != previous:
+                    labels.append(self._label_id(e.where, e.tags[word]))
+                    firsts.append((word, position))
+                else:
+                    labels.append(IGNORE)
+                previous = word
+            features.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": labels,
+                             "_firsts": firsts})
+        return features
+
+    def split_outputs(self, output: Any, batch: dict[str, Tensor]) -> list[Tensor]:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return [row[:n] for row, n in zip(output.logits.float().cpu(), lengths, strict=True)]
+
+    def score(self, examples: list[data.TokenExample], features: list[Feature],
+              outputs: list[Tensor]) -> dict[str, float]:
+        predicted_tags, correct, total = [], 0, 0
+        for e, f, logits in zip(examples, features, outputs, strict=True):
+            tags = ["O"] * len(e.tags)  # words cut off by the length limit count as untagged
+            for word, position in f["_firsts"]:
+                tags[word] = str(self.labels[int(logits[position].argmax())])
+                correct += tags[word] == e.tags[word]
+                total += 1
+            predicted_tags.append(tags)
+        spans = metrics.span_f1(predicted_tags, [e.tags for e in examples])
+        return {"f1": spans["f1"], "precision": spans["precision"], "recall": spans["recall"],
+                "accuracy": correct / max(total, 1)}
+
+
+class MultipleChoice(Task):
+    name = "multiple-choice"
+    model_class = BertForMultipleChoice
+    main_metric = "accuracy"
+
+    def read(self, path: str | os.PathLike) -> list[data.ChoiceExample]:
+        return data.read_multiple_choice(path)
+
+    def encode(self, examples: list[data.ChoiceExample], tokenizer: WordPieceTokenizer,
+               seq_len: int) -> list[Feature]:
+        raw = _plain(tokenizer, seq_len)
+        features = []
+        for e in examples:
+            encs = [raw.encode(e.context, choice) for choice in e.choices]
+            features.append({"input_ids": [enc.ids for enc in encs],
+                             "token_type_ids": [enc.type_ids for enc in encs], "labels": e.label})
+        return features
+
+    def score(self, examples: list, features: list[Feature], outputs: list[Tensor]) -> dict[str, float]:
+        return {"accuracy": metrics.accuracy([int(o.argmax()) for o in outputs], [f["labels"] for f in features])}
+
+
+class QuestionAnswering(Task):
+    """SQuAD-style extractive QA; long contexts are cut into overlapping windows.
+
+    A window that does not hold the whole answer is trained to point at [CLS] (position 0), as in
+    transformers. The prediction is the best-scoring span (start <= end, at most max_answer_length
+    tokens) of the context over all windows of an example.
+    """
+
+    name = "question-answering"
+    model_class = BertForQuestionAnswering
+    main_metric = "f1"
+
+    def __init__(self, max_answer_length: int = 30) -> None:
+        self.max_answer_length = max_answer_length
+
+    def read(self, path: str | os.PathLike) -> list[data.QAExample]:
+        return data.read_question_answering(path)
+
+    def label_config(self, train: list) -> dict[str, Any]:
+        return {"num_labels": 2}
+
+    def encode(self, examples: list[data.QAExample], tokenizer: WordPieceTokenizer,
+               seq_len: int) -> list[Feature]:
+        raw = _plain(tokenizer, None)
+        features = []
+        for index, e in enumerate(examples):
+            question = raw.encode(e.question, add_special_tokens=False).ids[: max(1, seq_len // 2)]
+            context = raw.encode(e.context, add_special_tokens=False)
+            room = seq_len - len(question) - 3  # [CLS] question [SEP] window [SEP]
+            if room < 1:
+                raise DataError(f"{e.where}: seq-len {seq_len} leaves no room for the context")
+            answer_end = e.answer_start + len(e.answer_text)
+            pieces = list(enumerate(context.offsets))
+            first = next((i for i, (_, end) in pieces if end > e.answer_start), None)
+            last = next((i for i, (start, _) in reversed(pieces) if start < answer_end), None)
+            stride = max(1, room - room // 4)  # consecutive windows overlap by a quarter
+            window_start = 0
+            while True:
+                window_end = min(window_start + room, len(context.ids))
+                lead = len(question) + 2
+                inside = first is not None and last is not None and window_start <= first <= last < window_end
+                features.append({
+                    "input_ids": [tokenizer.cls_id, *question, tokenizer.sep_id,
+                                  *context.ids[window_start:window_end], tokenizer.sep_id],
+                    "token_type_ids": [0] * lead + [1] * (window_end - window_start + 1),
+                    "start_positions": lead + first - window_start if inside else 0,
+                    "end_positions": lead + last - window_start if inside else 0,
+                    "_example": index, "_lead": lead, "_offsets": context.offsets[window_start:window_end],
+                })
+                if window_end >= len(context.ids):
+                    break
+                window_start += stride
+        return features
+
+    def split_outputs(self, output: Any, batch: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        starts, ends = output.start_logits.float().cpu(), output.end_logits.float().cpu()
+        return [(s[:n], e[:n]) for s, e, n in zip(starts, ends, lengths, strict=True)]
+
+    def best_span(self, start_logits: Tensor, end_logits: Tensor) -> tuple[float, int, int]:
+        """(score, start, end) of the best span with start <= end < start + max_answer_length."""
+        scores = start_logits[:, None] + end_logits[None, :]
+        n = scores.shape[0]
+        allowed = torch.ones(n, n, dtype=torch.bool).triu().tril(self.max_answer_length - 1)
+        flat = scores.masked_fill(~allowed, float("-inf")).flatten()
+        best = int(flat.argmax())
+        return float(flat[best]), best // n, best % n
+
+    def score(self, examples: list[data.QAExample], features: list[Feature],
+              outputs: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        best: dict[int, tuple[float, str]] = {}
+        for f, (start_logits, end_logits) in zip(features, outputs, strict=True):
+            lead, offsets = f["_lead"], f["_offsets"]
+            if not offsets:
+                continue
+            window = slice(lead, lead + len(offsets))
+            value, start, end = self.best_span(start_logits[window], end_logits[window])
+            e = examples[f["_example"]]
+            if f["_example"] not in best or value > best[f["_example"]][0]:
+                best[f["_example"]] = (value, e.context[offsets[start][0]:offsets[end][1]])
+        predicted = [best.get(i, (0.0, ""))[1] for i in range(len(examples))]
+        references = [e.answer_text for e in examples]
+        n = len(examples)
+        return {"exact_match": sum(map(metrics.squad_exact_match, predicted, references)) / n,
+                "f1": sum(map(metrics.squad_f1, predicted, references)) / n}
+
+
+TASKS = ("classification", "token-classification", "multiple-choice", "question-answering")
+
+
+def make_task(name: str, regression: bool = False, max_answer_length: int = 30) -> Task:
+    if regression and name != "classification":
+        raise ValueError("--regression applies to --task classification only")
+    if name == "classification":
+        return SequenceClassification(regression)
+    if name == "token-classification":
+        return TokenClassification()
+    if name == "multiple-choice":
+        return MultipleChoice()
+    if name == "question-answering":
+        return QuestionAnswering(max_answer_length)
+    raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+
+
+def _pad(rows: list[list[int]], value: int, length: int) -> list[list[int]]:
+    return [row + [value] * (length - len(row)) for row in rows]
+
+
+def collate(features: list[Feature], pad_id: int) -> dict[str, Tensor]:
+    """Pad a list of features into model inputs (multiple choice: (batch, choices, length))."""
+    choices = isinstance(features[0]["input_ids"][0], list)
+    rows = [r for f in features for r in (f["input_ids"] if choices else [f["input_ids"]])]
+    types = [r for f in features for r in (f["token_type_ids"] if choices else [f["token_type_ids"]])]
+    length = max(len(r) for r in rows)
+    batch = {
+        "input_ids": torch.tensor(_pad(rows, pad_id, length)),
+        "token_type_ids": torch.tensor(_pad(types, 0, length)),
+        "attention_mask": torch.tensor(_pad([[1] * len(r) for r in rows], 0, length)),
+    }
+    if choices:
+        batch = {k: v.view(len(features), -1, length) for k, v in batch.items()}
+    for key in ("labels", "start_positions", "end_positions"):
+        if key in features[0]:
+            values = [f[key] for f in features]
+            if isinstance(values[0], list):
+                values = _pad(values, IGNORE, length)
+            batch[key] = torch.tensor(values)
+    return batch

@@ -1,0 +1,153 @@
+"""The fine-tuning loop behind ``bertfast finetune``: AdamW with linear warmup and decay, one evaluation per epoch.
+
+After each epoch's evaluation the model is saved to ``OUTPUT_DIR/last`` and, when the task's main
+metric improved, to ``OUTPUT_DIR/best`` (transformers' format plus the tokenizer files, written
+atomically), so ``transformers.AutoModelFor...`` and bertfast's classes both load either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from bertfast.data import load_tokenizer
+from bertfast.finetune.config import FinetuneConfig
+from bertfast.finetune.tasks import Feature, collate, make_task
+from bertfast.io import atomic_write_text
+from bertfast.training.checkpoint import write_checkpoint
+from bertfast.training.distributed import DistEnv, pick_device
+from bertfast.training.metrics import MetricsLog
+from bertfast.training.optim import build_optimizer, linear_schedule
+
+_AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def finetune(config: FinetuneConfig) -> int:
+    """Fine-tune as ``config`` says; returns the exit code (0)."""
+    Finetuner(config).run()
+    return 0
+
+
+class Finetuner:
+    def __init__(self, config: FinetuneConfig) -> None:
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.device = pick_device(config.device, DistEnv(0, 1, 0))
+        precision = config.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.precision, self.amp_dtype = precision, _AMP_DTYPES[precision]
+        for seeded in (random.seed, np.random.seed, torch.manual_seed):
+            seeded(config.seed)
+
+        self.task = make_task(config.task, config.regression, config.max_answer_length)
+        self.tokenizer = load_tokenizer(config.model)
+        self.train_examples = self.task.read(config.train)
+        self.eval_examples = self.task.read(config.eval)
+        overrides = self.task.label_config(self.train_examples)
+        self.train_features = self.task.encode(self.train_examples, self.tokenizer, config.seq_len)
+        self.eval_features = self.task.encode(self.eval_examples, self.tokenizer, config.seq_len)
+
+        model = self.task.model_class.from_pretrained(config.model, **overrides)
+        self.model = model.to(self.device).train()
+        self.steps_per_epoch = math.ceil(len(self.train_features) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.optimizer = build_optimizer("adamw", self.model, config.lr, config.weight_decay)
+        self.scheduler = linear_schedule(self.optimizer, round(config.warmup_ratio * self.total_steps),
+                                         self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.step = 0
+        self.best: dict[str, Any] | None = None
+        self.say(f"{config.task}: {len(self.train_examples)} train / {len(self.eval_examples)} eval examples "
+                 f"({len(self.train_features)} / {len(self.eval_features)} features of {config.seq_len} tokens "
+                 f"at most); {self.model.num_parameters() / 1e6:.2f}M parameters, {precision} on {self.device}")
+
+    def say(self, message: str) -> None:
+        tqdm.write(message)
+
+    def _loader(self, features: list[Feature], shuffle: bool, epoch: int = 0) -> DataLoader:
+        return DataLoader(features, batch_size=self.config.batch_size, shuffle=shuffle,
+                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+                          generator=torch.Generator().manual_seed(self.config.seed + epoch))
+
+    def _autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _write_model(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save(directory)
+
+    def run(self) -> dict[str, Any]:
+        """Train for the configured epochs; returns the best evaluation record."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "finetune_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", None)
+        for epoch in range(1, cfg.epochs + 1):
+            self.train_epoch(epoch)
+            record = {"split": "eval", "epoch": epoch, "step": self.step, **self.evaluate()}
+            self.metrics.write(record)
+            main = record[self.task.main_metric]
+            write_checkpoint(self.out / "last", self._write_model, None)
+            if self.best is None or main > self.best[self.task.main_metric]:
+                self.best = record
+                write_checkpoint(self.out / "best", self._write_model, None)
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("split", "epoch", "step"))
+            self.say(f"epoch {epoch}: eval {shown}")
+        best = self.best
+        self.say(f"best: epoch {best['epoch']}, {self.task.main_metric} {best[self.task.main_metric]:.4f} "
+                 f"-> {self.out / 'best'} (last epoch in {self.out / 'last'})")
+        return best
+
+    def train_epoch(self, epoch: int) -> None:
+        cfg = self.config
+        window_loss, window_steps = 0.0, 0
+        bar = tqdm(self._loader(self.train_features, shuffle=True, epoch=epoch), desc=f"epoch {epoch}",
+                   disable=not cfg.progress, leave=False)
+        for batch in bar:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._autocast():
+                loss = self.model(**batch).loss
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            window_loss += loss.item()
+            window_steps += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.step % cfg.log_every == 0 or self.step % self.steps_per_epoch == 0:
+                self.metrics.write({"split": "train", "epoch": epoch, "step": self.step,
+                                    "loss": window_loss / window_steps, "lr": self.scheduler.get_last_lr()[0]})
+                window_loss, window_steps = 0.0, 0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The eval loss (mean over features) and the task's metrics."""
+        self.model.eval()
+        loss_sum, outputs = 0.0, []
+        for batch in self._loader(self.eval_features, shuffle=False):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._autocast():
+                output = self.model(**batch)
+            loss_sum += output.loss.item() * batch["input_ids"].shape[0]
+            outputs.extend(self.task.split_outputs(output, batch))
+        self.model.train()
+        scores = self.task.score(self.eval_examples, self.eval_features, outputs)
+        return {"loss": loss_sum / len(self.eval_features), **scores}

@@ -1,0 +1,162 @@
+"""``bertfast finetune`` end to end on tiny generated data with a tiny pretrained checkpoint, per task."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from bertfast.cli import main
+from bertfast.config import BertConfig
+from bertfast.data import train_tokenizer
+from bertfast.models import BertForPreTraining
+
+GOOD = "good great fine nice happy".split()
+BAD = "bad awful poor sad ugly".split()
+FILLER = "the a movie film was is this it very quite".split()
+CITIES = "paris berlin rome madrid oslo".split()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: one thread is as fast, and much faster on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny BERT checkpoint as `bertfast pretrain` writes one: config, weights, tokenizer files."""
+    directory = tmp_path_factory.mktemp("pretrained")
+    words = GOOD + BAD + FILLER + CITIES + "where lies which city who".split()
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choices(words, k=8)) for _ in range(200)]
+    tokenizer = train_tokenizer(sentences, vocab_size=120, min_frequency=1)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForPreTraining(config).save_pretrained(directory)
+    tokenizer.save(directory)
+    return directory
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def sentiment(rng, n):
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.choices(FILLER, k=4) + [rng.choice(GOOD if label == "pos" else BAD)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def run(model, tmp_path, task, train, evals, *extra):
+    out = tmp_path / "run"
+    code = main(["finetune", "--task", task, "--model", str(model), "--output-dir", str(out), "--no-progress",
+                 "--train", write(tmp_path / "train.jsonl", train), "--eval", write(tmp_path / "eval.jsonl", evals),
+                 "--seq-len", "32", "--log-every", "5", *extra])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, [r for r in records if r["split"] == "train"], [r for r in records if r["split"] == "eval"]
+
+
+def test_classification_learns_and_saves_a_transformers_model(pretrained, tmp_path, capsys):
+    rng = random.Random(1)
+    out, train, evals = run(pretrained, tmp_path, "classification", sentiment(rng, 96), sentiment(rng, 48),
+                            "--epochs", "4", "--batch-size", "8", "--lr", "3e-3")
+    assert [r["epoch"] for r in evals] == [1, 2, 3, 4]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert max(r["accuracy"] for r in evals) >= 0.8  # chance is 0.5
+    assert {"f1", "f1_macro", "matthews", "loss"} <= evals[-1].keys()
+    assert "best: epoch" in capsys.readouterr().out
+
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "best")
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "best")
+    with torch.no_grad():
+        logits = model(**tokenizer(["good movie", "awful film"], padding=True, return_tensors="pt")).logits
+    assert logits.shape == (2, 2) and (out / "last" / "model.safetensors").is_file()
+
+
+def test_regression_reports_correlations(pretrained, tmp_path):
+    rng = random.Random(2)
+    rows = []
+    for _ in range(48):
+        good = rng.randint(0, 3)
+        words = rng.choices(GOOD, k=good) + rng.choices(FILLER, k=4 - good)
+        rows.append({"text": " ".join(words), "text_pair": rng.choice(FILLER), "label": float(good)})
+    _, train, evals = run(pretrained, tmp_path, "classification", rows, rows[:16], "--regression", "--epochs", "2",
+                          "--batch-size", "8", "--lr", "2e-3")
+    assert {"pearson", "spearman", "mse"} <= evals[-1].keys() and len(train) >= 2
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_token_classification(pretrained, tmp_path):
+    rng = random.Random(3)
+    rows = []
+    for _ in range(64):
+        words = rng.choices(FILLER, k=5)
+        at = rng.randrange(4)
+        words[at:at + 2] = [rng.choice(CITIES), rng.choice(CITIES)]
+        tags = ["O"] * len(words)
+        tags[at:at + 2] = ["B-LOC", "I-LOC"]
+        rows.append({"tokens": words, "tags": tags})
+    out, train, evals = run(pretrained, tmp_path, "token-classification", rows, rows[:16], "--epochs", "3",
+                            "--batch-size", "8", "--lr", "3e-3")
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert {"f1", "precision", "recall", "accuracy"} <= evals[-1].keys()
+    assert max(r["accuracy"] for r in evals) > 0.8  # "O" everywhere would score 5/7
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForTokenClassification.from_pretrained(out / "best")
+    assert set(model.config.id2label.values()) == {"B-LOC", "I-LOC", "O"}
+
+
+def test_multiple_choice(pretrained, tmp_path):
+    rng = random.Random(4)
+    rows = []
+    for _ in range(32):
+        label = rng.randrange(3)
+        choices = [" ".join(rng.choices(BAD, k=2)) for _ in range(3)]
+        choices[label] = " ".join(rng.choices(GOOD, k=2))
+        rows.append({"context": "this movie was", "choices": choices, "label": label})
+    out, train, evals = run(pretrained, tmp_path, "multiple-choice", rows, rows[:12], "--epochs", "2",
+                            "--batch-size", "8", "--lr", "3e-3")
+    assert len(evals) == 2 and 0 <= evals[-1]["accuracy"] <= 1 and train[-1]["loss"] < train[0]["loss"]
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoModelForMultipleChoice.from_pretrained(out / "best")
+
+
+def test_question_answering(pretrained, tmp_path):
+    rng = random.Random(5)
+    rows = []
+    for _ in range(32):
+        city = rng.choice(CITIES)
+        before, after = rng.choices(FILLER, k=rng.randint(2, 30)), rng.choices(FILLER, k=3)
+        context = " ".join(before) + " " + city + " " + " ".join(after)
+        rows.append({"question": "which city", "context": context,
+                     "answer": {"text": city, "start": len(" ".join(before)) + 1}})
+    out, train, evals = run(pretrained, tmp_path, "question-answering", rows, rows[:12], "--epochs", "2",
+                            "--batch-size", "8", "--lr", "3e-3")
+    assert {"exact_match", "f1", "loss"} <= evals[-1].keys() and train[-1]["loss"] < train[0]["loss"]
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoModelForQuestionAnswering.from_pretrained(out / "best")
+
+
+def test_bad_input_exits_with_code_2(pretrained, tmp_path, capsys):
+    train = write(tmp_path / "train.jsonl", [{"text": "good", "label": "pos"}])
+    (tmp_path / "eval.jsonl").write_text('{"text": "bad", "label": "neg"}\n')
+    code = main(["finetune", "--task", "classification", "--model", str(pretrained), "--train", train,
+                 "--eval", str(tmp_path / "eval.jsonl"), "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    assert "eval.jsonl:1: label 'neg' does not occur in the training data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--task", "classification", "--model", str(pretrained), "--train", train])
+    assert "missing required option(s): --eval" in capsys.readouterr().err
