@@ -9,7 +9,7 @@ import torch
 from bertfast.cli import main
 from bertfast.config import BertConfig
 from bertfast.data import train_tokenizer
-from bertfast.models import BertForPreTraining
+from bertfast.models import BertForPreTraining, BertForSequenceClassification
 
 GOOD = "good great fine nice happy".split()
 BAD = "bad awful poor sad ugly".split()
@@ -86,17 +86,23 @@ def test_classification_learns_and_saves_a_transformers_model(pretrained, tmp_pa
     assert logits.shape == (2, 2) and (out / "last" / "model.safetensors").is_file()
 
 
-def test_regression_reports_correlations(pretrained, tmp_path):
+def test_regression_from_a_config_file(pretrained, tmp_path):
     rng = random.Random(2)
     rows = []
-    for _ in range(48):
-        good = rng.randint(0, 3)
-        words = rng.choices(GOOD, k=good) + rng.choices(FILLER, k=4 - good)
-        rows.append({"text": " ".join(words), "text_pair": rng.choice(FILLER), "label": float(good)})
-    _, train, evals = run(pretrained, tmp_path, "classification", rows, rows[:16], "--regression", "--epochs", "2",
-                          "--batch-size", "8", "--lr", "2e-3")
-    assert {"pearson", "spearman", "mse"} <= evals[-1].keys() and len(train) >= 2
+    for _ in range(64):
+        score = rng.choice([0, 2])  # 0 or 2 good words among fillers
+        words = rng.choices(GOOD, k=score) + rng.choices(FILLER, k=4 - score)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "text_pair": rng.choice(FILLER), "label": float(score)})
+    config = tmp_path / "options.yaml"
+    config.write_text("regression: true\nepochs: 6\nbatch-size: 8\nlr: 3e-3\n")
+    out, train, evals = run(pretrained, tmp_path, "classification", rows, rows[:16], "--config", str(config))
+    assert len(evals) == 6 and {"pearson", "spearman", "mse"} <= evals[-1].keys()
     assert train[-1]["loss"] < train[0]["loss"]
+    assert max(r["pearson"] for r in evals) > 0.5
+    assert json.loads((out / "finetune_config.json").read_text())["regression"]
+    model = BertForSequenceClassification.from_pretrained(out / "best")
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
 
 
 def test_token_classification(pretrained, tmp_path):
@@ -128,7 +134,7 @@ def test_multiple_choice(pretrained, tmp_path):
         choices[label] = " ".join(rng.choices(GOOD, k=2))
         rows.append({"context": "this movie was", "choices": choices, "label": label})
     out, train, evals = run(pretrained, tmp_path, "multiple-choice", rows, rows[:12], "--epochs", "2",
-                            "--batch-size", "8", "--lr", "3e-3")
+                            "--batch-size", "8", "--lr", "3e-3", "--precision", "bf16")
     assert len(evals) == 2 and 0 <= evals[-1]["accuracy"] <= 1 and train[-1]["loss"] < train[0]["loss"]
     transformers = pytest.importorskip("transformers")
     transformers.AutoModelForMultipleChoice.from_pretrained(out / "best")

@@ -104,7 +104,7 @@ def read_classification(path: str | os.PathLike, regression: bool = False) -> li
         if regression:
             label = float(_field(where, row, "label", (int, float), "a number (--regression)"))
         else:
-            label = _field(where, row, "label", (str, int), "a string or an integer")
+            label = _field(where, row, "label", (str, int), "a string or an integer (numbers need --regression)")
         examples.append(ClassificationExample(where, text, pair, label))
     return examples
 
