@@ -84,6 +84,7 @@ def test_classification_learns_and_saves_a_transformers_model(pretrained, tmp_pa
     with torch.no_grad():
         logits = model(**tokenizer(["good movie", "awful film"], padding=True, return_tensors="pt")).logits
     assert logits.shape == (2, 2) and (out / "last" / "model.safetensors").is_file()
+    assert json.loads((out / "best" / "tokenizer.json").read_text())["truncation"] is None
 
 
 def test_regression_from_a_config_file(pretrained, tmp_path):

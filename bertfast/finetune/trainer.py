@@ -87,6 +87,7 @@ class Finetuner:
 
     def _write_model(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
+        self.tokenizer.tokenizer.no_truncation()  # the encoding limit of this run is not the tokenizer's
         self.tokenizer.save(directory)
 
     def run(self) -> dict[str, Any]:
