@@ -55,7 +55,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from bertfast.ops import reference
-from bertfast.padding import Packing
 
 from .aot import AotSpec
 
@@ -529,25 +528,6 @@ def attention(
 ) -> Tensor:
     """``bertfast.ops.attention`` on the Triton kernels (same signature and result as the reference)."""
     return flash_attention(qkv, cu_seqlens, max_seqlen, dropout_p if training else 0.0, softmax_scale)
-
-
-def padded_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_padding_mask: Tensor,
-    dropout_p: float = 0.0,
-    training: bool = False,
-    softmax_scale: float | None = None,
-) -> Tensor:
-    """Attention on a padded (B, S, heads, head_dim) batch with a (B, S) mask (True = real token).
-
-    Packs the real tokens, runs the packed kernel and unpacks; padded query rows are zeros.
-    """
-    packing = Packing.from_mask(key_padding_mask)
-    qkv = packing.pack(torch.stack([q, k, v], dim=2))
-    out = attention(qkv, packing.cu_seqlens, packing.max_seqlen, dropout_p, training, softmax_scale)
-    return packing.unpack(out)
 
 
 def dropout_keep_mask(seed: int, cu_seqlens: Tensor, heads: int, max_seqlen: int, dropout_p: float) -> Tensor:

@@ -23,9 +23,11 @@ import os
 from collections.abc import Callable, Iterator
 from functools import cache
 
+import torch
 from torch import Tensor
 
 from bertfast.ops import reference
+from bertfast.padding import Packing
 
 BACKENDS = ("torch", "triton", "native")
 
@@ -41,7 +43,6 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     },
     "bias_gelu_layernorm": {"triton": "bertfast.kernels.bias_gelu_layernorm:bias_gelu_layernorm"},
     "attention": {"triton": "bertfast.kernels.attention:attention"},
-    "padded_attention": {"triton": "bertfast.kernels.attention:padded_attention"},
     "linear_cross_entropy": {
         "triton": "bertfast.kernels.cross_entropy:linear_cross_entropy",
         # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.
@@ -166,9 +167,15 @@ def padded_attention(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, dropout_p: float = 0.0,
     training: bool = False, softmax_scale: float | None = None,
 ) -> Tensor:
-    """Attention on a padded (B, S, heads, head_dim) batch with a (B, S) key-padding mask (True = real)."""
-    _, fn = implementation("padded_attention", q)
-    return fn(q, k, v, key_padding_mask, dropout_p, training, softmax_scale)
+    """Attention on a padded (B, S, heads, head_dim) batch with a (B, S) key-padding mask (True = real).
+
+    Packs the real tokens, runs :func:`attention` (whichever backend it picks) and unpacks; padded
+    query rows come back as zeros.
+    """
+    packing = Packing.from_mask(key_padding_mask)
+    qkv = packing.pack(torch.stack([q, k, v], dim=2))
+    out = attention(qkv, packing.cu_seqlens, packing.max_seqlen, dropout_p, training, softmax_scale)
+    return packing.unpack(out)
 
 
 def linear_cross_entropy(

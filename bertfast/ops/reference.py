@@ -110,27 +110,6 @@ def attention(
     return out.index_select(0, flat_index)
 
 
-def padded_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_padding_mask: Tensor,
-    dropout_p: float = 0.0,
-    training: bool = False,
-    softmax_scale: float | None = None,
-) -> Tensor:
-    """Attention on a padded batch: q, k, v (B, S, heads, head_dim), key_padding_mask (B, S), True = real.
-
-    Packs the real tokens, runs :func:`attention`, and unpacks; padded query rows come back as zeros.
-    """
-    from bertfast.padding import Packing
-
-    packing = Packing.from_mask(key_padding_mask)
-    qkv = torch.stack([packing.pack(q), packing.pack(k), packing.pack(v)], dim=1)
-    out = attention(qkv, packing.cu_seqlens, packing.max_seqlen, dropout_p, training, softmax_scale)
-    return packing.unpack(out)
-
-
 def linear_cross_entropy(
     x: Tensor,
     weight: Tensor,

@@ -177,8 +177,10 @@ def test_padded_attention_matches_reference():
     mask[1, :13] = True
     mask[1, 20] = True  # a hole: only the kept tokens attend, wherever they sit
     # row 2 is all padding
-    out = attn.padded_attention(q, k, v, mask)
-    ref = reference.padded_attention(q, k, v, mask)
+    with ops.use_backend("triton"):
+        out = ops.padded_attention(q, k, v, mask)
+    with ops.use_backend("torch"):
+        ref = ops.padded_attention(q, k, v, mask)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
@@ -194,9 +196,12 @@ def test_ops_route_to_the_kernels():
     q, k, v = (torch.randn(2, 8, 2, 32) for _ in range(3))
     with ops.use_backend("triton"):
         assert ops.implementation("attention", qkv) == ("triton", attn.attention)
-        assert ops.implementation("padded_attention", q) == ("triton", attn.padded_attention)
         out = ops.attention(qkv, cu_seqlens, max_seqlen)
+        padded = ops.padded_attention(q, k, v, torch.ones(2, 8, dtype=torch.bool))
     assert_close_fp32(out.detach(), attn.flash_attention(qkv, cu_seqlens, max_seqlen).detach(), "ops output")
+    packed = torch.stack([q, k, v], dim=2).reshape(16, 3, 2, 32)
+    direct = attn.flash_attention(packed, torch.tensor([0, 8, 16], dtype=torch.int32), 8).view(2, 8, 2, 32)
+    assert_close_fp32(padded, direct, "padded ops output")
 
 
 def test_empty_batch_and_unsupported_inputs():
