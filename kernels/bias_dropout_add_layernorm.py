@@ -39,6 +39,7 @@ from bertfast.kernels.layernorm_common import (
     partial_programs,
     reduce_partials,
     row_config,
+    store_ln_partials,
 )
 from bertfast.ops import reference
 
@@ -110,11 +111,7 @@ def _bdal_bwd_kernel(
         dw += dy * x_hat
         db += dy
         dbias += du
-    stride = n_programs.to(tl.int64) * H
-    out = partial_ptr + g.to(tl.int64) * H + cols
-    tl.store(out, dw, mask=mask)
-    tl.store(out + stride, db, mask=mask)
-    tl.store(out + 2 * stride, dbias, mask=mask)
+    store_ln_partials(partial_ptr, g, n_programs, H, cols, mask, dw, db, dbias)
 
 
 class BiasDropoutAddLayerNorm(torch.autograd.Function):

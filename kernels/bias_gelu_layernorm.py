@@ -34,6 +34,7 @@ from bertfast.kernels.layernorm_common import (
     partial_programs,
     reduce_partials,
     row_config,
+    store_ln_partials,
 )
 from bertfast.ops import reference
 
@@ -90,11 +91,7 @@ def _bgl_bwd_kernel(
         dw += dy * x_hat
         db += dy
         dbias += du
-    stride = n_programs.to(tl.int64) * H
-    out = partial_ptr + g.to(tl.int64) * H + cols
-    tl.store(out, dw, mask=mask)
-    tl.store(out + stride, db, mask=mask)
-    tl.store(out + 2 * stride, dbias, mask=mask)
+    store_ln_partials(partial_ptr, g, n_programs, H, cols, mask, dw, db, dbias)
 
 
 class BiasGeluLayerNorm(torch.autograd.Function):

@@ -5,7 +5,8 @@
   dbias) without atomics. The backward kernels run a bounded number of programs that each
   walk a strided set of rows and keep their own fp32 partial sums in registers; a second,
   small reduction adds up the ``(programs, hidden)`` partials. Deterministic for a device.
-* ``gelu`` / ``gelu_grad`` and ``dropout_keep``: @triton.jit helpers inlined by the kernels.
+* ``gelu`` / ``gelu_grad``, ``dropout_keep`` and ``store_ln_partials``: @triton.jit helpers inlined by the
+  kernels.
 * LayerNorm backward of one row, given x_hat = (h - mean) * rstd and dy::
 
       wdy = gamma * dy
@@ -126,3 +127,13 @@ def gelu_grad(u, APPROX_TANH: tl.constexpr):
 def dropout_keep(seed, offsets, p):
     """Philox mask: element ``offsets`` of the tensor is kept with probability 1 - p."""
     return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def store_ln_partials(partial_ptr, g, n_programs, H, cols, mask, dw, db, dbias):
+    """Program ``g``'s fp32 partial sums of dgamma, dbeta and dbias into a (3, programs, H) buffer."""
+    stride = n_programs.to(tl.int64) * H
+    out = partial_ptr + g.to(tl.int64) * H + cols
+    tl.store(out, dw, mask=mask)
+    tl.store(out + stride, db, mask=mask)
+    tl.store(out + 2 * stride, dbias, mask=mask)
