@@ -13,14 +13,7 @@ import torch
 
 from bertfast.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is as fast, and much faster on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_records(run):

@@ -7,13 +7,7 @@ import torch
 from bertfast.training import PretrainConfig, Pretrainer
 from bertfast.training.distributed import DistEnv
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(tmp_path, poison, **overrides):

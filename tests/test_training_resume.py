@@ -12,14 +12,7 @@ from bertfast.data import train_tokenizer
 from bertfast.training import PretrainConfig, pretrain
 from bertfast.training.checkpoint import list_checkpoints, load_state, resolve_resume
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is as fast, and much faster on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_corpus(path, n_docs=30, seed=0):
