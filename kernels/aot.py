@@ -2,11 +2,15 @@
 
 Every module in ``bertfast.kernels`` that defines ``aot_specs() -> list[AotSpec]``
 joins ``python -m bertfast.kernels.check`` automatically: one spec per
-(kernel, configuration) that its launcher can choose.
+(kernel, configuration) that its launcher can choose. The check compiles each spec twice
+where it is tuned: once as an odd shape reaches it (no argument known to be a multiple of
+16) and once as a BERT shape does (every pointer and integer a multiple of 16, so Triton
+vectorises as it will at run time).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,3 +24,9 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     tuned: bool = True  # a configuration the launcher prefers: spills here fail the check
+    # Which compute capabilities (80, 86, 90, ...) the launcher picks this configuration on; None: all of them.
+    # The check compiles a spec only for those, so a Hopper table need not also fit an A100.
+    capabilities: Callable[[int], bool] | None = None
+
+    def used_on(self, capability: int) -> bool:
+        return self.capabilities is None or self.capabilities(capability)

@@ -44,6 +44,7 @@ on fp32/fp16 CPU tensors. Head dims up to 128 (32/64/128 tuned). Everything else
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -323,9 +324,9 @@ class BwdConfig:
 
 SHORT_SEQLEN = 128  # BERT pretraining phase 1; phase 2 and fine-tuning use up to 512
 
-# arch -> (block_d, max_seqlen <= SHORT_SEQLEN) -> (forward, backward). The ahead-of-time check builds every
-# entry for sm_80 and sm_90 alike, so each one is spill-free on both (at most 242 registers per thread); the
-# sm_80 entries stay under 99 KB of shared memory, so that table also serves sm_86/sm_89 and unknown parts.
+# table -> (block_d, max_seqlen <= SHORT_SEQLEN) -> (forward, backward); ``table_for`` says which table a
+# GPU uses and the ahead-of-time check compiles each table for the architectures that use it. The sm_80
+# entries stay under 99 KB of shared memory, so that table also serves sm_86/sm_89 and unknown parts.
 # 128-row tiles take 8 warps (with 4, Philox and the dK/dV accumulators spill); the dK/dV loop steps 16
 # query rows at a time where 32 left no register headroom.
 # Short sequences take 64-row query blocks (fewer wasted rows in ragged batches) and one 128-key block per
@@ -355,16 +356,21 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _arch(device: torch.device) -> str:
+def table_for(capability: int) -> str:
+    """The configuration table for a GPU of compute capability ``capability`` (e.g. 90 for an H100)."""
+    return "sm_90" if capability // 10 in (9, 10) else "sm_80"
+
+
+def _table(device: torch.device) -> str:
     if device.type != "cuda":
         return "sm_80"  # the interpreter: any table works, this one keeps tiles small
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm_90" if major in (9, 10) else "sm_80"
+    major, minor = torch.cuda.get_device_capability(device)
+    return table_for(10 * major + minor)
 
 
 def select_configs(device: torch.device, head_dim: int, max_seqlen: int) -> tuple[FwdConfig, BwdConfig]:
     """The (forward, backward) configuration the launchers use for these inputs."""
-    return CONFIGS[_arch(device)][(max(32, _block_d(head_dim)), max_seqlen <= SHORT_SEQLEN)]
+    return CONFIGS[_table(device)][(max(32, _block_d(head_dim)), max_seqlen <= SHORT_SEQLEN)]
 
 
 def _dq_mode(max_seqlen: int, cfg: BwdConfig, deterministic: bool) -> int:
@@ -561,17 +567,31 @@ def _dq_modes(cfg: BwdConfig, short: bool) -> list[int]:
     return modes
 
 
+class _UsedBy:
+    """The capabilities whose configuration table is one of ``tables`` (an AotSpec's ``capabilities``)."""
+
+    def __init__(self, tables: set[str]):
+        self.tables = tables
+
+    def __call__(self, capability: int) -> bool:
+        return table_for(capability) in self.tables
+
+
 def aot_specs() -> list[AotSpec]:
-    choices = [(fwd, bwd, block_d, short, dtype, True)
-               for table in CONFIGS.values() for (block_d, short), (fwd, bwd) in table.items()
-               for dtype in ("fp16", "bf16")]
-    specs: dict[tuple, AotSpec] = {}
-    for fwd, bwd, block_d, short, dtype, tuned in choices:
+    # A configuration can appear in several tables: it is compiled for every architecture that uses one of them.
+    tables: dict[tuple, set[str]] = {}
+    for table, entries in CONFIGS.items():
+        for (block_d, short), (fwd, bwd) in entries.items():
+            for dtype in ("fp16", "bf16"):
+                tables.setdefault((fwd, bwd, block_d, short, dtype), set()).add(table)
+    specs: dict[str, AotSpec] = {}
+    for (fwd, bwd, block_d, short, dtype), used_in in tables.items():
+        used_by = _UsedBy(used_in)
         common = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "N_ROUNDS": PHILOX_ROUNDS, "ALIGNED": True}
         for dropout in (False, True):
             tag = f"D={block_d},{dtype}" + (",dropout" if dropout else "")
             name = f"attn_fwd[{tag},M={fwd.block_m},N={fwd.block_n},w={fwd.num_warps},s={fwd.num_stages}]"
-            specs[name] = AotSpec(
+            _add(specs, AotSpec(
                 name, _attn_fwd,
                 {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}", "Lse": "*fp32",
                  "CuSeqlens": "*i32", "stride_t": "i32", "stride_h": "i32", "stride_ot": "i32",
@@ -580,13 +600,13 @@ def aot_specs() -> list[AotSpec]:
                  **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DROPOUT",
                                   "N_ROUNDS", "ALIGNED"), "constexpr")},
                 {**common, "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n, "DROPOUT": dropout},
-                fwd.num_warps, fwd.num_stages, tuned,
-            )
+                fwd.num_warps, fwd.num_stages, capabilities=used_by,
+            ))
             for mode in _dq_modes(bwd, short):
                 dq_type = "fp32" if mode == DQ_ATOMIC else dtype
                 name = (f"attn_bwd[{tag},dq={('store', 'atomic', 'recompute')[mode]},M1={bwd.block_m1},"
                         f"N1={bwd.block_n1},N2={bwd.block_n2},w={bwd.num_warps},s={bwd.num_stages}]")
-                specs[name] = AotSpec(
+                _add(specs, AotSpec(
                     name, _attn_bwd,
                     {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "DO": f"*{dtype}", "Lse": "*fp32",
                      "Delta": "*fp32", "DQ": f"*{dq_type}", "DK": f"*{dtype}", "DV": f"*{dtype}",
@@ -600,8 +620,8 @@ def aot_specs() -> list[AotSpec]:
                                       "DROPOUT", "N_ROUNDS", "ALIGNED"), "constexpr")},
                     {**common, "BLOCK_M1": bwd.block_m1, "BLOCK_N1": bwd.block_n1, "BLOCK_N2": bwd.block_n2,
                      "DQ_MODE": mode, "DROPOUT": dropout},
-                    bwd.num_warps, bwd.num_stages, tuned,
-                )
+                    bwd.num_warps, bwd.num_stages, capabilities=used_by,
+                ))
         name = f"attn_bwd_delta[D={block_d},{dtype}]"
         specs[name] = AotSpec(
             name, _attn_bwd_delta,
@@ -617,3 +637,11 @@ def aot_specs() -> list[AotSpec]:
         {"BLOCK_M": 32, "BLOCK_N": 32, "N_ROUNDS": PHILOX_ROUNDS}, tuned=False,
     )
     return list(specs.values())
+
+
+def _add(specs: dict[str, AotSpec], spec: AotSpec) -> None:
+    """Add ``spec`` once; the same compilation reached from another table widens where it is used."""
+    seen = specs.get(spec.name)
+    if seen is not None:
+        spec = dataclasses.replace(spec, capabilities=_UsedBy(seen.capabilities.tables | spec.capabilities.tables))
+    specs[spec.name] = spec

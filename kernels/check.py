@@ -3,10 +3,14 @@
     python -m bertfast.kernels.check --arch sm_80 sm_90
 
 Imports every module of ``bertfast.kernels``, collects its ``aot_specs()`` and compiles
-each spec for each architecture with ``triton.compile`` (Triton IR -> PTX -> cubin; ptxas
-runs, nothing is launched). Prints registers, spill bytes (ptxas -v) and shared memory per
-compilation. Exits non-zero when a module fails to import, a spec fails to compile, or a
-spec marked ``tuned`` spills.
+each spec for each architecture whose launches use it, with ``triton.compile`` (Triton IR
+-> PTX -> cubin; ptxas runs, nothing is launched). Tuned specs compile twice: as odd shapes
+reach them and with every pointer and integer argument a multiple of 16 (``align`` column:
+the vectorised variant that BERT shapes get at run time). Prints registers, spill bytes
+(ptxas -v), shared memory and the tensor-core instruction per compilation. Exits non-zero
+when a module fails to import, a spec fails to compile, a compilation needs more shared
+memory than the architecture gives one block (the launch would fail), or a spec marked
+``tuned`` spills.
 
 The interpreter replaces @triton.jit functions, so ``TRITON_INTERPRET`` is removed from the
 environment before any kernel module is imported (and from the worker processes).
@@ -33,6 +37,11 @@ import bertfast.kernels
 
 _SKIP_MODULES = {"aot", "check"}  # the protocol and this tool: no kernels of their own
 
+# Most shared memory one block may use (the opt-in maximum), by compute capability; an unlisted
+# architecture gets the limit of the closest listed one below it.
+SHARED_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
+                100: 232448, 120: 101376}
+
 
 @dataclass
 class Row:
@@ -40,6 +49,7 @@ class Row:
     kernel: str
     config: str
     arch: str
+    aligned: bool = False  # compiled with every pointer and integer argument a multiple of 16
     registers: int | None = None
     spill_bytes: int | None = None
     shared_bytes: int | None = None
@@ -48,8 +58,12 @@ class Row:
     error: str | None = None
 
     @property
+    def over_shared_limit(self) -> bool:
+        return self.shared_bytes is not None and self.shared_bytes > shared_limit(_capability(self.arch))
+
+    @property
     def ok(self) -> bool:
-        return self.error is None and not (self.tuned and self.spill_bytes)
+        return self.error is None and not (self.tuned and self.spill_bytes) and not self.over_shared_limit
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -65,6 +79,20 @@ def _arch(arch: str) -> str:
 
 def _capability(arch: str) -> int:
     return int(re.fullmatch(r"sm_(\d+)a?", arch).group(1))
+
+
+def shared_limit(capability: int) -> int:
+    known = [c for c in SHARED_LIMIT if c <= capability]
+    return SHARED_LIMIT[max(known)] if known else min(SHARED_LIMIT.values())
+
+
+def _alignment_attrs(fn, signature: dict[str, str]) -> dict[tuple[int], list]:
+    """Triton's specialisation of pointer and integer arguments that are multiples of 16 (as a launch sees them)."""
+    return {
+        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, ty in signature.items()
+        if ty.startswith("*") or ty in ("i32", "i64", "u32", "u64")
+    }
 
 
 def _ptxas_usage(log: str) -> tuple[int, int]:
@@ -90,7 +118,7 @@ def _worker_env() -> None:
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 
-def _compile(module_name: str, index: int, arch: str) -> Row:
+def _compile(module_name: str, index: int, arch: str, aligned: bool) -> Row:
     """Compile spec ``index`` of ``module_name`` for ``arch`` (runs in a worker process)."""
     _worker_env()
     import triton
@@ -100,15 +128,16 @@ def _compile(module_name: str, index: int, arch: str) -> Row:
 
     spec = importlib.import_module(module_name).aot_specs()[index]
     kernel, config = _split_name(spec.name)
-    row = Row(module_name.rsplit(".", 1)[-1], kernel, config, arch, tuned=spec.tuned)
+    row = Row(module_name.rsplit(".", 1)[-1], kernel, config, arch, aligned, tuned=spec.tuned)
     try:
         if not isinstance(spec.fn, JITFunction):
             raise TypeError(f"{spec.fn!r} is not a @triton.jit function (module imported in interpreter mode?)")
         capability = _capability(arch)
+        attrs = _alignment_attrs(spec.fn, spec.signature) if aligned else None
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(
-                ASTSource(spec.fn, spec.signature, spec.constants),
+                ASTSource(spec.fn, spec.signature, spec.constants, attrs),
                 target=GPUTarget("cuda", capability, 32),
                 options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
             )
@@ -120,13 +149,13 @@ def _compile(module_name: str, index: int, arch: str) -> Row:
     return row
 
 
-def _discover(only: set[str] | None) -> tuple[list[tuple[str, int]], list[Row]]:
-    """((module, spec index) for every spec to compile, failure rows for modules that do not import).
+def _discover(only: set[str] | None, archs: list[str]) -> tuple[list[tuple[str, int, str, bool]], list[Row]]:
+    """((module, spec index, arch, aligned) for every compilation, failure rows for modules that do not import).
 
     Prints one line per kernel module, so the report names every module even when it has nothing
     to compile or ``only`` leaves it out.
     """
-    jobs: list[tuple[str, int]] = []
+    jobs: list[tuple[str, int, str, bool]] = []
     failures: list[Row] = []
     for info in sorted(pkgutil.iter_modules(bertfast.kernels.__path__), key=lambda m: m.name):
         if info.name in _SKIP_MODULES or info.name.startswith("_"):
@@ -146,22 +175,29 @@ def _discover(only: set[str] | None) -> tuple[list[tuple[str, int]], list[Row]]:
             print(f"module {info.name}: {len(specs)} specs, not selected")
         else:
             print(f"module {info.name}: {len(specs)} specs")
-            jobs.extend((module_name, i) for i in range(len(specs)))
+            jobs.extend(
+                (module_name, i, arch, aligned)
+                for i, spec in enumerate(specs)
+                for arch in archs if spec.used_on(_capability(arch))
+                for aligned in ((False, True) if spec.tuned else (False,))
+            )
     return jobs, failures
 
 
 def _print_table(rows: list[Row]) -> None:
-    header = ("module", "kernel", "config", "arch", "regs", "spills", "smem", "mma", "status")
+    header = ("module", "kernel", "config", "arch", "align", "regs", "spills", "smem", "mma", "status")
     lines = []
     for r in rows:
         if r.error is not None:
             status = f"FAIL {r.error}"
+        elif r.over_shared_limit:
+            status = f"FAIL needs more than the {shared_limit(_capability(r.arch))} bytes of shared memory of {r.arch}"
         elif r.spill_bytes:
             status = "FAIL spills in a tuned config" if r.tuned else "ok (spills, untuned)"
         else:
             status = "ok" if r.tuned else "ok (untuned)"
         lines.append((
-            r.module, r.kernel, r.config, r.arch,
+            r.module, r.kernel, r.config, r.arch, "16" if r.aligned else "-",
             "-" if r.registers is None else str(r.registers),
             "-" if r.spill_bytes is None else str(r.spill_bytes),
             "-" if r.shared_bytes is None else str(r.shared_bytes),
@@ -181,15 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _worker_env()
 
-    jobs, rows = _discover(set(args.modules) if args.modules else None)
-    tasks = [(module, index, arch) for module, index in jobs for arch in args.arch]
+    tasks, rows = _discover(set(args.modules) if args.modules else None, args.arch)
     # A fresh cache makes every compilation run ptxas (a cache hit would print no report); spawned
     # workers import the kernel modules afresh, in processes that never saw TRITON_INTERPRET.
     with tempfile.TemporaryDirectory(prefix="bertfast-aot-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_compile, *task) for task in tasks]
-            for (module, index, arch), future in zip(tasks, futures, strict=True):
+            for (module, index, arch, _), future in zip(tasks, futures, strict=True):
                 try:
                     rows.append(future.result())
                 except Exception as e:  # a worker that died (e.g. a crash inside the compiler)
