@@ -4,6 +4,7 @@
 #
 #   pip install --no-build-isolation --no-deps -e .   # on the GPU machine, once
 #   bash benchmarks/run_gpu_suite.sh
+#   python benchmarks/tune_kernels.py --out benchmarks/results/<device>-<date>/tuning.md   # then, if time allows
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
