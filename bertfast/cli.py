@@ -80,7 +80,9 @@ match and token F1. The best epoch is chosen by accuracy, Pearson, span F1, accu
 
 OUTPUT_DIR gets metrics.jsonl ("split": "train" and "eval" records), finetune_config.json, best/ and
 last/ (the model in transformers' format plus tokenizer files: load with transformers'
-AutoModelFor... or bertfast's classes). Exit codes: 0 done, 2 bad options or input.
+AutoModelFor... or bertfast's classes), and predictions.jsonl: the best model's prediction for each
+--eval example next to its label. --eval-only --model OUTPUT_DIR/best evaluates a fine-tuned model
+on new data without training. Exit codes: 0 done, 2 bad options or input.
 """
 
 

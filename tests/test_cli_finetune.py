@@ -64,8 +64,8 @@ def run(model, tmp_path, task, train, evals, *extra):
 def test_classification_learns_and_saves_a_transformers_model(pretrained, tmp_path, capsys):
     rng = random.Random(1)
     out, train, evals = run(pretrained, tmp_path, "classification", sentiment(rng, 96), sentiment(rng, 48),
-                            "--epochs", "4", "--batch-size", "8", "--lr", "3e-3")
-    assert [r["epoch"] for r in evals] == [1, 2, 3, 4]
+                            "--epochs", "8", "--batch-size", "8", "--lr", "2e-3")
+    assert [r["epoch"] for r in evals] == list(range(1, 9))
     assert train[-1]["loss"] < train[0]["loss"]
     assert max(r["accuracy"] for r in evals) >= 0.8  # chance is 0.5
     assert {"f1", "f1_macro", "matthews", "loss"} <= evals[-1].keys()
@@ -161,3 +161,71 @@ def test_bad_input_exits_with_code_2(pretrained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--task", "classification", "--model", str(pretrained), "--train", train])
     assert "missing required option(s): --eval" in capsys.readouterr().err
+
+
+def predictions(out):
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_predictions_and_evaluating_a_fine_tuned_model(pretrained, tmp_path, capsys):
+    rng = random.Random(6)
+    evals_rows = sentiment(rng, 24)
+    out, _, evals = run(pretrained, tmp_path, "classification", sentiment(rng, 64), evals_rows,
+                        "--epochs", "2", "--batch-size", "8", "--lr", "3e-3")
+    written = predictions(out)
+    assert [p["label"] for p in written] == [r["label"] for r in evals_rows]
+    assert {p["prediction"] for p in written} <= {"pos", "neg"}
+    best = max(evals, key=lambda r: r["accuracy"])
+    assert sum(p["prediction"] == p["label"] for p in written) / len(written) == pytest.approx(best["accuracy"])
+
+    # The best model, evaluated again on the same data without training, scores what its epoch scored;
+    # integer labels in a new file match the config's label names as strings.
+    again = tmp_path / "again"
+    code = main(["finetune", "--task", "classification", "--model", str(out / "best"), "--eval-only",
+                 "--eval", str(tmp_path / "eval.jsonl"), "--output-dir", str(again), "--no-progress"])
+    assert code == 0
+    record = json.loads((again / "metrics.jsonl").read_text())
+    assert record["accuracy"] == pytest.approx(best["accuracy"]) and record["loss"] == pytest.approx(best["loss"])
+    assert predictions(again) == written
+    assert not (again / "best").exists()
+
+    # A checkpoint without the task's head is refused, not evaluated with a random head.
+    code = main(["finetune", "--task", "classification", "--model", str(pretrained), "--eval-only",
+                 "--eval", str(tmp_path / "eval.jsonl"), "--output-dir", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2
+    assert "is not a fine-tuned classification model" in capsys.readouterr().err
+
+
+def test_eval_only_names_labels_the_model_does_not_know(pretrained, tmp_path, capsys):
+    rng = random.Random(7)
+    out, _, _ = run(pretrained, tmp_path, "classification", sentiment(rng, 16), sentiment(rng, 8),
+                    "--epochs", "1", "--batch-size", "8")
+    data = write(tmp_path / "new.jsonl", [{"text": "good", "label": "pos"}, {"text": "meh", "label": "neutral"}])
+    code = main(["finetune", "--task", "classification", "--model", str(out / "best"), "--eval-only",
+                 "--eval", data, "--output-dir", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2
+    assert "new.jsonl:2: label 'neutral' does not occur in the model's config" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, pretrained):
+    # Without dropout, 2 accumulated batches of 4 are one batch of 8: same data order, same update.
+    directory = tmp_path / "no-dropout"
+    model = BertForPreTraining.from_pretrained(pretrained, hidden_dropout_prob=0.0,
+                                               attention_probs_dropout_prob=0.0)
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "vocab.txt"):
+        if (pretrained / name).exists():
+            (directory / name).write_bytes((pretrained / name).read_bytes())
+    rng = random.Random(8)
+    rows, evals_rows = sentiment(rng, 20), sentiment(rng, 8)
+    weights = []
+    for batch, accum in (("8", "1"), ("4", "2")):
+        (tmp_path / f"b{batch}").mkdir()
+        out, train, _ = run(directory, tmp_path / f"b{batch}", "classification", rows, evals_rows,
+                            "--epochs", "1", "--batch-size", batch, "--grad-accum", accum, "--lr", "1e-3")
+        assert [r["step"] for r in train] == [3]  # 20 examples, 8 per step
+        weights.append(BertForSequenceClassification.from_pretrained(out / "last").state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=2e-5, msg=key)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(weights[0][key], model.state_dict()[key], atol=1e-4)  # the steps did train

@@ -8,7 +8,7 @@ from typing import Any
 from bertfast.finetune.tasks import TASKS
 from bertfast.training.config import coerce_option, option
 
-REQUIRED = ("task", "model", "train", "eval")
+REQUIRED = ("task", "model", "eval")  # and train, unless --eval-only
 
 
 @dataclass
@@ -17,13 +17,16 @@ class FinetuneConfig:
     model: str | None = option(
         None, "pretrained directory: config.json + model weights + tokenizer.json or vocab.txt, e.g. "
         "runs/pretrain/final or a transformers BERT directory (required)", metavar="DIR")
-    train: str | None = option(None, "training data, JSONL (required; formats below)", metavar="FILE")
+    train: str | None = option(None, "training data, JSONL (required unless --eval-only; formats below)",
+                               metavar="FILE")
     eval: str | None = option(None, "evaluation data, JSONL in the same format (required)", metavar="FILE")
     regression: bool = option(False, "classification with one float label per example (STS-B style)")
     output_dir: str = option("runs/finetune", "run directory: metrics.jsonl, best/ and last/ models",
                              metavar="DIR")
     epochs: int = option(3, "passes over the training data")
-    batch_size: int = option(32, "examples per optimizer step")
+    batch_size: int = option(32, "examples per forward/backward pass (and per evaluation batch)")
+    grad_accum: int = option(1, "batches whose gradients add up to one optimizer step (effective batch: "
+                             "batch-size x grad-accum)")
     lr: float = option(5e-5, "peak learning rate (AdamW)")
     warmup_ratio: float = option(0.1, "fraction of the steps spent warming the lr up linearly; then linear "
                                  "decay to 0")
@@ -38,16 +41,19 @@ class FinetuneConfig:
     device: str = option("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
     log_every: int = option(50, "write a train record to metrics.jsonl every N steps (and at each epoch's end)")
     progress: bool = option(True, "show progress bars")
+    eval_only: bool = option(False, "evaluate --model, an already fine-tuned model, on --eval: write its "
+                             "metrics and predictions, no training")
 
     def __post_init__(self) -> None:
-        missing = [name for name in REQUIRED if getattr(self, name) is None]
+        required = REQUIRED if self.eval_only else (*REQUIRED, "train")
+        missing = [name for name in required if getattr(self, name) is None]
         if missing:
             raise ValueError("missing required option(s): " + ", ".join("--" + m for m in missing))
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        for name in ("epochs", "batch_size", "log_every", "max_answer_length"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_answer_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "clip_norm"):

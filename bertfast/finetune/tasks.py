@@ -58,6 +58,10 @@ class Task(ABC):
         """Model config overrides for these training examples (the label set, the problem type)."""
         return {}
 
+    def use_model_labels(self, config: Any) -> None:
+        """Take the label set from a fine-tuned model's config (evaluation without training data)."""
+        return None  # multiple choice and QA have no label set
+
     @abstractmethod
     def encode(self, examples: list, tokenizer: WordPieceTokenizer, seq_len: int) -> list[Feature]:
         """Model inputs and labels of the examples, truncated (or windowed) to ``seq_len`` tokens."""
@@ -65,6 +69,14 @@ class Task(ABC):
     def split_outputs(self, output: Any, batch: dict[str, Tensor]) -> list[Any]:
         """The model's output for each feature of the batch, on the CPU, without padding."""
         return list(output.logits.float().cpu())
+
+    @abstractmethod
+    def predict(self, examples: list, features: list[Feature], outputs: list[Any]) -> list[Any]:
+        """One prediction per example, in the data file's terms (a label, tags, a choice, answer text)."""
+
+    @abstractmethod
+    def gold(self, example: Any) -> Any:
+        """The example's reference answer, in the same terms as :meth:`predict`."""
 
     @abstractmethod
     def score(self, examples: list, features: list[Feature], outputs: list[Any]) -> dict[str, float]:
@@ -82,10 +94,20 @@ class _Labelled(Task):
         id2label = {i: str(label) for i, label in enumerate(self.labels)}
         return {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
 
+    def use_model_labels(self, config: Any) -> None:
+        id2label = {int(i): label for i, label in (config.id2label or {}).items()}
+        if sorted(id2label) != list(range(config.num_labels)):
+            raise DataError(f"the model's config has no complete id2label for its {config.num_labels} labels")
+        self.labels = [id2label[i] for i in range(config.num_labels)]
+        self.label2id = {label: i for i, label in enumerate(self.labels)}
+        self.source = "the model's config"
+
     def _label_id(self, where: str, label: Any) -> int:
-        if label not in self.label2id:
-            raise DataError(f"{where}: label {label!r} does not occur in the training data")
-        return self.label2id[label]
+        # A config stores its labels as strings: integer labels of a data file match their str().
+        for key in (label, str(label)):
+            if key in self.label2id:
+                return self.label2id[key]
+        raise DataError(f"{where}: label {label!r} does not occur in {getattr(self, 'source', 'the training data')}")
 
 
 class SequenceClassification(_Labelled):
@@ -114,10 +136,18 @@ class SequenceClassification(_Labelled):
             features.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": label})
         return features
 
+    def predict(self, examples: list, features: list[Feature], outputs: list[Tensor]) -> list[Any]:
+        if self.regression:
+            return [o.item() for o in outputs]
+        return [self.labels[int(o.argmax())] for o in outputs]
+
+    def gold(self, example: data.ClassificationExample) -> Any:
+        return example.label
+
     def score(self, examples: list, features: list[Feature], outputs: list[Tensor]) -> dict[str, float]:
         references = [f["labels"] for f in features]
         if self.regression:
-            predicted = [o.item() for o in outputs]
+            predicted = self.predict(examples, features, outputs)
             return {"pearson": metrics.pearson(predicted, references),
                     "spearman": metrics.spearman(predicted, references),
                     "mse": sum((p - r) ** 2 for p, r in zip(predicted, references, strict=True)) / len(predicted)}
@@ -165,16 +195,25 @@ class TokenClassification(_Labelled):
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         return [row[:n] for row, n in zip(output.logits.float().cpu(), lengths, strict=True)]
 
-    def score(self, examples: list[data.TokenExample], features: list[Feature],
-              outputs: list[Tensor]) -> dict[str, float]:
-        predicted_tags, correct, total = [], 0, 0
+    def predict(self, examples: list[data.TokenExample], features: list[Feature],
+                outputs: list[Tensor]) -> list[list[str]]:
+        predicted_tags = []
         for e, f, logits in zip(examples, features, outputs, strict=True):
             tags = ["O"] * len(e.tags)  # words cut off by the length limit count as untagged
             for word, position in f["_firsts"]:
                 tags[word] = str(self.labels[int(logits[position].argmax())])
-                correct += tags[word] == e.tags[word]
-                total += 1
             predicted_tags.append(tags)
+        return predicted_tags
+
+    def gold(self, example: data.TokenExample) -> list[str]:
+        return example.tags
+
+    def score(self, examples: list[data.TokenExample], features: list[Feature],
+              outputs: list[Tensor]) -> dict[str, float]:
+        predicted_tags = self.predict(examples, features, outputs)
+        scored = [(tags[word], e.tags[word]) for tags, e, f in zip(predicted_tags, examples, features, strict=True)
+                  for word, _ in f["_firsts"]]
+        correct, total = sum(p == g for p, g in scored), len(scored)
         spans = metrics.span_f1(predicted_tags, [e.tags for e in examples])
         return {"f1": spans["f1"], "precision": spans["precision"], "recall": spans["recall"],
                 "accuracy": correct / max(total, 1)}
@@ -198,8 +237,15 @@ class MultipleChoice(Task):
                              "token_type_ids": [enc.type_ids for enc in encs], "labels": e.label})
         return features
 
+    def predict(self, examples: list, features: list[Feature], outputs: list[Tensor]) -> list[int]:
+        return [int(o.argmax()) for o in outputs]
+
+    def gold(self, example: data.ChoiceExample) -> int:
+        return example.label
+
     def score(self, examples: list, features: list[Feature], outputs: list[Tensor]) -> dict[str, float]:
-        return {"accuracy": metrics.accuracy([int(o.argmax()) for o in outputs], [f["labels"] for f in features])}
+        predicted = self.predict(examples, features, outputs)
+        return {"accuracy": metrics.accuracy(predicted, [f["labels"] for f in features])}
 
 
 class QuestionAnswering(Task):
@@ -270,8 +316,8 @@ class QuestionAnswering(Task):
         best = int(flat.argmax())
         return float(flat[best]), best // n, best % n
 
-    def score(self, examples: list[data.QAExample], features: list[Feature],
-              outputs: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    def predict(self, examples: list[data.QAExample], features: list[Feature],
+                outputs: list[tuple[Tensor, Tensor]]) -> list[str]:
         best: dict[int, tuple[float, str]] = {}
         for f, (start_logits, end_logits) in zip(features, outputs, strict=True):
             lead, offsets = f["_lead"], f["_offsets"]
@@ -282,7 +328,14 @@ class QuestionAnswering(Task):
             e = examples[f["_example"]]
             if f["_example"] not in best or value > best[f["_example"]][0]:
                 best[f["_example"]] = (value, e.context[offsets[start][0]:offsets[end][1]])
-        predicted = [best.get(i, (0.0, ""))[1] for i in range(len(examples))]
+        return [best.get(i, (0.0, ""))[1] for i in range(len(examples))]
+
+    def gold(self, example: data.QAExample) -> str:
+        return example.answer_text
+
+    def score(self, examples: list[data.QAExample], features: list[Feature],
+              outputs: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        predicted = self.predict(examples, features, outputs)
         references = [e.answer_text for e in examples]
         n = len(examples)
         return {"exact_match": sum(map(metrics.squad_exact_match, predicted, references)) / n,

@@ -2,11 +2,14 @@
 
 After each epoch's evaluation the model is saved to ``OUTPUT_DIR/last`` and, when the task's main
 metric improved, to ``OUTPUT_DIR/best`` (transformers' format plus the tokenizer files, written
-atomically), so ``transformers.AutoModelFor...`` and bertfast's classes both load either.
+atomically), so ``transformers.AutoModelFor...`` and bertfast's classes both load either; the best
+model's predictions on the evaluation data go to ``OUTPUT_DIR/predictions.jsonl``. With
+``eval_only`` a fine-tuned model is evaluated as it is.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 from bertfast.data import load_tokenizer
 from bertfast.finetune.config import FinetuneConfig
 from bertfast.finetune.tasks import Feature, collate, make_task
-from bertfast.io import atomic_write_text
+from bertfast.io import CheckpointError, atomic_write_text
 from bertfast.training.checkpoint import write_checkpoint
 from bertfast.training.distributed import DistEnv, pick_device
 from bertfast.training.metrics import MetricsLog
@@ -50,17 +53,22 @@ class Finetuner:
         for seeded in (random.seed, np.random.seed, torch.manual_seed):
             seeded(config.seed)
 
-        self.task = make_task(config.task, config.regression, config.max_answer_length)
         self.tokenizer = load_tokenizer(config.model)
-        self.train_examples = self.task.read(config.train)
+        if config.eval_only:
+            model = self._fine_tuned_model()
+            self.train_examples = []
+        else:
+            self.task = make_task(config.task, config.regression, config.max_answer_length)
+            self.train_examples = self.task.read(config.train)
+            overrides = self.task.label_config(self.train_examples)
         self.eval_examples = self.task.read(config.eval)
-        overrides = self.task.label_config(self.train_examples)
         self.train_features = self.task.encode(self.train_examples, self.tokenizer, config.seq_len)
         self.eval_features = self.task.encode(self.eval_examples, self.tokenizer, config.seq_len)
-
-        model = self.task.model_class.from_pretrained(config.model, **overrides)
+        if not config.eval_only:
+            model = self.task.model_class.from_pretrained(config.model, **overrides)
         self.model = model.to(self.device).train()
-        self.steps_per_epoch = math.ceil(len(self.train_features) / config.batch_size)
+        examples_per_step = config.batch_size * config.grad_accum
+        self.steps_per_epoch = math.ceil(len(self.train_features) / examples_per_step)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.optimizer = build_optimizer("adamw", self.model, config.lr, config.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, round(config.warmup_ratio * self.total_steps),
@@ -74,6 +82,19 @@ class Finetuner:
 
     def say(self, message: str) -> None:
         tqdm.write(message)
+
+    def _fine_tuned_model(self) -> Any:
+        """The model to evaluate as it is: every weight of the task's head must be in the checkpoint."""
+        cfg = self.config
+        model_class = make_task(cfg.task, cfg.regression).model_class
+        model, info = model_class.from_pretrained(cfg.model, output_loading_info=True)
+        if info["missing_keys"]:
+            raise CheckpointError(f"{cfg.model} is not a fine-tuned {cfg.task} model: it has no weights for "
+                                  f"{', '.join(info['missing_keys'])}")
+        regression = cfg.regression or model.config.problem_type == "regression"
+        self.task = make_task(cfg.task, regression, cfg.max_answer_length)
+        self.task.use_model_labels(model.config)
+        return model
 
     def _loader(self, features: list[Feature], shuffle: bool, epoch: int = 0) -> DataLoader:
         return DataLoader(features, batch_size=self.config.batch_size, shuffle=shuffle,
@@ -96,32 +117,61 @@ class Finetuner:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "finetune_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.metrics = MetricsLog(self.out / "metrics.jsonl", None)
+        if cfg.eval_only:
+            scores, predictions = self.evaluate()
+            self.best = {"split": "eval", "epoch": 0, "step": 0, **scores}
+            self.metrics.write(self.best)
+            self._write_predictions(predictions)
+            self.say(f"eval {self._shown(scores)} (predictions in {self.out / 'predictions.jsonl'})")
+            return self.best
         for epoch in range(1, cfg.epochs + 1):
             self.train_epoch(epoch)
-            record = {"split": "eval", "epoch": epoch, "step": self.step, **self.evaluate()}
+            scores, predictions = self.evaluate()
+            record = {"split": "eval", "epoch": epoch, "step": self.step, **scores}
             self.metrics.write(record)
             main = record[self.task.main_metric]
             write_checkpoint(self.out / "last", self._write_model, None)
             if self.best is None or main > self.best[self.task.main_metric]:
                 self.best = record
                 write_checkpoint(self.out / "best", self._write_model, None)
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("split", "epoch", "step"))
-            self.say(f"epoch {epoch}: eval {shown}")
+                self._write_predictions(predictions)
+            self.say(f"epoch {epoch}: eval {self._shown(scores)}")
         best = self.best
         self.say(f"best: epoch {best['epoch']}, {self.task.main_metric} {best[self.task.main_metric]:.4f} "
                  f"-> {self.out / 'best'} (last epoch in {self.out / 'last'})")
         return best
 
+    @staticmethod
+    def _shown(scores: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+
+    def _write_predictions(self, predictions: list[Any]) -> None:
+        """predictions.jsonl: one line per evaluation example, {"prediction": ..., "label": ...}."""
+        lines = (json.dumps({"prediction": p, "label": self.task.gold(e)})
+                 for p, e in zip(predictions, self.eval_examples, strict=True))
+        atomic_write_text(self.out / "predictions.jsonl", "".join(line + "\n" for line in lines))
+
+    def _steps(self, epoch: int) -> Any:
+        """The epoch's optimizer steps, each a list of up to ``grad_accum`` batches."""
+        batches = iter(self._loader(self.train_features, shuffle=True, epoch=epoch))
+        while step := list(itertools.islice(batches, self.config.grad_accum)):
+            yield step
+
     def train_epoch(self, epoch: int) -> None:
         cfg = self.config
         window_loss, window_steps = 0.0, 0
-        bar = tqdm(self._loader(self.train_features, shuffle=True, epoch=epoch), desc=f"epoch {epoch}",
+        bar = tqdm(self._steps(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch}",
                    disable=not cfg.progress, leave=False)
-        for batch in bar:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self._autocast():
-                loss = self.model(**batch).loss
-            self.scaler.scale(loss).backward()
+        for step in bar:
+            examples = sum(len(batch["input_ids"]) for batch in step)
+            loss = torch.zeros((), device=self.device)
+            for batch in step:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with self._autocast():
+                    # each batch's mean loss, weighted by its share of the step's examples
+                    part = self.model(**batch).loss * (len(batch["input_ids"]) / examples)
+                self.scaler.scale(part).backward()
+                loss += part.detach()
             self.scaler.unscale_(self.optimizer)
             if cfg.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
@@ -139,8 +189,8 @@ class Finetuner:
                 window_loss, window_steps = 0.0, 0
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """The eval loss (mean over features) and the task's metrics."""
+    def evaluate(self) -> tuple[dict[str, float], list[Any]]:
+        """(the eval loss (mean over features) and the task's metrics, one prediction per eval example)."""
         self.model.eval()
         loss_sum, outputs = 0.0, []
         for batch in self._loader(self.eval_features, shuffle=False):
@@ -151,4 +201,5 @@ class Finetuner:
             outputs.extend(self.task.split_outputs(output, batch))
         self.model.train()
         scores = self.task.score(self.eval_examples, self.eval_features, outputs)
-        return {"loss": loss_sum / len(self.eval_features), **scores}
+        predictions = self.task.predict(self.eval_examples, self.eval_features, outputs)
+        return {"loss": loss_sum / len(self.eval_features), **scores}, predictions
