@@ -1,30 +1,72 @@
 #!/usr/bin/env bash
-# Everything only a GPU can tell, in one go: the GPU tests, the compile check, and every benchmark,
-# with results written to benchmarks/results/<device>-<date>/ (or $1).
+# Everything only a GPU can tell: the GPU tests and every benchmark (and, on request, the launch
+# configuration sweep), each step's report under one results folder.
 #
-#   pip install --no-build-isolation --no-deps -e .   # on the GPU machine, once
-#   bash benchmarks/run_gpu_suite.sh
-#   python benchmarks/tune_kernels.py --out benchmarks/results/<device>-<date>/tuning.md   # then, if time allows
+#   pip install --no-build-isolation --no-deps -e .        # on the GPU machine, once
+#   bash benchmarks/run_gpu_suite.sh                        # env tests layernorm attention mlm model
+#   bash benchmarks/run_gpu_suite.sh -t 300 attention tune  # chosen steps, each capped at 300 s
+#   bash benchmarks/run_gpu_suite.sh --tar results.tgz      # also pack the folder into one archive
+#
+# Steps: env (devices and versions), tests (pytest -m gpu), layernorm, attention, mlm, model (the
+# benchmarks), tune (benchmarks/tune_kernels.py). Results go to benchmarks/results/<device>-<date>/
+# (or -o DIR): <step>.txt holds a step's console output, and the benchmarks write their tables beside it.
+# Every step runs under `timeout` so that one slow step cannot take the others' time; the exit status
+# is non-zero when any step failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-device=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-out=${1:-benchmarks/results/${device}-$(date +%Y-%m-%d)}
+
+out="" limit=480 tarball="" steps=()
+while (($#)); do
+  case "$1" in
+    -o|--out) out=$2; shift 2 ;;
+    -t|--timeout) limit=$2; shift 2 ;;
+    --tar) tarball=$2; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    env|tests|layernorm|attention|mlm|model|tune) steps+=("$1"); shift ;;
+    *) echo "run_gpu_suite.sh: unknown step or option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+((${#steps[@]})) || steps=(env tests layernorm attention mlm model)
+
+device=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || {
+  echo "run_gpu_suite.sh: no CUDA device" >&2; exit 2; }
+out=${out:-benchmarks/results/${device}-$(date +%Y-%m-%d)}
 mkdir -p "$out"
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  python - <<'PY'
-import torch, triton
+
+step_command() {
+  case "$1" in
+    env) python - <<'PY'
+import datetime, subprocess, torch, triton
+print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ}")
 print(f"device: {torch.cuda.get_device_name()}  capability: {torch.cuda.get_device_capability()}")
 print(f"torch {torch.__version__}  triton {triton.__version__}  cuda {torch.version.cuda}")
+query = "name,driver_version,clocks.max.sm,memory.total"
+print(subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True, text=True).stdout)
 PY
-  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv 2>/dev/null
-} | tee "$out/environment.txt"
+      ;;
+    tests) python -m pytest -q -m gpu tests ;;
+    layernorm) python benchmarks/bench_layernorm_family.py --out "$out/layernorm_family.md" ;;
+    attention) python benchmarks/bench_attention.py --out "$out/attention.md" ;;
+    mlm) python benchmarks/bench_mlm_head.py --out "$out/mlm_head.md" ;;
+    model) python benchmarks/bench_model.py --out "$out/model_step.json" ;;
+    tune) python benchmarks/tune_kernels.py --out "$out/tuning.md" ;;
+  esac
+}
+export -f step_command
+export out
 
 status=0
-python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.txt" || status=1
-python benchmarks/bench_layernorm_family.py --out "$out/layernorm_family.md" 2>&1 | tee "$out/layernorm_family.txt" || status=1
-python benchmarks/bench_attention.py --out "$out/attention.md" 2>&1 | tee "$out/attention.txt" || status=1
-python benchmarks/bench_mlm_head.py --out "$out/mlm_head.md" 2>&1 | tee "$out/mlm_head.txt" || status=1
-python benchmarks/bench_model.py --out "$out/model_step.json" 2>&1 | tee "$out/model_step.txt" || status=1
+for step in "${steps[@]}"; do
+  echo "== $step (at most ${limit}s)"
+  timeout --kill-after=10 "$limit" bash -c "step_command $step" 2>&1 | tee "$out/$step.txt"
+  code=${PIPESTATUS[0]}
+  if ((code == 124 || code == 137)); then
+    echo "== $step: stopped after ${limit}s" | tee -a "$out/$step.txt"
+  fi
+  ((code == 0)) || status=1
+done
+if [[ -n $tarball ]]; then
+  tar -czf "$tarball" -C "$(dirname "$out")" "$(basename "$out")" && echo "packed $out into $tarball"
+fi
 exit $status
