@@ -7,6 +7,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "ops.h"
 
@@ -53,6 +54,24 @@ py::tuple bias_gelu_backward(const F32& dy, const F32& x, const F32& b) {
   return py::make_tuple(dx, db);
 }
 
+F32 dropout(const F32& x, uint64_t seed, uint64_t threshold, float scale) {
+  if (threshold > (uint64_t{1} << 32)) throw std::invalid_argument("threshold must be at most 2^32");
+  F32 y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  {
+    py::gil_scoped_release release;
+    bertfast::dropout_apply(x.data(), y.mutable_data(), x.size(), seed, threshold, scale);
+  }
+  return y;
+}
+
+py::array_t<uint32_t> dropout_bits(uint64_t seed, int64_t start, int64_t n) {
+  if (start < 0 || n < 0) throw std::invalid_argument("start and n must be >= 0");
+  py::array_t<uint32_t> bits(n);
+  uint32_t* out = bits.mutable_data();
+  for (int64_t i = 0; i < n; ++i) out[i] = bertfast::dropout_bits(seed, start + i);
+  return bits;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -61,4 +80,8 @@ PYBIND11_MODULE(_C, m) {
         "y = gelu(x + bias), exact erf GELU, float32");
   m.def("bias_gelu_backward", &bias_gelu_backward, py::arg("dy"), py::arg("x"), py::arg("bias"),
         "(dx, dbias) of y = gelu(x + bias)");
+  m.def("dropout", &dropout, py::arg("x"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
+        "y = x * scale where the counter-based hash of (seed, element index) >= threshold, else 0");
+  m.def("dropout_bits", &dropout_bits, py::arg("seed"), py::arg("start"), py::arg("n"),
+        "the 32-bit hashes of elements start..start+n-1 that dropout compares with its threshold");
 }

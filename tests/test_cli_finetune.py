@@ -132,9 +132,10 @@ def test_multiple_choice(pretrained, tmp_path):
         choices = [" ".join(rng.choices(BAD, k=2)) for _ in range(3)]
         choices[label] = " ".join(rng.choices(GOOD, k=2))
         rows.append({"context": "this movie was", "choices": choices, "label": label})
-    out, train, evals = run(pretrained, tmp_path, "multiple-choice", rows, rows[:12], "--epochs", "2",
+    out, train, evals = run(pretrained, tmp_path, "multiple-choice", rows, rows[:12], "--epochs", "4",
                             "--batch-size", "8", "--lr", "3e-3", "--precision", "bf16")
-    assert len(evals) == 2 and 0 <= evals[-1]["accuracy"] <= 1 and train[-1]["loss"] < train[0]["loss"]
+    assert len(evals) == 4 and train[-1]["loss"] < train[0]["loss"]
+    assert max(r["accuracy"] for r in evals) >= 0.75  # chance is 1/3
     transformers = pytest.importorskip("transformers")
     transformers.AutoModelForMultipleChoice.from_pretrained(out / "best")
 

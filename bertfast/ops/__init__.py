@@ -5,8 +5,9 @@ faster implementations:
 
 * ``triton``: Triton kernels in ``bertfast.kernels`` (CUDA tensors; CPU tensors
   too when ``TRITON_INTERPRET=1``, which is how the tests run them),
-* ``native``: the CPU implementations: C++ kernels in ``bertfast._C`` and, where
-  that is what is fastest, chunked PyTorch (the masked-LM cross-entropy),
+* ``native``: the CPU implementations: C++ kernels in ``bertfast._C`` (bias+GELU, and
+  the dropout of the embeddings, attention and residual ops) and, where that is what is
+  fastest, chunked PyTorch (the masked-LM cross-entropy),
 * ``torch``: the reference.
 
 The backend is chosen per call: CUDA tensors use ``triton``, CPU tensors use
@@ -33,16 +34,23 @@ BACKENDS = ("torch", "triton", "native")
 
 # op name -> {backend: "module:function"}; imported lazily, on first use.
 _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
-    "embeddings": {"triton": "bertfast.kernels.embeddings:embeddings"},
+    "embeddings": {
+        "triton": "bertfast.kernels.embeddings:embeddings",
+        "native": "bertfast.ops.native:embeddings",
+    },
     "bias_gelu": {
         "triton": "bertfast.kernels.bias_gelu:bias_gelu",
         "native": "bertfast.ops.native:bias_gelu",
     },
     "bias_dropout_add_layernorm": {
         "triton": "bertfast.kernels.bias_dropout_add_layernorm:bias_dropout_add_layernorm",
+        "native": "bertfast.ops.native:bias_dropout_add_layernorm",
     },
     "bias_gelu_layernorm": {"triton": "bertfast.kernels.bias_gelu_layernorm:bias_gelu_layernorm"},
-    "attention": {"triton": "bertfast.kernels.attention:attention"},
+    "attention": {
+        "triton": "bertfast.kernels.attention:attention",
+        "native": "bertfast.ops.native:attention",
+    },
     "linear_cross_entropy": {
         "triton": "bertfast.kernels.cross_entropy:linear_cross_entropy",
         # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.

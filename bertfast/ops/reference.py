@@ -87,27 +87,40 @@ def attention(
     itself. Runs SDPA on a padded (batch, heads, max_seqlen, head_dim) view.
     """
     total, _, heads, head_dim = qkv.shape
-    batch = cu_seqlens.numel() - 1
-    if total == 0 or batch == 0:
+    if total == 0 or cu_seqlens.numel() <= 1:
         return qkv.new_zeros(total, heads, head_dim)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_of_token = torch.repeat_interleave(torch.arange(batch, device=qkv.device), lengths)
-    pos_of_token = torch.arange(total, device=qkv.device) - cu_seqlens[:-1].long()[seq_of_token]
-    flat_index = seq_of_token * max_seqlen + pos_of_token
-
-    padded = qkv.new_zeros(batch * max_seqlen, 3, heads, head_dim)
-    padded = padded.index_copy(0, flat_index, qkv).view(batch, max_seqlen, 3, heads, head_dim)
-    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, S, head_dim)
-
-    key_mask = torch.arange(max_seqlen, device=qkv.device)[None, :] < lengths[:, None]
-    # An empty sequence has no queries; letting its (unused) padded rows see every key keeps them finite.
-    key_mask = key_mask | (lengths == 0)[:, None]
+    view = PaddedHeads(qkv, cu_seqlens, max_seqlen)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout_p if training else 0.0,
-        scale=softmax_scale,
+        view.q, view.k, view.v, attn_mask=view.key_mask[:, None, None, :],
+        dropout_p=dropout_p if training else 0.0, scale=softmax_scale,
     )
-    out = out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim)
-    return out.index_select(0, flat_index)
+    return view.pack(out)
+
+
+class PaddedHeads:
+    """Packed qkv (T, 3, heads, head_dim) as padded q, k, v of shape (batch, heads, max_seqlen, head_dim)."""
+
+    def __init__(self, qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
+        total, _, heads, head_dim = qkv.shape
+        batch = cu_seqlens.numel() - 1
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq_of_token = torch.repeat_interleave(torch.arange(batch, device=qkv.device), lengths)
+        pos_of_token = torch.arange(total, device=qkv.device) - cu_seqlens[:-1].long()[seq_of_token]
+        self.flat_index = seq_of_token * max_seqlen + pos_of_token
+        self.shape = (batch, max_seqlen, heads, head_dim)
+
+        padded = qkv.new_zeros(batch * max_seqlen, 3, heads, head_dim)
+        padded = padded.index_copy(0, self.flat_index, qkv).view(batch, max_seqlen, 3, heads, head_dim)
+        self.q, self.k, self.v = padded.permute(2, 0, 3, 1, 4).unbind(0)
+        key_mask = torch.arange(max_seqlen, device=qkv.device)[None, :] < lengths[:, None]
+        # An empty sequence has no queries; letting its (unused) padded rows see every key keeps them finite.
+        self.key_mask = key_mask | (lengths == 0)[:, None]  # (batch, max_seqlen), True = a real key
+
+    def pack(self, out: Tensor) -> Tensor:
+        """(batch, heads, max_seqlen, head_dim) -> (T, heads, head_dim): the rows of the real tokens."""
+        batch, max_seqlen, heads, head_dim = self.shape
+        out = out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim)
+        return out.index_select(0, self.flat_index)
 
 
 def linear_cross_entropy(

@@ -1,0 +1,134 @@
+"""The native CPU dropout: its mask's statistics, its gradients, and the ops that use it against the references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bertfast import _C, ops
+from bertfast.ops import native, reference
+
+
+def keep_mask(shape, p: float, seed: int) -> torch.Tensor:
+    """What the kernel keeps: its hashes of (seed, i) against round(p * 2^32)."""
+    bits = torch.from_numpy(_C.dropout_bits(seed, 0, math.prod(shape)).astype("int64"))
+    return (bits >= round(p * 2**32)).view(shape)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keeps_one_minus_p_scaled_and_matches_its_hashes(p):
+    x = torch.randn(257, 1001)
+    y = native.dropout(x, p, True, seed=7)
+    kept = keep_mask(x.shape, p, 7)
+    torch.testing.assert_close(y, torch.where(kept, x * (1 / (1 - p)), 0.0), rtol=0, atol=0)
+    n = x.numel()
+    assert abs(kept.sum().item() - (1 - p) * n) < 6 * math.sqrt(n * p * (1 - p))  # binomial, 6 sigma
+
+
+def test_mask_has_no_visible_structure():
+    kept = keep_mask((1 << 20,), 0.5, 3).float()
+    centred = kept - kept.mean()
+    for lag in (1, 2, 16, 1024):  # neighbours, vector lanes, rows
+        correlation = (centred[:-lag] * centred[lag:]).mean() / centred.var()
+        assert abs(correlation) < 0.01, lag
+    blocks = kept.view(256, 4096).mean(dim=1)  # every stretch of the tensor keeps about half
+    assert (blocks - 0.5).abs().max() < 6 * math.sqrt(0.25 / 4096)
+    other = keep_mask((1 << 20,), 0.5, 4).float()  # another seed: an independent mask
+    assert abs((kept == other).float().mean().item() - 0.5) < 0.01
+
+
+def test_elements_two_to_the_32_apart_are_independent():
+    # The index's high word enters the hash: huge tensors do not repeat their mask every 2^32 elements.
+    low = _C.dropout_bits(11, 0, 4096).astype("int64")
+    high = _C.dropout_bits(11, 2**32, 4096).astype("int64")
+    assert abs((low < 2**31).mean() - 0.5) < 0.05 and abs((high < 2**31).mean() - 0.5) < 0.05
+    assert abs(((low < 2**31) == (high < 2**31)).mean() - 0.5) < 0.05
+
+
+def test_seed_from_torch_generator_repeats_and_backward_uses_the_same_mask():
+    x = torch.randn(64, 96, requires_grad=True)
+    torch.manual_seed(5)
+    y1 = native.dropout(x, 0.3, True)
+    torch.manual_seed(5)
+    y2 = native.dropout(x, 0.3, True)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, native.dropout(x, 0.3, True))
+    dy = torch.randn_like(y1)
+    (dx,) = torch.autograd.grad(y1, x, dy)
+    torch.testing.assert_close(dx, torch.where(y1 != 0, dy * (1 / 0.7), 0.0), rtol=0, atol=0)
+
+
+def test_edge_probabilities_dtypes_and_bad_input():
+    x = torch.randn(5, 3, requires_grad=True)
+    assert native.dropout(x, 0.0, True) is x and native.dropout(x, 0.5, False) is x
+    y = native.dropout(x, 1.0, True)
+    assert torch.equal(y, torch.zeros_like(x))
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(dx, torch.zeros_like(x))
+    half = torch.randn(4, 4, dtype=torch.bfloat16)
+    assert native.dropout(half, 0.5, True).dtype == torch.bfloat16  # runs torch's dropout
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        native.dropout(x, 1.5, True)
+    strided = torch.randn(6, 8).t()  # non-contiguous input: same values as its contiguous copy
+    assert torch.equal(native.dropout(strided, 0.5, True, seed=1),
+                       native.dropout(strided.contiguous(), 0.5, True, seed=1))
+
+
+def test_residual_and_embedding_ops_equal_the_reference_with_the_same_mask():
+    torch.manual_seed(0)
+    x, res = torch.randn(13, 48, requires_grad=True), torch.randn(13, 48, requires_grad=True)
+    bias, w, b = (torch.randn(48, requires_grad=True) for _ in range(3))
+    assert ops.implementation("bias_dropout_add_layernorm", x)[0] == "native"
+    torch.manual_seed(1)
+    y = ops.bias_dropout_add_layernorm(x, bias, res, w, b, 1e-12, 0.2, True)
+    torch.manual_seed(1)
+    mask = keep_mask(x.shape, 0.2, native.draw_seed())
+    h = torch.where(mask, (x + bias) / 0.8, 0.0) + res
+    expected = torch.nn.functional.layer_norm(h, (48,), w, b, 1e-12)
+    torch.testing.assert_close(y, expected)
+    dy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, res, bias, w, b), dy),
+                         torch.autograd.grad(expected, (x, res, bias, w, b), dy), strict=True):
+        torch.testing.assert_close(got, want)
+
+    ids, pos, types = torch.randint(0, 50, (13,)), torch.arange(13), torch.zeros(13, dtype=torch.long)
+    tables = [torch.randn(50, 48), torch.randn(16, 48), torch.randn(2, 48)]
+    torch.manual_seed(2)
+    out = ops.embeddings(ids, pos, types, *tables, w, b, 1e-12, 0.1, True)
+    torch.manual_seed(2)
+    mask = keep_mask((13, 48), 0.1, native.draw_seed())
+    plain = reference.embeddings(ids, pos, types, *tables, w, b, 1e-12, 0.1, False)
+    torch.testing.assert_close(out, torch.where(mask, plain / 0.9, 0.0))
+
+
+def test_attention_in_training_equals_the_masked_softmax_reference():
+    lengths = [1, 7, 0, 5]
+    cu = torch.tensor([0, 1, 8, 8, 13], dtype=torch.int32)
+    qkv = torch.randn(sum(lengths), 3, 2, 8, requires_grad=True)
+    assert ops.implementation("attention", qkv)[0] == "native"
+    torch.manual_seed(3)
+    out = ops.attention(qkv, cu, max(lengths), 0.25, training=True)
+    torch.manual_seed(3)
+    mask = keep_mask((4, 2, 7, 7), 0.25, native.draw_seed())
+    expected = []
+    for i, n in enumerate(lengths):  # per sequence: softmax over its own keys, the same kept probabilities
+        q, k, v = qkv[cu[i]:cu[i] + n].unbind(1)
+        probs = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(8), dim=-1)
+        probs = torch.where(mask[i, :, :n, :n], probs / 0.75, 0.0)
+        expected.append(torch.einsum("hqk,khd->qhd", probs, v))
+    expected = torch.cat(expected)
+    torch.testing.assert_close(out, expected)
+    dy = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, qkv, dy)[0], torch.autograd.grad(expected, qkv, dy)[0])
+    # Without dropout (or in eval) it is the reference itself.
+    torch.testing.assert_close(ops.attention(qkv, cu, 7, 0.25, training=False), reference.attention(qkv, cu, 7))
+
+
+def test_padded_attention_keeps_padding_rows_zero_in_training():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    q, k, v = (torch.randn(2, 4, 2, 8) for _ in range(3))
+    out = ops.padded_attention(q, k, v, mask, 0.5, training=True)
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+    assert (out[mask] != 0).any()
