@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import median_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bertfast.ops import reference
@@ -104,25 +103,6 @@ def implementations(batch: Batch, compile_reference: bool) -> dict[str, tuple[Ca
                 return F.scaled_dot_product_attention(batch.q, batch.k, batch.v, attn_mask=batch.key_mask)
         impls[f"sdpa-{name}"] = (run, padded)
     return impls
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def padded_to_packed(out: torch.Tensor, batch: Batch) -> torch.Tensor:

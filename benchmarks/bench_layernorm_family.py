@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timing import median_ms
 
 from bertfast import ops
 from bertfast.ops import reference
@@ -103,32 +102,13 @@ def make_case(family: str, tokens: int, hidden: int, dtype: torch.dtype, device:
     return Case(family, tokens, hidden, dtype, inputs, lambda fn: fn(*inputs, EPS))
 
 
-def median_ms(fn: Callable[[], object], reps: int, device: torch.device) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def time_modes(case: Case, impl: Callable, reps: int, device: torch.device) -> dict[str, float]:
     y = case.call(impl)
     dy = torch.randn_like(y)
     return {
-        "fwd": median_ms(lambda: case.call(impl), reps, device),
-        "bwd": median_ms(lambda: torch.autograd.grad(y, case.inputs, dy, retain_graph=True), reps, device),
-        "fwd+bwd": median_ms(lambda: torch.autograd.grad(case.call(impl), case.inputs, dy), reps, device),
+        "fwd": median_ms(lambda: case.call(impl), device, reps),
+        "bwd": median_ms(lambda: torch.autograd.grad(y, case.inputs, dy, retain_graph=True), device, reps),
+        "fwd+bwd": median_ms(lambda: torch.autograd.grad(case.call(impl), case.inputs, dy), device, reps),
     }
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import triton
 from bench_attention import Batch, make_lengths
-from bench_layernorm_family import H100_TBPS, make_case, median_ms
+from bench_layernorm_family import H100_TBPS, make_case
+from timing import median_ms
 
 from bertfast import ops
 from bertfast.kernels import attention as attn
@@ -79,7 +80,7 @@ class Sweep:
 def _time(fn: Callable[[], object], sweep: Sweep) -> float | None:
     """Median ms, or None when the configuration cannot run here (too much shared memory, ...)."""
     try:
-        return median_ms(fn, sweep.reps, sweep.device)
+        return median_ms(fn, sweep.device, sweep.reps)
     except (triton.runtime.errors.OutOfResources, RuntimeError) as e:
         print(f"    skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
         return None
