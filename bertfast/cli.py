@@ -82,7 +82,9 @@ OUTPUT_DIR gets metrics.jsonl ("split": "train" and "eval" records), finetune_co
 last/ (the model in transformers' format plus tokenizer files: load with transformers'
 AutoModelFor... or bertfast's classes), and predictions.jsonl: the best model's prediction for each
 --eval example next to its label. --eval-only --model OUTPUT_DIR/best evaluates a fine-tuned model
-on new data without training. Exit codes: 0 done, 2 bad options or input.
+on new data without training. Several processes: torchrun --nproc_per_node N -m bertfast finetune ...
+(each trains on its share of every epoch; the first evaluates and writes). Exit codes: 0 done, 2 bad
+options or input.
 """
 
 

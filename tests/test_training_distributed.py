@@ -71,3 +71,55 @@ def test_two_processes_stay_in_sync(tmp_path):
     assert (run / "final" / "model.safetensors").is_file()
     state = torch.load(run / "checkpoint-4" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
+
+
+def _finetune_worker(rank: int, world_size: int, port: int, config: dict, out: str) -> None:
+    from bertfast.finetune import FinetuneConfig, Finetuner
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env, device = init_distributed("cpu")
+    try:
+        trainer = Finetuner(FinetuneConfig(**config), env, device)
+        first_batch = next(iter(trainer._loader(trainer.train_features, shuffle=True, epoch=1)))["input_ids"]
+        best = trainer.run()
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        torch.save({"best": best, "params": params, "first_batch": first_batch, "steps": trainer.step},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        shutdown(env)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_processes_fine_tune_in_sync(tmp_path):
+    from bertfast import BertConfig, BertForPreTraining
+
+    words = "good great bad awful the a movie film was".split()
+    model_dir = tmp_path / "pretrained"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    torch.manual_seed(0)
+    BertForPreTraining(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=32)).save_pretrained(model_dir)
+    rows = [{"text": f"the movie was {w}", "label": "pos" if w in ("good", "great") else "neg"}
+            for w in ("good", "bad", "great", "awful") * 5]  # 20 examples: 10 per process
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = dict(task="classification", model=str(model_dir), train=str(data), eval=str(data),
+                  output_dir=str(tmp_path / "run"), epochs=2, batch_size=2, grad_accum=2, seq_len=16,
+                  log_every=1, progress=False, device="cpu")
+    mp.spawn(_finetune_worker, args=(2, free_port(), config, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert not torch.equal(ranks[0]["first_batch"], ranks[1]["first_batch"])  # each process its own share
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * 3  # ceil(10 / (2 x 2)) steps an epoch
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # written once
+    assert [r["epoch"] for r in records if r["split"] == "eval"] == [1, 2]
+    assert ranks[0]["best"]["epoch"] in (1, 2) and ranks[1]["best"] == {}
+    assert (run / "best" / "model.safetensors").is_file() and (run / "predictions.jsonl").is_file()

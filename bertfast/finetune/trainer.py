@@ -5,6 +5,9 @@ metric improved, to ``OUTPUT_DIR/best`` (transformers' format plus the tokenizer
 atomically), so ``transformers.AutoModelFor...`` and bertfast's classes both load either; the best
 model's predictions on the evaluation data go to ``OUTPUT_DIR/predictions.jsonl``. With
 ``eval_only`` a fine-tuned model is evaluated as it is.
+
+Under ``torchrun`` every process trains on its share of each epoch (DistributedDataParallel; gloo
+on CPU, NCCL on GPU); the first process evaluates and writes everything while the others wait.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from bertfast.data import load_tokenizer
@@ -28,7 +32,7 @@ from bertfast.finetune.config import FinetuneConfig
 from bertfast.finetune.tasks import Feature, collate, make_task
 from bertfast.io import CheckpointError, atomic_write_text
 from bertfast.training.checkpoint import write_checkpoint
-from bertfast.training.distributed import DistEnv, pick_device
+from bertfast.training.distributed import DistEnv, all_reduce, barrier, init_distributed, pick_device, shutdown
 from bertfast.training.metrics import MetricsLog
 from bertfast.training.optim import build_optimizer, linear_schedule
 
@@ -36,16 +40,22 @@ _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def finetune(config: FinetuneConfig) -> int:
-    """Fine-tune as ``config`` says; returns the exit code (0)."""
-    Finetuner(config).run()
+    """Fine-tune as ``config`` says (in each process under torchrun); returns the exit code (0)."""
+    env, device = init_distributed(config.device)
+    try:
+        Finetuner(config, env, device).run()
+    finally:
+        shutdown(env)
     return 0
 
 
 class Finetuner:
-    def __init__(self, config: FinetuneConfig) -> None:
+    def __init__(self, config: FinetuneConfig, env: DistEnv | None = None,
+                 device: torch.device | None = None) -> None:
         self.config = config
+        self.env = env or DistEnv()
         self.out = Path(config.output_dir)
-        self.device = pick_device(config.device, DistEnv(0, 1, 0))
+        self.device = device or pick_device(config.device, self.env)
         precision = config.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -67,8 +77,13 @@ class Finetuner:
         if not config.eval_only:
             model = self.task.model_class.from_pretrained(config.model, **overrides)
         self.model = model.to(self.device).train()
+        self.ddp = None
+        if self.env.enabled and not config.eval_only:
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         examples_per_step = config.batch_size * config.grad_accum
-        self.steps_per_epoch = math.ceil(len(self.train_features) / examples_per_step)
+        shard = math.ceil(len(self.train_features) / self.env.world_size)  # DistributedSampler's share
+        self.steps_per_epoch = math.ceil(shard / examples_per_step)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.optimizer = build_optimizer("adamw", self.model, config.lr, config.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, round(config.warmup_ratio * self.total_steps),
@@ -78,10 +93,12 @@ class Finetuner:
         self.best: dict[str, Any] | None = None
         self.say(f"{config.task}: {len(self.train_examples)} train / {len(self.eval_examples)} eval examples "
                  f"({len(self.train_features)} / {len(self.eval_features)} features of {config.seq_len} tokens "
-                 f"at most); {self.model.num_parameters() / 1e6:.2f}M parameters, {precision} on {self.device}")
+                 f"at most); {self.model.num_parameters() / 1e6:.2f}M parameters, {precision} on {self.device}"
+                 + (f" x {self.env.world_size} processes" if self.env.enabled else ""))
 
     def say(self, message: str) -> None:
-        tqdm.write(message)
+        if self.env.is_main:
+            tqdm.write(message)
 
     def _fine_tuned_model(self) -> Any:
         """The model to evaluate as it is: every weight of the task's head must be in the checkpoint."""
@@ -97,8 +114,13 @@ class Finetuner:
         return model
 
     def _loader(self, features: list[Feature], shuffle: bool, epoch: int = 0) -> DataLoader:
-        return DataLoader(features, batch_size=self.config.batch_size, shuffle=shuffle,
-                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+        collate_fn = partial(collate, pad_id=self.tokenizer.pad_id)
+        if shuffle and self.env.enabled:
+            # Each process its own share of one permutation (padded with repeats to equal shares).
+            sampler = DistributedSampler(features, self.env.world_size, self.env.rank, seed=self.config.seed)
+            sampler.set_epoch(epoch)
+            return DataLoader(features, batch_size=self.config.batch_size, sampler=sampler, collate_fn=collate_fn)
+        return DataLoader(features, batch_size=self.config.batch_size, shuffle=shuffle, collate_fn=collate_fn,
                           generator=torch.Generator().manual_seed(self.config.seed + epoch))
 
     def _autocast(self) -> Any:
@@ -114,6 +136,8 @@ class Finetuner:
     def run(self) -> dict[str, Any]:
         """Train for the configured epochs; returns the best evaluation record."""
         cfg = self.config
+        if not self.env.is_main:
+            return self._follow()
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "finetune_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.metrics = MetricsLog(self.out / "metrics.jsonl", None)
@@ -126,6 +150,7 @@ class Finetuner:
             return self.best
         for epoch in range(1, cfg.epochs + 1):
             self.train_epoch(epoch)
+            barrier(self.env)  # the others wait while this process evaluates and saves
             scores, predictions = self.evaluate()
             record = {"split": "eval", "epoch": epoch, "step": self.step, **scores}
             self.metrics.write(record)
@@ -136,10 +161,20 @@ class Finetuner:
                 write_checkpoint(self.out / "best", self._write_model, None)
                 self._write_predictions(predictions)
             self.say(f"epoch {epoch}: eval {self._shown(scores)}")
+            barrier(self.env)
         best = self.best
         self.say(f"best: epoch {best['epoch']}, {self.task.main_metric} {best[self.task.main_metric]:.4f} "
                  f"-> {self.out / 'best'} (last epoch in {self.out / 'last'})")
         return best
+
+    def _follow(self) -> dict[str, Any]:
+        """A process other than the first: train its shares in step with the first, which does the rest."""
+        if not self.config.eval_only:
+            for epoch in range(1, self.config.epochs + 1):
+                self.train_epoch(epoch)
+                barrier(self.env)
+                barrier(self.env)
+        return {}
 
     @staticmethod
     def _shown(scores: dict[str, float]) -> str:
@@ -161,17 +196,22 @@ class Finetuner:
         cfg = self.config
         window_loss, window_steps = 0.0, 0
         bar = tqdm(self._steps(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch}",
-                   disable=not cfg.progress, leave=False)
+                   disable=not cfg.progress or not self.env.is_main, leave=False)
+        model = self.ddp or self.model
         for step in bar:
             examples = sum(len(batch["input_ids"]) for batch in step)
             loss = torch.zeros((), device=self.device)
-            for batch in step:
+            for i, batch in enumerate(step):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                with self._autocast():
-                    # each batch's mean loss, weighted by its share of the step's examples
-                    part = self.model(**batch).loss * (len(batch["input_ids"]) / examples)
-                self.scaler.scale(part).backward()
+                # DDP averages the gradients over processes on the step's last batch only
+                last = i == len(step) - 1
+                with model.no_sync() if self.ddp is not None and not last else nullcontext():
+                    with self._autocast():
+                        # each batch's mean loss, weighted by its share of the step's examples
+                        part = model(**batch).loss * (len(batch["input_ids"]) / examples)
+                    self.scaler.scale(part).backward()
                 loss += part.detach()
+            loss = all_reduce(loss, self.env) / self.env.world_size
             self.scaler.unscale_(self.optimizer)
             if cfg.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
@@ -183,7 +223,7 @@ class Finetuner:
             window_loss += loss.item()
             window_steps += 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.step % cfg.log_every == 0 or self.step % self.steps_per_epoch == 0:
+            if self.env.is_main and (self.step % cfg.log_every == 0 or self.step % self.steps_per_epoch == 0):
                 self.metrics.write({"split": "train", "epoch": epoch, "step": self.step,
                                     "loss": window_loss / window_steps, "lr": self.scheduler.get_last_lr()[0]})
                 window_loss, window_steps = 0.0, 0
