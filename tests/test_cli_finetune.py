@@ -234,3 +234,47 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, pretrained):
         torch.testing.assert_close(weights[1][key], value, rtol=0, atol=2e-5, msg=key)
     key = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.allclose(weights[0][key], model.state_dict()[key], atol=1e-4)  # the steps did train
+
+
+def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(pretrained, tmp_path, monkeypatch,
+                                                                           capsys):
+    from bertfast.finetune import Finetuner
+
+    rng = random.Random(9)
+    train = write(tmp_path / "train.jsonl", sentiment(rng, 24))
+    evals = write(tmp_path / "eval.jsonl", sentiment(rng, 8))
+
+    def finetune(out, *extra):
+        return main(["finetune", "--task", "classification", "--model", str(pretrained), "--train", train,
+                     "--eval", evals, "--output-dir", str(out), "--no-progress", "--seq-len", "32", "--epochs", "3",
+                     "--batch-size", "8", "--lr", "3e-3", "--log-every", "1", *extra])
+
+    assert finetune(tmp_path / "straight") == 0
+    original = Finetuner.train_epoch
+
+    def interrupted(self, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        original(self, epoch)
+
+    monkeypatch.setattr(Finetuner, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tmp_path / "resumed")
+    monkeypatch.undo()
+    assert finetune(tmp_path / "resumed", "--resume") == 0
+    assert "resuming after epoch 2 (step 6)" in capsys.readouterr().out
+
+    def read(out):
+        return ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+                BertForSequenceClassification.from_pretrained(out / "last").state_dict())
+
+    (records, weights), (records_resumed, weights_resumed) = read(tmp_path / "straight"), read(tmp_path / "resumed")
+    assert records_resumed == records  # the same losses at every step, dropout included
+    for key, value in weights.items():
+        assert torch.equal(weights_resumed[key], value), key
+
+    # A resumed run must keep the options that shape training, and needs a finished epoch to resume from.
+    assert finetune(tmp_path / "resumed", "--resume", "--lr", "1e-3") == 2
+    assert "--lr differ from the run in" in capsys.readouterr().err
+    assert finetune(tmp_path / "nothing-yet", "--resume") == 2
+    assert "has no finished epoch to resume from" in capsys.readouterr().err

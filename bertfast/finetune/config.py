@@ -43,6 +43,8 @@ class FinetuneConfig:
     progress: bool = option(True, "show progress bars")
     eval_only: bool = option(False, "evaluate --model, an already fine-tuned model, on --eval: write its "
                              "metrics and predictions, no training")
+    resume: bool = option(False, "continue the run in OUTPUT_DIR after its last finished epoch (same options; "
+                          "--epochs may grow)")
 
     def __post_init__(self) -> None:
         required = REQUIRED if self.eval_only else (*REQUIRED, "train")
@@ -65,6 +67,8 @@ class FinetuneConfig:
             raise ValueError(f"seq_len must be at least 8, got {self.seq_len}")
         if self.regression and self.task != "classification":
             raise ValueError("--regression applies to --task classification only")
+        if self.resume and self.eval_only:
+            raise ValueError("--resume continues training; --eval-only does none")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,7 +4,9 @@ After each epoch's evaluation the model is saved to ``OUTPUT_DIR/last`` and, whe
 metric improved, to ``OUTPUT_DIR/best`` (transformers' format plus the tokenizer files, written
 atomically), so ``transformers.AutoModelFor...`` and bertfast's classes both load either; the best
 model's predictions on the evaluation data go to ``OUTPUT_DIR/predictions.jsonl``. With
-``eval_only`` a fine-tuned model is evaluated as it is.
+``eval_only`` a fine-tuned model is evaluated as it is. ``last/`` also holds the trainer state
+(optimizer, schedule, RNG states, best record), so ``resume`` continues after the last finished
+epoch exactly as an uninterrupted run would have.
 
 Under ``torchrun`` every process trains on its share of each epoch (DistributedDataParallel; gloo
 on CPU, NCCL on GPU); the first process evaluates and writes everything while the others wait.
@@ -30,13 +32,24 @@ from tqdm.auto import tqdm
 from bertfast.data import load_tokenizer
 from bertfast.finetune.config import FinetuneConfig
 from bertfast.finetune.tasks import Feature, collate, make_task
-from bertfast.io import CheckpointError, atomic_write_text
-from bertfast.training.checkpoint import write_checkpoint
-from bertfast.training.distributed import DistEnv, all_reduce, barrier, init_distributed, pick_device, shutdown
+from bertfast.io import CheckpointError, atomic_write_text, load_state_dict
+from bertfast.training.checkpoint import STATE_FILE, capture_rng, load_state, restore_rng, write_checkpoint
+from bertfast.training.distributed import (
+    DistEnv,
+    all_reduce,
+    barrier,
+    gather_to_main,
+    init_distributed,
+    pick_device,
+    shutdown,
+)
 from bertfast.training.metrics import MetricsLog
 from bertfast.training.optim import build_optimizer, linear_schedule
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Options a resumed run must share with the run it continues (--epochs may grow: the schedule stretches).
+_RESUME_OPTIONS = ("task", "model", "train", "regression", "batch_size", "grad_accum", "lr", "warmup_ratio",
+                   "weight_decay", "clip_norm", "seq_len", "max_answer_length", "precision", "seed")
 
 
 def finetune(config: FinetuneConfig) -> int:
@@ -89,8 +102,10 @@ class Finetuner:
         self.scheduler = linear_schedule(self.optimizer, round(config.warmup_ratio * self.total_steps),
                                          self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.step = 0
+        self.step, self.start_epoch = 0, 1
         self.best: dict[str, Any] | None = None
+        if config.resume:
+            self._resume()
         self.say(f"{config.task}: {len(self.train_examples)} train / {len(self.eval_examples)} eval examples "
                  f"({len(self.train_features)} / {len(self.eval_features)} features of {config.seq_len} tokens "
                  f"at most); {self.model.num_parameters() / 1e6:.2f}M parameters, {precision} on {self.device}"
@@ -112,6 +127,32 @@ class Finetuner:
         self.task = make_task(cfg.task, regression, cfg.max_answer_length)
         self.task.use_model_labels(model.config)
         return model
+
+    def _resume(self) -> None:
+        """Load ``OUTPUT_DIR/last``: weights, optimizer, schedule, scaler, RNG states, step and best record."""
+        last = self.out / "last"
+        if not (last / STATE_FILE).is_file():
+            raise CheckpointError(f"{self.out} has no finished epoch to resume from (no last/{STATE_FILE})")
+        state = load_state(last)
+        changed = [k for k in _RESUME_OPTIONS if state["config"].get(k) != getattr(self.config, k)]
+        if changed:
+            raise CheckpointError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                                  f"differ from the run in {self.out}; a resumed run must keep them")
+        if state["world_size"] != self.env.world_size:
+            raise CheckpointError(f"--resume: the run in {self.out} used {state['world_size']} processes, "
+                                  f"this one has {self.env.world_size}")
+        self.model.load_checkpoint_state(load_state_dict(last), strict=True, source=str(last))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"][self.env.rank])
+        self.step, self.start_epoch, self.best = state["step"], state["epoch"] + 1, state["best"]
+        self.say(f"resuming after epoch {state['epoch']} (step {self.step}) from {last}")
+
+    def _state(self, epoch: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "epoch": epoch, "step": self.step, "best": self.best,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng, "world_size": self.env.world_size}
 
     def _loader(self, features: list[Feature], shuffle: bool, epoch: int = 0) -> DataLoader:
         collate_fn = partial(collate, pad_id=self.tokenizer.pad_id)
@@ -140,7 +181,7 @@ class Finetuner:
             return self._follow()
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "finetune_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", None)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step if cfg.resume else None)
         if cfg.eval_only:
             scores, predictions = self.evaluate()
             self.best = {"split": "eval", "epoch": 0, "step": 0, **scores}
@@ -148,18 +189,18 @@ class Finetuner:
             self._write_predictions(predictions)
             self.say(f"eval {self._shown(scores)} (predictions in {self.out / 'predictions.jsonl'})")
             return self.best
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(self.start_epoch, cfg.epochs + 1):
             self.train_epoch(epoch)
-            barrier(self.env)  # the others wait while this process evaluates and saves
+            rng = gather_to_main(capture_rng(), self.env)  # (the others wait while this process evaluates)
             scores, predictions = self.evaluate()
             record = {"split": "eval", "epoch": epoch, "step": self.step, **scores}
             self.metrics.write(record)
-            main = record[self.task.main_metric]
-            write_checkpoint(self.out / "last", self._write_model, None)
-            if self.best is None or main > self.best[self.task.main_metric]:
+            if self.best is None or record[self.task.main_metric] > self.best[self.task.main_metric]:
                 self.best = record
                 write_checkpoint(self.out / "best", self._write_model, None)
                 self._write_predictions(predictions)
+            # last/ comes after best/: a crash between them resumes from the epoch before, which repeats exactly
+            write_checkpoint(self.out / "last", self._write_model, self._state(epoch, rng))
             self.say(f"epoch {epoch}: eval {self._shown(scores)}")
             barrier(self.env)
         best = self.best
@@ -170,9 +211,9 @@ class Finetuner:
     def _follow(self) -> dict[str, Any]:
         """A process other than the first: train its shares in step with the first, which does the rest."""
         if not self.config.eval_only:
-            for epoch in range(1, self.config.epochs + 1):
+            for epoch in range(self.start_epoch, self.config.epochs + 1):
                 self.train_epoch(epoch)
-                barrier(self.env)
+                gather_to_main(capture_rng(), self.env)
                 barrier(self.env)
         return {}
 
