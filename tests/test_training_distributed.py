@@ -25,11 +25,16 @@ def write_corpus(path, n_docs=40, seed=0):
     return str(path)
 
 
-def _worker(rank: int, world_size: int, port: int, config: dict, out: str) -> None:
+def _join(rank: int, world_size: int, port: int):
+    """This spawned process's place in a gloo group, as torchrun would describe it."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    env, device = init_distributed("cpu")
+    return init_distributed("cpu")
+
+
+def _worker(rank: int, world_size: int, port: int, config: dict, out: str) -> None:
+    env, device = _join(rank, world_size, port)
     try:
         trainer = Pretrainer(PretrainConfig(**config), env, device)
         batch = trainer.data.epoch(0)[0]
@@ -76,10 +81,7 @@ def test_two_processes_stay_in_sync(tmp_path):
 def _finetune_worker(rank: int, world_size: int, port: int, config: dict, out: str) -> None:
     from bertfast.finetune import FinetuneConfig, Finetuner
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    env, device = init_distributed("cpu")
+    env, device = _join(rank, world_size, port)
     try:
         trainer = Finetuner(FinetuneConfig(**config), env, device)
         first_batch = next(iter(trainer._loader(trainer.train_features, shuffle=True, epoch=1)))["input_ids"]
