@@ -84,11 +84,10 @@ class Finetuner:
             self.task = make_task(config.task, config.regression, config.max_answer_length)
             self.train_examples = self.task.read(config.train)
             overrides = self.task.label_config(self.train_examples)
+            model = self.task.model_class.from_pretrained(config.model, **overrides)
         self.eval_examples = self.task.read(config.eval)
         self.train_features = self.task.encode(self.train_examples, self.tokenizer, config.seq_len)
         self.eval_features = self.task.encode(self.eval_examples, self.tokenizer, config.seq_len)
-        if not config.eval_only:
-            model = self.task.model_class.from_pretrained(config.model, **overrides)
         self.model = model.to(self.device).train()
         self.ddp = None
         if self.env.enabled and not config.eval_only:
