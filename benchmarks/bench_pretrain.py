@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pretrain.py --quick                 # CPU: tiny preset, a few steps
     python benchmarks/bench_pretrain.py --preset base --batch-size 64 --steps 30    # GPU
-    python benchmarks/bench_pretrain.py --compile --out benchmarks/results/pretrain_cpu.json
+    python benchmarks/bench_pretrain.py --compile --out benchmarks/results/pretrain_cpu.md   # or .json
 
 Every row trains on the same batches of the built-in corpus (real NSP pairs, dynamic MLM masks,
 padded to the longest row) with AdamW, clipping at 1.0 and the same precision:
