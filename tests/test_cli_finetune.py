@@ -278,3 +278,16 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(pretr
     assert "--lr differ from the run in" in capsys.readouterr().err
     assert finetune(tmp_path / "nothing-yet", "--resume") == 2
     assert "has no finished epoch to resume from" in capsys.readouterr().err
+
+
+def test_resume_from_a_damaged_trainer_state_names_the_file(pretrained, tmp_path, capsys):
+    rng = random.Random(10)
+    out, _, _ = run(pretrained, tmp_path, "classification", sentiment(rng, 8), sentiment(rng, 4), "--epochs", "1",
+                    "--batch-size", "8")
+    state = out / "last" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # a write cut short
+    code = main(["finetune", "--task", "classification", "--model", str(pretrained), "--train",
+                 str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"), "--output-dir", str(out),
+                 "--no-progress", "--seq-len", "32", "--epochs", "1", "--batch-size", "8", "--resume"])
+    assert code == 2
+    assert f"cannot read the trainer state {state}" in capsys.readouterr().err

@@ -12,16 +12,18 @@ crash leaves either a complete checkpoint or none; ``latest`` picks the highest 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bertfast.io import atomic_write
+from bertfast.io import CheckpointError, atomic_write
 
 STATE_FILE = "trainer_state.pt"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -106,7 +108,17 @@ def write_checkpoint(directory: Path, write_model: Any, state: dict[str, Any] | 
 
 
 def load_state(directory: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    """The trainer state of a checkpoint directory; a truncated or foreign file is a CheckpointError."""
+    path = Path(directory) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"cannot read the trainer state {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a trainer state")
+    return state
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
