@@ -3,8 +3,11 @@
     python benchmarks/bench_model.py                      # CPU: preset mini, a few steps
     python benchmarks/bench_model.py --preset base --batch 32 --seq 128 --dtype bf16   # GPU
     python benchmarks/bench_model.py --compile            # also transformers under torch.compile
+    python benchmarks/bench_model.py --inference          # the encoder's forward in eval mode, no grad
 
-A step is forward + backward of BertForPreTraining with MLM (15% of real tokens) and NSP labels.
+A step is forward + backward of BertForPreTraining with MLM (15% of real tokens) and NSP labels;
+with --inference it is one forward of the encoder (BertModel, eval mode, no gradients), the
+drop-in case of a transformers user who swaps the model.
 Lengths are uniform in 50-100% of --seq, as in real batches. Reports median step time, real
 tokens per second, the speed-up over each baseline, and peak memory on a GPU.
 """
@@ -39,16 +42,20 @@ def make_batch(batch: int, seq: int, vocab: int, device: torch.device, ragged: b
     return {k: v.to(device) for k, v in tensors.items()}, int(mask.sum())
 
 
-def time_steps(model, inputs, steps: int, warmup: int, device: torch.device, dtype: torch.dtype) -> list[float]:
+def time_steps(model, inputs, steps: int, warmup: int, device: torch.device, dtype: torch.dtype,
+               inference: bool = False) -> list[float]:
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(**inputs).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+            if inference:
+                with torch.no_grad():
+                    model(**inputs)
+            else:
+                model(**inputs).loss.backward()
+                model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -65,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="no padding: every row is --seq tokens")
     parser.add_argument("--compile", action="store_true", help="also time transformers under torch.compile")
+    parser.add_argument("--inference", action="store_true", help="time the encoder's forward in eval mode")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -85,6 +93,9 @@ def main() -> None:
         theirs = transformers.BertForPreTraining.from_pretrained(tmp, attn_implementation="sdpa")
     theirs = theirs.to(device).train()
     inputs, real_tokens = make_batch(batch, args.seq, config.vocab_size, device, ragged=not args.full)
+    if args.inference:
+        ours, theirs = ours.bert.eval(), theirs.bert.eval()
+        inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
     candidates = {"bertfast": ours, "transformers (sdpa)": theirs}
     if args.compile:
@@ -93,7 +104,7 @@ def main() -> None:
     for name, model in candidates.items():
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        times = time_steps(model, inputs, steps, warmup=2, device=device, dtype=dtype)
+        times = time_steps(model, inputs, steps, warmup=2, device=device, dtype=dtype, inference=args.inference)
         median = statistics.median(times)
         results[name] = {
             "step_ms": 1000 * median,
@@ -102,7 +113,8 @@ def main() -> None:
         }
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{device_name}, preset {preset}, batch {batch} x seq {args.seq} "
+    mode = "encoder forward (inference)" if args.inference else "training step"
+    print(f"{device_name}, {mode}, preset {preset}, batch {batch} x seq {args.seq} "
           f"({real_tokens} real tokens), {str(dtype).removeprefix('torch.')}, median of {steps} steps")
     print(f"{'':32s} {'step ms':>10s} {'tokens/s':>12s} {'peak MB':>10s} {'bertfast speed-up':>18s}")
     base = results["bertfast"]["step_ms"]
@@ -113,7 +125,8 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "device": device_name, "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "preset": preset, "batch": batch, "seq": args.seq, "dtype": str(dtype), "results": results,
+            "mode": mode, "preset": preset, "batch": batch, "seq": args.seq, "dtype": str(dtype),
+            "results": results,
         }, indent=2))
 
 
