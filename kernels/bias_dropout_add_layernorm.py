@@ -36,6 +36,8 @@ from bertfast.kernels.layernorm_common import (
     dropout_scale,
     dtype_tag,
     kernels_available,
+    layernorm_row,
+    layernorm_row_grad,
     partial_programs,
     reduce_partials,
     row_config,
@@ -59,12 +61,8 @@ def _bdal_fwd_kernel(
     if HAS_DROPOUT:
         u = tl.where(dropout_keep(tl.load(seed_ptr), offsets, p), u * scale, 0.0)
     h = u + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(h, axis=0) / H
-    d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / H + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offsets, (d * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+    y, mean, rstd = layernorm_row(h, cols, mask, H, eps, w_ptr, b_ptr)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
@@ -98,10 +96,7 @@ def _bdal_bwd_kernel(
         rstd = tl.load(rstd_ptr + row)
         x_hat = tl.where(mask, (h - tl.load(mean_ptr + row)) * rstd, 0.0)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        wdy = w * dy
-        c1 = tl.sum(x_hat * wdy, axis=0) / H
-        c2 = tl.sum(wdy, axis=0) / H
-        dh = (wdy - (x_hat * c1 + c2)) * rstd
+        dh = layernorm_row_grad(x_hat, dy, w, rstd, H)
         tl.store(dres_ptr + offsets, dh.to(dres_ptr.dtype.element_ty), mask=mask)
         du = dh
         if HAS_DROPOUT:

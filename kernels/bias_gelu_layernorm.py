@@ -31,6 +31,8 @@ from bertfast.kernels.layernorm_common import (
     gelu,
     gelu_grad,
     kernels_available,
+    layernorm_row,
+    layernorm_row_grad,
     partial_programs,
     reduce_partials,
     row_config,
@@ -51,12 +53,8 @@ def _bgl_fwd_kernel(
     u = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     u += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     h = gelu(u, APPROX_TANH)  # gelu(0) = 0: the masked lanes stay out of the sums
-    mean = tl.sum(h, axis=0) / H
-    d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / H + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offsets, (d * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+    y, mean, rstd = layernorm_row(h, cols, mask, H, eps, w_ptr, b_ptr)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
@@ -82,10 +80,7 @@ def _bgl_bwd_kernel(
         rstd = tl.load(rstd_ptr + row)
         x_hat = tl.where(mask, (gelu(u, APPROX_TANH) - tl.load(mean_ptr + row)) * rstd, 0.0)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        wdy = w * dy
-        c1 = tl.sum(x_hat * wdy, axis=0) / H
-        c2 = tl.sum(wdy, axis=0) / H
-        du = (wdy - (x_hat * c1 + c2)) * rstd * gelu_grad(u, APPROX_TANH)
+        du = layernorm_row_grad(x_hat, dy, w, rstd, H) * gelu_grad(u, APPROX_TANH)
         du = tl.where(mask, du, 0.0)
         tl.store(dx_ptr + offsets, du.to(dx_ptr.dtype.element_ty), mask=mask)
         dw += dy * x_hat

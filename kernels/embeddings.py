@@ -36,6 +36,8 @@ from bertfast.kernels.layernorm_common import (
     dropout_keep,
     dropout_scale,
     kernels_available,
+    layernorm_row,
+    layernorm_row_grad,
     partial_programs,
     reduce_partials,
     row_config,
@@ -72,12 +74,7 @@ def _emb_fwd_kernel(
     mask = cols < H
     h = _gather_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, row, cols, mask, H,
                     FROM_EMBEDS)
-    mean = tl.sum(h, axis=0) / H
-    d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / H + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = d * rstd * w + b
+    y, mean, rstd = layernorm_row(h, cols, mask, H, eps, w_ptr, b_ptr)
     offsets = row * H + cols
     if HAS_DROPOUT:
         y = tl.where(dropout_keep(tl.load(seed_ptr), offsets, p), y * scale, 0.0)
@@ -112,10 +109,7 @@ def _emb_bwd_kernel(
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             dy = tl.where(dropout_keep(seed, offsets, p), dy * scale, 0.0)
-        wdy = w * dy
-        c1 = tl.sum(x_hat * wdy, axis=0) / H
-        c2 = tl.sum(wdy, axis=0) / H
-        dh = (wdy - (x_hat * c1 + c2)) * rstd
+        dh = layernorm_row_grad(x_hat, dy, w, rstd, H)
         tl.store(dh_ptr + offsets, dh.to(dh_ptr.dtype.element_ty), mask=mask)
         dw += dy * x_hat
         db += dy

@@ -5,8 +5,8 @@
   dbias) without atomics. The backward kernels run a bounded number of programs that each
   walk a strided set of rows and keep their own fp32 partial sums in registers; a second,
   small reduction adds up the ``(programs, hidden)`` partials. Deterministic for a device.
-* ``gelu`` / ``gelu_grad``, ``dropout_keep`` and ``store_ln_partials``: @triton.jit helpers inlined by the
-  kernels.
+* ``gelu`` / ``gelu_grad``, ``dropout_keep``, ``layernorm_row`` / ``layernorm_row_grad`` and
+  ``store_ln_partials``: @triton.jit helpers inlined by the kernels.
 * LayerNorm backward of one row, given x_hat = (h - mean) * rstd and dy::
 
       wdy = gamma * dy
@@ -127,6 +127,26 @@ def gelu_grad(u, APPROX_TANH: tl.constexpr):
 def dropout_keep(seed, offsets, p):
     """Philox mask: element ``offsets`` of the tensor is kept with probability 1 - p."""
     return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def layernorm_row(h, cols, mask, H, eps, w_ptr, b_ptr):
+    """(y, mean, rstd) of one fp32 row ``h`` whose masked lanes hold 0: y = (h - mean) * rstd * gamma + beta."""
+    mean = tl.sum(h, axis=0) / H
+    d = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / H + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return d * rstd * w + b, mean, rstd
+
+
+@triton.jit
+def layernorm_row_grad(x_hat, dy, w, rstd, H):
+    """dh of one row (the formula in the module docstring), from x_hat, dy, gamma and rstd."""
+    wdy = w * dy
+    c1 = tl.sum(x_hat * wdy, axis=0) / H
+    c2 = tl.sum(wdy, axis=0) / H
+    return (wdy - (x_hat * c1 + c2)) * rstd
 
 
 @triton.jit
