@@ -26,6 +26,9 @@ _EXPORTS = {
     "BertForQuestionAnswering": "bertfast.models",
     "BertForMultipleChoice": "bertfast.models",
     "from_transformers": "bertfast.models",
+    "accelerate": "bertfast.dropin",
+    "patch_transformers": "bertfast.dropin",
+    "unpatch_transformers": "bertfast.dropin",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bertfast import ops
 from bertfast.config import BertConfig
 from bertfast.models.base import BertModel, BertPreTrainedModel, Encoded, _check_range, check_no_attentions
 from bertfast.modules import BertOnlyMLMHead, BertOnlyNSPHead, BertPreTrainingHeads
 from bertfast.outputs import BertForPreTrainingOutput, MaskedLMOutput, NextSentencePredictorOutput
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = ops.IGNORE_INDEX
 
 
 def _masked_lm(

@@ -31,6 +31,7 @@ from bertfast.ops import reference
 from bertfast.padding import Packing
 
 BACKENDS = ("torch", "triton", "native")
+IGNORE_INDEX = -100  # labels that the losses skip, as in torch.nn.functional.cross_entropy
 
 # op name -> {backend: "module:function"}; imported lazily, on first use.
 _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
@@ -116,6 +117,10 @@ def implementation(op: str, like: Tensor) -> tuple[str, Callable]:
     return backend, fn
 
 
+def _zeros_if_none(bias: Tensor | None, x: Tensor) -> Tensor:
+    return x.new_zeros(x.shape[-1]) if bias is None else bias
+
+
 def embeddings(
     input_ids: Tensor | None,
     position_ids: Tensor,
@@ -139,25 +144,28 @@ def embeddings(
     )
 
 
-def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+def bias_gelu(x: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
     """gelu(x + bias)."""
+    bias = _zeros_if_none(bias, x)
     _, fn = implementation("bias_gelu", x)
     return fn(x, bias, approximate)
 
 
 def bias_dropout_add_layernorm(
-    x: Tensor, bias: Tensor, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+    x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
     eps: float, dropout_p: float, training: bool,
 ) -> Tensor:
     """LayerNorm(dropout(x + bias) + residual)."""
+    bias = _zeros_if_none(bias, x)
     _, fn = implementation("bias_dropout_add_layernorm", x)
     return fn(x, bias, residual, ln_weight, ln_bias, eps, dropout_p, training)
 
 
 def bias_gelu_layernorm(
-    x: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str = "none"
+    x: Tensor, bias: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str = "none"
 ) -> Tensor:
     """LayerNorm(gelu(x + bias))."""
+    bias = _zeros_if_none(bias, x)
     _, fn = implementation("bias_gelu_layernorm", x)
     return fn(x, bias, ln_weight, ln_bias, eps, approximate)
 
@@ -197,6 +205,7 @@ def linear_cross_entropy(
 
 __all__ = [
     "BACKENDS",
+    "IGNORE_INDEX",
     "attention",
     "bias_dropout_add_layernorm",
     "bias_gelu",
