@@ -69,16 +69,20 @@ def packed_embeddings(
     )
 
 
-def _fused_qkv_weights(attention: nn.Module) -> tuple[Tensor, Tensor]:
+def _fused_qkv_weights(attention: nn.Module, training: bool) -> tuple[Tensor, Tensor]:
     """q, k and v weights (and biases) concatenated for one matmul.
 
     With autograd recording, the concatenation is part of the graph. Without it (inference), the
-    result is cached on the module and rebuilt only when one of the six tensors is replaced or
-    modified in place (its version counter moves), so a served model pays for it once.
+    result is cached on the module, so a served model pays for it once. The cache is dropped when one
+    of the six tensors is replaced or modified in place (its version counter moves), and by every
+    training-mode forward: fused optimizers update parameters without moving version counters, but
+    any optimizer step follows a training forward.
     """
     linears = (attention.query, attention.key, attention.value)
     tensors = [t for lin in linears for t in (lin.weight, lin.bias)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if training:
+        attention.__dict__.pop("_bertfast_qkv", None)
+    if training or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return torch.cat(tensors[0::2]), torch.cat(tensors[1::2])
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     cached = attention.__dict__.get("_bertfast_qkv")
@@ -94,7 +98,7 @@ def packed_self_attention(attention: nn.Module, hidden: Tensor, packing: Packing
     heads, head_dim = attention.num_attention_heads, attention.attention_head_size
     linears = (attention.query, attention.key, attention.value)
     if all(type(lin) is nn.Linear and lin.bias is not None for lin in linears):
-        weight, bias = _fused_qkv_weights(attention)
+        weight, bias = _fused_qkv_weights(attention, training)
         qkv = F.linear(hidden, weight, bias)
     else:  # some projection is not a plain Linear: each one runs as its module
         qkv = torch.stack([lin(hidden) for lin in linears], dim=1)

@@ -318,3 +318,28 @@ def test_patch_transformers_builds_accelerated_models_and_undoes(one_thread):
         bertfast.unpatch_transformers()
     assert not is_accelerated(model.bert)
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, fast_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_qkv_cache_follows_weight_updates(one_thread):
+    """The fused q/k/v weights cached for inference never go stale: not after an in-place edit, and
+    not after a fused optimizer step (which leaves version counters alone)."""
+    model = bertfast.BertModel(bertfast.BertConfig.from_preset("tiny", vocab_size=VOCAB)).eval()
+    ids, mask = ragged_batch(pad_id=0)
+
+    def fresh():
+        clone = copy.deepcopy(model)
+        for module in clone.modules():
+            module.__dict__.pop("_bertfast_qkv", None)
+        return clone(ids, attention_mask=mask).last_hidden_state
+
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        model.encoder.layer[0].attention.self.query.weight.mul_(1.5)
+        torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, fresh())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model.train()
+    model(ids, attention_mask=mask).last_hidden_state.sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, fresh())

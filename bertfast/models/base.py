@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -68,14 +69,47 @@ def _legacy_rename(key: str) -> str:
     return key
 
 
-class BertPreTrainedModel(nn.Module):
+def _model_base() -> type[nn.Module]:
+    """transformers' ``PreTrainedModel`` when transformers is installed, else ``nn.Module``.
+
+    Trainer, PEFT and pipelines recognise a model by ``isinstance(model, PreTrainedModel)`` (Trainer's
+    ``save_model`` writes only bare weights, no config.json, for anything else), so bertfast's models
+    are PreTrainedModels where that class exists. They borrow nothing else from it: initialisation,
+    configs, checkpoints and every method a client calls are bertfast's own (below), and the
+    nn.Module methods that PreTrainedModel overrides with hooks for quantizers are reset to
+    nn.Module's. Without transformers, bertfast stands alone.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        class Standalone(nn.Module):
+            def __init__(self, config: Any) -> None:
+                super().__init__()
+                self.config = config
+
+        return Standalone
+    from transformers import PreTrainedModel
+
+    class TransformersCompatible(PreTrainedModel):
+        to, cuda, half, float, train, eval = (nn.Module.to, nn.Module.cuda, nn.Module.half, nn.Module.float,
+                                              nn.Module.train, nn.Module.eval)
+
+        def __init__(self, config: Any) -> None:
+            nn.Module.__init__(self)  # PreTrainedModel.__init__ requires transformers' config class
+            self.config = config
+            self.name_or_path = ""
+
+    return TransformersCompatible
+
+
+class BertPreTrainedModel(_model_base()):
     """Weight initialisation, ``from_pretrained`` / ``save_pretrained`` and shared input handling."""
 
     base_model_prefix = "bert"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _keys_to_ignore_on_save = None
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
 
     # ----------------------------------------------------------------- init
     def post_init(self) -> None:
@@ -110,8 +144,55 @@ class BertPreTrainedModel(nn.Module):
         base = getattr(self, self.base_model_prefix, self)
         return base.embeddings.word_embeddings
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        base = getattr(self, self.base_model_prefix, self)
+        base.embeddings.word_embeddings = value
+        self.tie_weights()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The MLM decoder (tied to the word embeddings), or None for models without an MLM head."""
+        head = getattr(getattr(self, "cls", None), "predictions", None)
+        return None if head is None else head.decoder
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Grow or shrink the vocabulary (as transformers does): kept rows are copied, new rows start at
+        the mean of the old ones (or random with ``mean_resizing=False``), the MLM bias follows."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None:
+            new_num_tokens = old.num_embeddings
+        if pad_to_multiple_of is not None:
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens <= 0:
+            raise ValueError(f"new_num_tokens must be positive, got {new_num_tokens}")
+        if new_num_tokens == old.num_embeddings:
+            return old
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=old.padding_idx,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        kept = min(new_num_tokens, old.num_embeddings)
+        with torch.no_grad():
+            if mean_resizing:
+                new.weight.copy_(old.weight.mean(dim=0, keepdim=True).expand_as(new.weight))
+            else:
+                nn.init.normal_(new.weight, std=self.config.initializer_range)
+            new.weight[:kept] = old.weight[:kept]
+        head = getattr(getattr(self, "cls", None), "predictions", None)
+        if head is not None:
+            bias = torch.zeros(new_num_tokens, device=head.bias.device, dtype=head.bias.dtype)
+            bias[:kept] = head.bias.detach()[:kept]
+            head.bias = nn.Parameter(bias)
+            head.decoder.out_features = new_num_tokens
+        self.config.vocab_size = new_num_tokens
+        self.set_input_embeddings(new)
+        return new
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each encoder layer in backward instead of keeping its activations."""
+        """Recompute each encoder layer in backward instead of keeping its activations.
+
+        ``gradient_checkpointing_kwargs`` is accepted for transformers' Trainer; bertfast always uses
+        non-reentrant checkpointing (it replays the dropout masks and works with frozen inputs).
+        """
         for module in self.modules():
             if isinstance(module, BertEncoder):
                 module.gradient_checkpointing = True
@@ -122,6 +203,10 @@ class BertPreTrainedModel(nn.Module):
                 module.gradient_checkpointing = False
 
     @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules() if isinstance(m, BertEncoder))
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -129,16 +214,43 @@ class BertPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once each (tied ones too), as transformers counts them."""
+        unique = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for module in self.modules():
+                if isinstance(module, nn.Embedding):
+                    unique.pop(id(module.weight), None)
+        return sum(p.numel() for p in unique.values() if p.requires_grad or not only_trainable)
+
+    def floating_point_ops(self, inputs: dict[str, Any], exclude_embeddings: bool = True) -> int:
+        """6 x tokens x parameters: transformers' estimate of a training step's FLOPs (Trainer logs it)."""
+        ids = inputs.get(self.main_input_name)
+        tokens = ids.numel() if isinstance(ids, Tensor) else 0
+        return 6 * tokens * self.num_parameters(exclude_embeddings=exclude_embeddings)
+
+    def can_generate(self) -> bool:
+        return False
 
     # ---------------------------------------------------------- checkpoints
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors, loadable by transformers' class of the same name."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None,
+        is_main_process: bool = True, safe_serialization: bool = True, **kwargs: Any,
+    ) -> None:
+        """Write config.json + model.safetensors, loadable by transformers' class of the same name.
+
+        The same call as transformers' (Trainer passes ``state_dict`` and ``is_main_process``). Weights
+        are always safetensors: ``safe_serialization=False`` (a pickle) is refused.
+        """
+        if not safe_serialization:
+            raise ValueError("bertfast writes safetensors only; safe_serialization=False is not supported")
+        if not is_main_process:
+            return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
-        state = {k: v for k, v in self.state_dict().items() if k not in TIED_KEYS}
+        state = self.state_dict() if state_dict is None else state_dict
+        state = {k: v for k, v in state.items() if k not in TIED_KEYS}
         save_safetensors(state, directory / SAFE_WEIGHTS_NAME)
         self.config.save_pretrained(directory)
 
