@@ -7,8 +7,10 @@ tokens), and every layer runs on ``(total_tokens, hidden)`` tensors.
 Packing costs no host synchronisation of its own: ``max_seqlen`` is the padded
 width, an upper bound that every attention backend accepts, rather than the
 longest real length (which would have to be read back from the device). Under
-``torch.compile`` the packed token count is an unbacked symbolic size (it comes
-from ``nonzero``), so nothing here branches on it.
+``torch.compile`` the packed token count is an unbacked symbolic size: it comes
+from :func:`kept_positions`, a custom op whose output length is declared
+data-dependent, so the compiler traces through packing without a graph break and
+without ``capture_dynamic_output_shape_ops``; nothing here branches on it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+@torch.library.custom_op("bertfast::kept_positions", mutates_args=())
+def kept_positions(keep: Tensor) -> Tensor:
+    """Flat int64 indices of the True entries of a bool tensor (``torch.nonzero`` of it, flattened)."""
+    return torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+
+
+@kept_positions.register_fake
+def _kept_positions_fake(keep: Tensor) -> Tensor:
+    ctx = torch.library.get_ctx()
+    shape_env = getattr(ctx, "_shape_env", None)
+    if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
+        # torch.compile without fullgraph=True refuses data-dependent sizes by default and would break
+        # the graph here. The count is a bounded size, so it is made directly, as torch's own
+        # device-mesh ops do, and packing stays inside the graph either way.
+        from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size
+
+        count = shape_env.create_unbacked_symint()
+        _constrain_range_for_size(count, min=0, max=keep.numel())
+    else:
+        count = ctx.new_dynamic_size(min=0, max=keep.numel())
+    return keep.new_empty(count, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -49,7 +74,7 @@ class Packing:
         batch, seqlen = attention_mask.shape
         keep = attention_mask.bool()
         lengths = keep.sum(dim=1, dtype=torch.int32)
-        indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+        indices = kept_positions(keep)
         return cls(indices, _offsets(lengths), lengths, seqlen, batch, seqlen)
 
     def pack(self, x: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from bertfast.modules import (
     packed_encoder,
 )
 from bertfast.outputs import BaseModelOutputWithPooling, ModelOutput
-from bertfast.padding import Packing, gather_rows
+from bertfast.padding import Packing, gather_rows, kept_positions
 
 logger = logging.getLogger("bertfast")
 
@@ -488,7 +488,7 @@ def encode(
         keep = needed.bool()
         if pool_first_token:
             keep = keep | first_token_mask(packing, attention_mask)
-        rows = torch.nonzero(packing.pack(keep)).flatten()
+        rows = kept_positions(packing.pack(keep))
     states = packed_encoder(base.encoder, hidden, packing, training, output_hidden_states, last_layer_rows=rows)
     return Encoded(packing, states[-1], states if output_hidden_states else None, None, rows)
 
