@@ -50,8 +50,8 @@ def _add_options(parser: argparse.ArgumentParser, options: list[tuple[str, Any, 
                                   "help": meta["help"] + (shown if default is not None else "")}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
-            kwargs.update(action="extend", nargs="+", metavar="PATH")
+        elif isinstance(default, list) or meta.get("many"):
+            kwargs.update(action="extend", nargs="+", metavar=meta.get("metavar", "PATH"))
         else:
             kwargs["type"] = type(default) if default is not None else str
             if "choices" in meta:

@@ -9,11 +9,11 @@ from bertfast.data import train_tokenizer
 from bertfast.finetune import DataError, make_task
 from bertfast.finetune.data import (
     read_classification,
-    read_jsonl,
     read_multiple_choice,
     read_question_answering,
     read_token_classification,
 )
+from bertfast.finetune.formats import read_jsonl
 from bertfast.finetune.tasks import IGNORE, collate
 
 WORDS = "the cat sat on a mat while paris is the capital of france and berlin of germany".split()
