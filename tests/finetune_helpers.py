@@ -1,0 +1,24 @@
+"""A tiny pretrained BERT directory with a written vocabulary, for the fine-tuning tests.
+
+The vocabulary is written out rather than trained: WordPiece training breaks ties in hash-map order,
+and a vocabulary that changed from run to run would make the tests' outcomes vary too.
+"""
+
+import torch
+
+from bertfast.config import BertConfig
+from bertfast.data import load_tokenizer
+from bertfast.data.tokenizer import SPECIAL_TOKENS
+from bertfast.models import BertForPreTraining
+
+
+def write_pretrained(directory, words, seed=0):
+    """config.json, model.safetensors, vocab.txt and tokenizer.json of a 2-layer, 32-wide BERT."""
+    (directory / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, *sorted(set(words))]) + "\n")
+    tokenizer = load_tokenizer(directory / "vocab.txt")
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForPreTraining(config).save_pretrained(directory)
+    tokenizer.save(directory)
+    return directory
