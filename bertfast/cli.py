@@ -1,4 +1,4 @@
-"""The ``bertfast`` command: ``bertfast pretrain``, ``bertfast finetune`` and ``bertfast tokenizer train``."""
+"""The ``bertfast`` command: ``pretrain``, ``finetune``, ``glue``, ``predict`` and ``tokenizer train``."""
 
 from __future__ import annotations
 
@@ -102,6 +102,77 @@ def _finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+GLUE_EPILOG = """\
+DATA_DIR is laid out as GLUE's download script writes it: CoLA/ SST-2/ MRPC/ STS-B/ QQP/ MNLI/ QNLI/
+RTE/ WNLI/, each with train.tsv and dev.tsv (MNLI: dev_matched.tsv and dev_mismatched.tsv). Every task
+present runs (or those of --tasks), from the same --model, into OUTPUT_DIR/TASK (a bertfast finetune run
+directory: metrics.jsonl, eval_results.json, best/, last/). Defaults per task: 3 epochs (CoLA, MRPC,
+STS-B, RTE, WNLI: 5), batch 32, lr 2e-5, seq-len 128, warmup 0.1; the options below override them for
+every task, --set TASK.OPTION=VALUE (any bertfast finetune option) for one.
+
+Metrics on each dev set: CoLA Matthews correlation; STS-B Pearson and Spearman; MRPC and QQP F1 and
+accuracy; MNLI matched and mismatched accuracy; SST-2, QNLI, RTE, WNLI accuracy. A task's score is the
+mean of its metrics, the GLUE score the mean of the task scores. OUTPUT_DIR gets glue_results.json
+(per-task metrics, "average", "errors"), glue_results.md (a table) and glue_results.png (a bar chart).
+A missing or malformed task folder is reported and the other tasks still run. Exit codes: 0 every task
+scored, 2 a task failed or bad options.
+"""
+
+
+def _glue_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "glue", help="fine-tune and score every GLUE task of a download",
+        description="Fine-tune a pretrained BERT on each GLUE task, score it on the dev set and average the "
+                    "scores into the GLUE score.",
+        epilog=GLUE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data-dir", required=True, metavar="DIR", help="the GLUE download (one folder per task)")
+    parser.add_argument("--model", required=True, metavar="DIR", help="the pretrained model to fine-tune")
+    parser.add_argument("--output-dir", default="runs/glue", metavar="DIR", help="where to write (default: runs/glue)")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="the tasks to run (default: every one present)")
+    for flag, kind in (("epochs", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
+                       ("warmup-ratio", float), ("weight-decay", float), ("seq-len", int), ("seed", int)):
+        parser.add_argument(f"--{flag}", type=kind, default=argparse.SUPPRESS, metavar="N" if kind is int else "X",
+                            help="as bertfast finetune, for every task (default: per task)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=argparse.SUPPRESS,
+                        help="as bertfast finetune (default: auto)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=argparse.SUPPRESS,
+                        help="as bertfast finetune (default: auto)")
+    parser.add_argument("--skip-bad-rows", action="store_true", default=argparse.SUPPRESS,
+                        help="skip rows that break their format, counted per task (QQP's train.tsv has some)")
+    parser.add_argument("--set", action="append", default=[], metavar="TASK.OPTION=VALUE",
+                        help="an option for one task, e.g. --set RTE.epochs=10 (repeatable)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar over tasks and epochs (default: true)")
+    return parser
+
+
+def _run_glue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from bertfast.finetune import DataError
+    from bertfast.finetune.glue import find_task, markdown_table, run_glue
+
+    shared = {k: v for k, v in vars(args).items()
+              if k not in ("command", "data_dir", "model", "output_dir", "tasks", "set", "progress")}
+    per_task: dict[str, dict[str, Any]] = {}
+    try:
+        for item in args.set:
+            target, equals, value = item.partition("=")
+            name, dot, option = target.partition(".")
+            if not (equals and dot and option):
+                raise ValueError(f"--set {item!r}: expected TASK.OPTION=VALUE")
+            per_task.setdefault(find_task(name).name, {})[option] = value
+        results = run_glue(args.data_dir, args.model, args.output_dir, args.tasks, shared, per_task, args.progress)
+    except ValueError as e:
+        if isinstance(e, DataError):
+            print(f"bertfast glue: error: {e}", file=sys.stderr)
+            return 2
+        parser.error(str(e))
+    print(markdown_table(results), end="")
+    for name, error in results["errors"].items():
+        print(f"bertfast glue: {name} failed: {error}", file=sys.stderr)
+    return 2 if results["errors"] else 0
+
+
 def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("tokenizer", help="tokenizer tools")
     commands = parser.add_subparsers(dest="tokenizer_command", required=True)
@@ -183,10 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     pretrain_parser = _pretrain_parser(subparsers)
     finetune_parser = _finetune_parser(subparsers)
+    glue_parser = _glue_parser(subparsers)
     _tokenizer_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "pretrain":
         return _run_pretrain(args, pretrain_parser)
     if args.command == "finetune":
         return _run_finetune(args, finetune_parser)
+    if args.command == "glue":
+        return _run_glue(args, glue_parser)
     return _run_tokenizer_train(args)

@@ -12,13 +12,15 @@ from bertfast.data.tokenizer import SPECIAL_TOKENS
 from bertfast.models import BertForPreTraining
 
 
-def write_pretrained(directory, words, seed=0):
+def write_pretrained(directory, words, seed=0, initializer_range=0.02, dropout=0.1):
     """config.json, model.safetensors, vocab.txt and tokenizer.json of a 2-layer, 32-wide BERT."""
     (directory / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, *sorted(set(words))]) + "\n")
     tokenizer = load_tokenizer(directory / "vocab.txt")
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                        initializer_range=initializer_range, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     BertForPreTraining(config).save_pretrained(directory)
     tokenizer.save(directory)
     return directory

@@ -51,6 +51,8 @@ class FinetuneConfig:
     clip_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
     seq_len: int = option(128, "maximum sequence length in tokens (longer inputs are truncated; QA "
                           "contexts are split into overlapping windows)")
+    best_metric: str | None = option(None, "the eval metric that picks the best epoch (default: the task's, "
+                                     "see below)", metavar="NAME")
     max_answer_length: int = option(30, "question answering: longest predicted answer, in tokens")
     precision: str = option("auto", "compute precision (auto: bf16 on a GPU that has it, else fp32; "
                             "fp16 uses a gradient scaler)", choices=("auto", "fp32", "bf16", "fp16"))

@@ -17,7 +17,7 @@ from bertfast.io import atomic_write_text
 
 EVAL_RESULTS = "eval_results.json"
 # bertfast's metric name -> transformers' where they differ.
-_TRANSFORMERS_NAMES = {"matthews": "matthews_correlation", "spearman": "spearmanr"}
+TRANSFORMERS_NAMES = {"matthews": "matthews_correlation", "spearman": "spearmanr"}
 _BOOKKEEPING = ("split", "epoch", "step")
 
 
@@ -26,7 +26,7 @@ def transformers_metrics(record: dict[str, Any], samples: int, suffix: str = "")
     out: dict[str, Any] = {"epoch": record.get("epoch", 0)}
     for name, value in record.items():
         if name not in _BOOKKEEPING:
-            out[f"eval_{_TRANSFORMERS_NAMES.get(name, name)}{suffix}"] = value
+            out[f"eval_{TRANSFORMERS_NAMES.get(name, name)}{suffix}"] = value
     out[f"eval_samples{suffix}"] = samples
     return out
 

@@ -353,21 +353,22 @@ class QuestionAnswering(Task):
         self.with_negative = False
         self.threshold = 0.0
         self.tuned_threshold: float | None = None
-
-    @property
-    def main_metric(self) -> str:
-        return "best_f1" if self.with_negative else "f1"
+        self.main_metric = "f1"
 
     def read(self, path: str | os.PathLike) -> list[data.QAExample]:
         return data.read_question_answering(path, self.options, self.errors)
 
     def label_config(self, train: list[data.QAExample]) -> dict[str, Any]:
-        self.with_negative = any(e.impossible for e in train)
+        self._set_negative(any(e.impossible for e in train))
         return {"num_labels": 2, "version_2_with_negative": self.with_negative}
 
     def use_model_labels(self, config: Any) -> None:
-        self.with_negative = bool(config.extra.get("version_2_with_negative", False))
+        self._set_negative(bool(config.extra.get("version_2_with_negative", False)))
         self.threshold = float(config.extra.get("null_score_diff_threshold", 0.0))
+
+    def _set_negative(self, with_negative: bool) -> None:
+        self.with_negative = with_negative
+        self.main_metric = "best_f1" if with_negative else "f1"
 
     def config_updates(self) -> dict[str, Any]:
         return {} if self.tuned_threshold is None else {"null_score_diff_threshold": self.tuned_threshold}

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from bertfast.data import load_tokenizer
 from bertfast.finetune.config import FinetuneConfig
-from bertfast.finetune.data import RowErrors
+from bertfast.finetune.data import DataError, RowErrors
 from bertfast.finetune.results import write_eval_results
 from bertfast.finetune.tasks import Feature, collate, load_fine_tuned, make_task
 from bertfast.io import CheckpointError, atomic_write_text, load_state_dict
@@ -115,6 +115,7 @@ class Finetuner:
         self.best: dict[str, Any] | None = None
         if config.resume:
             self._resume()
+        self.main_metric = config.best_metric or self.task.main_metric
         self.say(f"{config.task}: {len(self.train_examples)} train / {len(self.eval_examples)} eval examples "
                  f"({len(self.train_features)} / {len(self.eval_features)} features of {config.seq_len} tokens "
                  f"at most); {self.model.num_parameters() / 1e6:.2f}M parameters, {precision} on {self.device}"
@@ -200,7 +201,10 @@ class Finetuner:
             scores, predictions = self.evaluate()
             record = {"split": "eval", "epoch": epoch, "step": self.step, **scores}
             self.metrics.write(record)
-            if self.best is None or record[self.task.main_metric] > self.best[self.task.main_metric]:
+            if self.main_metric not in record:
+                raise DataError(f"--best-metric {self.main_metric}: the evaluation gives no such metric; it gives "
+                                f"{', '.join(scores)}")
+            if self.best is None or record[self.main_metric] > self.best[self.main_metric]:
                 self.best = record
                 write_checkpoint(self.out / "best", self._write_model, None)
                 self._write_predictions(predictions)
@@ -212,7 +216,7 @@ class Finetuner:
             barrier(self.env)
         self._finish()
         best = self.best
-        self.say(f"best: epoch {best['epoch']}, {self.task.main_metric} {best[self.task.main_metric]:.4f} "
+        self.say(f"best: epoch {best['epoch']}, {self.main_metric} {best[self.main_metric]:.4f} "
                  f"-> {self.out / 'best'} (last epoch in {self.out / 'last'})")
         return best
 
