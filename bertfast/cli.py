@@ -173,6 +173,69 @@ def _run_glue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 2 if results["errors"] else 0
 
 
+PREDICT_EPILOG = """\
+The task, labels and (QA v2.0) no-answer threshold come from the model. INPUT is any format its task
+reads (labels, if any, are ignored); OUTPUT gets one JSON line per example, with "where" (file:line):
+  classification            "label" and "probabilities" (label -> probability); regression "score"
+  token-classification      "tokens" and their "tags"
+  multiple-choice           "choice" and "probabilities"
+  question-answering        "id", "answer" and its "score" ("" when there is none, for a model trained
+                            with unanswerable questions), "null_score_diff"; an OUTPUT ending in .json
+                            is SQuAD's {id: answer} prediction file instead
+Exit codes: 0 done, 2 bad options or input.
+"""
+
+
+def _predict_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from bertfast.finetune.formats import FORMATS
+    from bertfast.finetune.tasks import TASKS
+
+    parser = subparsers.add_parser(
+        "predict", help="predict with a fine-tuned model",
+        description="Write a fine-tuned model's predictions for each example of a data file.",
+        epilog=PREDICT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model, e.g. runs/finetune/best")
+    parser.add_argument("--input", required=True, metavar="FILE", help="the examples")
+    parser.add_argument("--output", required=True, metavar="FILE", help="where to write the predictions")
+    parser.add_argument("--task", choices=TASKS, help="the model's task (default: from its config)")
+    parser.add_argument("--data-format", choices=FORMATS, default="auto",
+                        help="format of INPUT (default: auto, from its name and content)")
+    parser.add_argument("--text-column", metavar="NAME", help="column of the text (default: inferred)")
+    parser.add_argument("--text-pair-column", metavar="NAME", help="column of the second text of a pair")
+    parser.add_argument("--column-names", nargs="+", metavar="NAME",
+                        help="the columns of a CSV/TSV file without a header line, in order")
+    parser.add_argument("--seq-len", type=int, default=128, metavar="N",
+                        help="maximum sequence length in tokens (default: 128, at most the model's positions)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per batch (default: 32)")
+    parser.add_argument("--max-answer-length", type=int, default=30, metavar="N",
+                        help="question answering: longest answer, in tokens (default: 30)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run (default: auto)")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="skip rows that break their format")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar (default: true)")
+    return parser
+
+
+def _run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from bertfast.finetune import DataError
+    from bertfast.finetune.data import DataOptions
+    from bertfast.finetune.predict import predict
+
+    if args.seq_len < 8 or args.batch_size <= 0 or args.max_answer_length <= 0:
+        parser.error("--seq-len must be at least 8, --batch-size and --max-answer-length positive")
+    options = DataOptions(args.data_format, args.text_column, args.text_pair_column, None, args.column_names)
+    try:
+        records = predict(args.model, args.input, args.output, args.task, options, args.seq_len, args.batch_size,
+                          args.max_answer_length, args.device, args.skip_bad_rows, args.progress)
+    except (DataError, FileNotFoundError, CheckpointError) as e:
+        print(f"bertfast predict: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(records)} predictions to {args.output}")
+    return 0
+
+
 def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("tokenizer", help="tokenizer tools")
     commands = parser.add_subparsers(dest="tokenizer_command", required=True)
@@ -255,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pretrain_parser = _pretrain_parser(subparsers)
     finetune_parser = _finetune_parser(subparsers)
     glue_parser = _glue_parser(subparsers)
+    predict_parser = _predict_parser(subparsers)
     _tokenizer_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "pretrain":
@@ -263,4 +327,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_finetune(args, finetune_parser)
     if args.command == "glue":
         return _run_glue(args, glue_parser)
+    if args.command == "predict":
+        return _run_predict(args, predict_parser)
     return _run_tokenizer_train(args)

@@ -1,8 +1,10 @@
-"""A tiny pretrained BERT directory with a written vocabulary, for the fine-tuning tests.
+"""Fine-tuning test helpers: a tiny pretrained BERT directory with a written vocabulary, a SQuAD v2.0 file.
 
 The vocabulary is written out rather than trained: WordPiece training breaks ties in hash-map order,
 and a vocabulary that changed from run to run would make the tests' outcomes vary too.
 """
+
+import json
 
 import torch
 
@@ -24,3 +26,20 @@ def write_pretrained(directory, words, seed=0, initializer_range=0.02, dropout=0
     BertForPreTraining(config).save_pretrained(directory)
     tokenizer.save(directory)
     return directory
+
+
+def squad_file(path, rng, n, filler, cities):
+    """A SQuAD v2.0 file of n questions "which city": half name a city in their context, half none."""
+    paragraphs = []
+    for i in range(n):
+        words = rng.choices(filler, k=rng.randint(3, 12))
+        answerable = i % 2 == 0
+        if answerable:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(cities))
+        context = " ".join(words)
+        city = next((w for w in words if w in cities), None)
+        answers = [{"text": city, "answer_start": context.index(city)}] if city else []
+        paragraphs.append({"context": context, "qas": [{"id": f"q{i}", "question": "which city",
+                                                        "answers": answers, "is_impossible": not city}]})
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return str(path)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from finetune_helpers import write_pretrained
+from finetune_helpers import squad_file, write_pretrained
 
 from bertfast.cli import main
 from bertfast.data import load_tokenizer
@@ -118,25 +118,10 @@ def test_null_score_is_the_lowest_over_windows_and_the_span_the_best(pretrained)
     assert task.predict(examples, features, outputs) == ["rome"]
 
 
-def squad_file(path, rng, n):
-    paragraphs = []
-    for i in range(n):
-        words = rng.choices(FILLER, k=rng.randint(3, 12))
-        answerable = i % 2 == 0
-        if answerable:
-            words.insert(rng.randrange(len(words) + 1), rng.choice(CITIES))
-        context = " ".join(words)
-        city = next((w for w in words if w in CITIES), None)
-        answers = [{"text": city, "answer_start": context.index(city)}] if city else []
-        paragraphs.append({"context": context, "qas": [{"id": f"q{i}", "question": "which city",
-                                                        "answers": answers, "is_impossible": not city}]})
-    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}))
-    return str(path)
-
-
 def test_squad_v2_end_to_end(pretrained, tmp_path):
     rng = random.Random(0)
-    train, dev = squad_file(tmp_path / "train-v2.0.json", rng, 48), squad_file(tmp_path / "dev-v2.0.json", rng, 16)
+    train = squad_file(tmp_path / "train-v2.0.json", rng, 48, FILLER, CITIES)
+    dev = squad_file(tmp_path / "dev-v2.0.json", rng, 16, FILLER, CITIES)
     out = tmp_path / "run"
     assert main(["finetune", "--task", "question-answering", "--model", str(pretrained), "--train", train,
                  "--eval", dev, "--output-dir", str(out), "--no-progress", "--seq-len", "32", "--epochs", "3",

@@ -176,7 +176,7 @@ def read_token_classification(path: str | os.PathLike, options: DataOptions | No
     fmt = _formats_for(path, options, ("conll", "jsonl", "json"), "token-classification")
     if fmt == "conll":
         return [TokenExample(where, tokens, tags if options.labelled else None)
-                for where, tokens, tags in read_conll(path, errors)]
+                for where, tokens, tags in read_conll(path, errors, options.labelled)]
     rows = read_records(path, fmt, None, errors)
     tokens_field = options.text_column or "tokens"
     names = {name for _, row in rows for name in row}

@@ -232,12 +232,14 @@ def infer_columns(names: Iterable[str], source: str, text: str | None = None, te
     return Columns(*columns, label_column if labelled else None)
 
 
-def read_conll(path: str | os.PathLike, errors: RowErrors | None = None) -> list[tuple[str, list[str], list[str]]]:
+def read_conll(path: str | os.PathLike, errors: RowErrors | None = None,
+               labelled: bool = True) -> list[tuple[str, list[str], list[str]]]:
     """``(where, tokens, tags)`` per sentence of a CoNLL file.
 
     One token per line, its tag in the last column (space- or tab-separated), a blank line between
     sentences; ``-DOCSTART-`` lines are skipped. Every line must have as many columns as the file's
-    first; a sentence with a ragged line is a bad row.
+    first; a sentence with a ragged line is a bad row. ``labelled=False`` (prediction) also reads
+    files of tokens alone, and gives no tags.
     """
     path, errors = Path(path), errors or RowErrors()
     sentences: list[tuple[str, list[str], list[str]]] = []
@@ -262,7 +264,7 @@ def read_conll(path: str | os.PathLike, errors: RowErrors | None = None) -> list
             continue
         if not tokens and problem is None:
             start = f"{path}:{number}"
-        if len(parts) < 2 or not all(parts):
+        if len(parts) < (2 if labelled else 1) or not all(parts):
             problem = problem or DataError(f"{path}:{number}: expected a token and its tag, got {line.strip()!r}")
             continue
         if width is None:
@@ -272,7 +274,8 @@ def read_conll(path: str | os.PathLike, errors: RowErrors | None = None) -> list
                                            f"{width[0]} (a ragged line)")
             continue
         tokens.append(parts[0])
-        tags.append(parts[-1])
+        if labelled:
+            tags.append(parts[-1])
     flush()
     return _nonempty(path, sentences)
 
