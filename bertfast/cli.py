@@ -65,26 +65,41 @@ FINETUNE_EPILOG = """\
 Options can also come from --config FILE (YAML or JSON; keys are the option names with - or _);
 options given on the command line override the file.
 
-Data: JSONL files, one JSON object per line:
-  classification            {"text": ..., "label": ...} or {"text": ..., "text_pair": ..., "label": ...};
-                            labels are strings or integers (the label set of the training file is
-                            stored in the model's config as id2label), or numbers with --regression
-  token-classification      {"tokens": [word, ...], "tags": [tag, ...]} (BIO tags for span F1)
-  multiple-choice           {"context": ..., "choices": [...], "label": index of the right choice}
-  question-answering        {"question": ..., "context": ..., "answer": {"text": ..., "start": char offset}}
+Data (--data-format auto tells the format from the file's name and content):
+  classification            JSON lines (.jsonl), a JSON array, CSV or TSV with a header (TSV fields are
+                            literal, as GLUE writes them; --column-names for a file without a header).
+                            The columns are found by name as transformers' run_glue.py does: sentence;
+                            sentence1/sentence2; premise/hypothesis; question/sentence; question1/question2;
+                            text/text_pair; the label in label/labels/score/gold_label/... ; or set them with
+                            --text-column, --text-pair-column, --label-column. Labels are names or integers
+                            (stored in the model's config as id2label; --label-names fixes the set and order,
+                            integer JSON labels then index it), or numbers with --regression
+  token-classification      CoNLL files (token first, tag last on each line, a blank line between sentences,
+                            -DOCSTART- skipped), or JSON lines {"tokens": [...], "tags" or "ner_tags": [...]}
+                            (integer tags index --label-names)
+  multiple-choice           JSON lines {"context": ..., "choices": [...], "label": index of the right choice}
+  question-answering        SQuAD v1.1/v2.0 JSON, datasets' JSON lines {"question", "context", "answers":
+                            {"text": [...], "answer_start": [...]}} (empty lists: unanswerable), or
+                            {"question", "context", "answer": {"text": ..., "start": char offset}}
+A bad row (a missing column, an unknown label in --eval, an answer not at its offset, a ragged CoNLL
+line) is an error naming its file and line; --skip-bad-rows skips such rows and reports the count.
 
 Metrics (each epoch, on --eval): classification accuracy, macro F1, Matthews correlation (and F1 of
 label 1 with two labels); regression Pearson, Spearman, MSE; token classification span-level
-precision/recall/F1 and word accuracy; multiple choice accuracy; question answering SQuAD exact
-match and token F1. The best epoch is chosen by accuracy, Pearson, span F1, accuracy, F1 respectively.
+precision/recall/F1 and word accuracy; multiple choice accuracy; question answering SQuAD v1.1 exact
+match and F1, or with unanswerable questions SQuAD v2.0's exact, f1, HasAns_*, NoAns_* and best_exact/
+best_f1 with their no-answer thresholds. The best epoch is chosen by accuracy, Pearson, span F1,
+accuracy, F1 (v2.0: best_f1) respectively, or by --best-metric.
 
-OUTPUT_DIR gets metrics.jsonl ("split": "train" and "eval" records), finetune_config.json, best/ and
-last/ (the model in transformers' format plus tokenizer files: load with transformers'
-AutoModelFor... or bertfast's classes), and predictions.jsonl: the best model's prediction for each
---eval example next to its label. --eval-only --model OUTPUT_DIR/best evaluates a fine-tuned model
-on new data without training. Several processes: torchrun --nproc_per_node N -m bertfast finetune ...
-(each trains on its share of every epoch; the first evaluates and writes). Exit codes: 0 done, 2 bad
-options or input.
+OUTPUT_DIR gets metrics.jsonl ("split": "train" and "eval" records), eval_results.json (the best
+evaluation under transformers' names: eval_accuracy, eval_f1, eval_exact_match, ...), finetune_config.json,
+best/ and last/ (the model in transformers' format plus tokenizer files: load with transformers'
+AutoModelFor... or bertfast's classes; a v2.0 QA model's config carries its tuned
+null_score_diff_threshold), and predictions.jsonl: the best model's prediction for each --eval example
+next to its label. --eval-only --model OUTPUT_DIR/best evaluates a fine-tuned model on new data without
+training; bertfast predict writes its predictions for unlabelled data. Several processes: torchrun
+--nproc_per_node N -m bertfast finetune ... (each trains on its share of every epoch; the first
+evaluates and writes). Exit codes: 0 done, 2 bad options or input.
 """
 
 
