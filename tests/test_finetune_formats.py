@@ -79,10 +79,17 @@ def test_jsonl_and_csv_in_the_common_dialects(tmp_path):
     path.write_text(json.dumps([{"question": "q", "sentence": "s", "label": 1}]))
     options = DataOptions(label_names=["entailment", "not_entailment"])
     assert read_classification(path, options=options)[0].label == "not_entailment"
+    # A line separator inside a string is no newline.
+    odd = read_classification(lines(tmp_path / "u.jsonl", ['{"text": "a\u2028b", "label": 0}',
+                                                           '{"text": "c", "label": 1}']))
+    assert [(e.text, e.where.rsplit(":", 1)[1]) for e in odd] == [("a\u2028b", "1"), ("c", "2")]
     csv = lines(tmp_path / "d.csv", ["Review,Stars", '"good, really",5', "bad,1"])
     options = DataOptions(text_column="Review", label_column="stars")  # names match case-insensitively
     assert [(e.text, e.label) for e in read_classification(csv, options=options)] == [("good, really", "5"),
                                                                                       ("bad", "1")]
+    quoted = read_classification(lines(tmp_path / "q.csv", ["text,label", '"two', 'lines",1', "next,0"]))
+    assert [(e.text, e.where) for e in quoted] == [("two\nlines", f"{tmp_path / 'q.csv'}:3"),
+                                                   ("next", f"{tmp_path / 'q.csv'}:4")]
     with pytest.raises(DataError, match=r"d\.csv: cannot tell which columns hold the text \(columns: 'Review', "
                                         r"'Stars'\); set --text-column"):
         read_classification(csv)

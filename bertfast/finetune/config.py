@@ -86,6 +86,10 @@ class FinetuneConfig:
             raise ValueError(f"seq_len must be at least 8, got {self.seq_len}")
         if self.regression and self.task != "classification":
             raise ValueError("--regression applies to --task classification only")
+        for name in ("column_names", "label_names"):
+            values = getattr(self, name)
+            if values is not None and len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a name, got {values}")
         if self.resume and self.eval_only:
             raise ValueError("--resume continues training; --eval-only does none")
 

@@ -12,6 +12,7 @@ unbalanced quote characters); CSV follows the usual quoting rules.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections import Counter
@@ -79,6 +80,14 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of a text, split at newlines only: JSON strings may hold U+2028 and other separators."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
 def detect_format(path: str | os.PathLike, requested: str = "auto") -> str:
     """The format of a data file: ``requested`` unless it is ``auto``, else from its name and content.
 
@@ -112,7 +121,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Row]:
     """``("FILE:LINE", object)`` for each non-blank line."""
     path = Path(path)
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(_lines(_read_text(path)), start=1):
         where = f"{path}:{number}"
         if not line.strip():
             continue
@@ -156,9 +165,8 @@ def read_table(path: str | os.PathLike, delimiter: str, column_names: list[str] 
     A row with a different number of fields than the header is a bad row.
     """
     path, errors = Path(path), errors or RowErrors()
-    lines = _read_text(path).splitlines()
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
     header = list(column_names) if column_names else next(reader, None)
     if not header:
         raise DataError(f"{path} is empty: expected a header line naming the columns")
@@ -256,7 +264,7 @@ def read_conll(path: str | os.PathLike, errors: RowErrors | None = None,
             sentences.append((start, tokens, tags))
         tokens, tags, problem = [], [], None
 
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(_lines(_read_text(path)), start=1):
         parts = line.strip().split("\t") if "\t" in line else line.split()
         parts = [p.strip() for p in parts]
         if not line.strip() or parts[0] == "-DOCSTART-":

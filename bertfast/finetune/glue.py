@@ -145,7 +145,7 @@ def run_glue(data_dir: str | os.PathLike, model: str, output_dir: str | os.PathL
         try:
             configs[task.name] = task_config(task, data_dir, model, output_dir,
                                              {**(options or {}), **(task_options or {}).get(task.name, {})})
-        except (DataError, ValueError) as e:
+        except DataError as e:  # bad options (a ValueError) stop everything instead
             results["errors"][task.name] = str(e)
     bar = tqdm(total=sum(c.epochs for c in configs.values()), desc="GLUE", unit="epoch", disable=not progress)
     for task in chosen:
