@@ -137,6 +137,9 @@ def test_glue_end_to_end_beats_each_majority_baseline(pretrained, tmp_path, caps
     cola_results = json.loads((out / "CoLA" / "eval_results.json").read_text())
     assert cola_results["eval_matthews_correlation"] == cola["matthews_correlation"]
     assert cola_results["eval_samples"] == 24 and (out / "MNLI" / "dev_mismatched" / "eval_results.json").is_file()
+    mnli_results = json.loads((out / "MNLI" / "eval_results.json").read_text())  # both, as run_glue.py writes them
+    assert (mnli_results["eval_accuracy"], mnli_results["eval_accuracy_mm"]) == (mnli["accuracy"], mnli["accuracy_mm"])
+    assert mnli_results["epoch"] == mnli["best_epoch"] and mnli_results["eval_samples_mm"] == 24
     table = (out / "glue_results.md").read_text()
     assert table == markdown_table(results) and table in printed
     assert f"| CoLA | Matthews {100 * cola['matthews_correlation']:.1f} |" in table

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from bertfast.finetune.config import FinetuneConfig
 from bertfast.finetune.data import DataError
-from bertfast.finetune.results import TRANSFORMERS_NAMES
+from bertfast.finetune.results import TRANSFORMERS_NAMES, write_eval_results
 from bertfast.finetune.trainer import Finetuner
 from bertfast.io import CheckpointError, atomic_write_text
 
@@ -113,8 +113,10 @@ def run_task(task: GlueTask, config: FinetuneConfig, bar: Any) -> dict[str, Any]
             **config.to_dict(), "model": str(run_dir / "best"), "eval": str(folder / extra),
             "output_dir": str(run_dir / Path(extra).stem), "eval_only": True, "train": None})
         checker = Finetuner(evaluation)
-        metrics.update(_official(task, checker.run(), MISMATCHED))
+        record = checker.run()
+        metrics.update(_official(task, record, MISMATCHED))
         eval_examples[extra] = len(checker.eval_examples)
+        write_eval_results(run_dir, record, len(checker.eval_examples), MISMATCHED)
     return {**metrics, "score": sum(metrics.values()) / len(metrics), "best_epoch": best["epoch"],
             "train_examples": len(tuner.train_examples), "eval_examples": eval_examples,
             "output_dir": config.output_dir}

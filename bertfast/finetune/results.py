@@ -31,6 +31,12 @@ def transformers_metrics(record: dict[str, Any], samples: int, suffix: str = "")
     return out
 
 
-def write_eval_results(directory: str | os.PathLike, record: dict[str, Any], samples: int) -> None:
-    atomic_write_text(Path(directory) / EVAL_RESULTS,
-                      json.dumps(transformers_metrics(record, samples), indent=2) + "\n")
+def write_eval_results(directory: str | os.PathLike, record: dict[str, Any], samples: int, suffix: str = "") -> None:
+    """Write ``eval_results.json``; with a ``suffix`` add the record's metrics to the file that is there
+    (MNLI's mismatched ``eval_accuracy_mm`` beside the matched ``eval_accuracy``, as run_glue.py does)."""
+    path = Path(directory) / EVAL_RESULTS
+    values = transformers_metrics(record, samples, suffix)
+    if suffix:  # the file's epoch stays: the one that trained the model
+        values = {**json.loads(path.read_text(encoding="utf-8")),
+                  **{k: v for k, v in values.items() if k != "epoch"}}
+    atomic_write_text(path, json.dumps(values, indent=2) + "\n")
