@@ -88,7 +88,7 @@ def test_jsonl_and_csv_in_the_common_dialects(tmp_path):
     assert [(e.text, e.label) for e in read_classification(csv, options=options)] == [("good, really", "5"),
                                                                                       ("bad", "1")]
     quoted = read_classification(lines(tmp_path / "q.csv", ["text,label", '"two', 'lines",1', "next,0"]))
-    assert [(e.text, e.where) for e in quoted] == [("two\nlines", f"{tmp_path / 'q.csv'}:3"),
+    assert [(e.text, e.where) for e in quoted] == [("two\nlines", f"{tmp_path / 'q.csv'}:2"),
                                                    ("next", f"{tmp_path / 'q.csv'}:4")]
     with pytest.raises(DataError, match=r"d\.csv: cannot tell which columns hold the text \(columns: 'Review', "
                                         r"'Stars'\); set --text-column"):
@@ -121,6 +121,8 @@ def test_bad_rows_name_file_and_line_or_are_skipped(tmp_path):
                             options=DataOptions(label_names=["no", "yes"]))
     with pytest.raises(DataError, match="holds no examples"):
         read_classification(lines(tmp_path / "h.tsv", ["sentence\tlabel"]))
+    with pytest.raises(DataError, match=r"l\.json: item 1: expected a JSON object, got int"):
+        read_classification(lines(tmp_path / "l.json", ['[{"text": "a", "label": 0}, 7]']))
 
 
 def test_an_unknown_label_at_eval_time_is_a_bad_row(tmp_path):

@@ -88,8 +88,8 @@ class FinetuneConfig:
             raise ValueError("--regression applies to --task classification only")
         for name in ("column_names", "label_names"):
             values = getattr(self, name)
-            if values is not None and len(set(values)) != len(values):
-                raise ValueError(f"{name} must not repeat a name, got {values}")
+            if values is not None and (not values or len(set(values)) != len(values)):
+                raise ValueError(f"{name} must list distinct names, got {values}")
         if self.resume and self.eval_only:
             raise ValueError("--resume continues training; --eval-only does none")
 

@@ -171,8 +171,9 @@ def read_table(path: str | os.PathLike, delimiter: str, column_names: list[str] 
     if not header:
         raise DataError(f"{path} is empty: expected a header line naming the columns")
     rows = []
+    start = reader.line_num + 1  # a quoted field may span lines: a row is where it starts
     for values in reader:
-        where = f"{path}:{reader.line_num}"
+        where, start = f"{path}:{start}", reader.line_num + 1
         if not any(v.strip() for v in values):
             continue
         if len(values) != len(header):
