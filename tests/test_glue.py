@@ -174,3 +174,6 @@ def test_missing_and_malformed_task_folders_are_named_and_the_rest_still_run(pre
     with pytest.raises(SystemExit):
         main(["glue", "--data-dir", str(data), "--model", str(pretrained), "--tasks", "XNLI"])
     assert "unknown GLUE task 'XNLI'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # before any training
+        main(["glue", "--data-dir", str(data), "--model", str(pretrained), "--set", "rte.label-column=x"])
+    assert "RTE: bertfast glue sets label_column itself" in capsys.readouterr().err

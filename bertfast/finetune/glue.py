@@ -82,15 +82,19 @@ def task_config(task: GlueTask, data_dir: Path, model: str, output_dir: Path,
     for name in ("train.tsv", *task.eval_files):
         if not (folder / name).is_file():
             raise DataError(f"{task.name}: {folder} has no {name}")
-    values = {**DEFAULTS, **task.defaults, **options}
-    return FinetuneConfig.from_dict({
-        **values, "task": "classification", "model": model, "train": str(folder / "train.tsv"),
+    fixed = {
+        "task": "classification", "model": model, "train": str(folder / "train.tsv"),
         "eval": str(folder / task.eval_files[0]), "output_dir": str(output_dir / task.name),
         "data_format": "tsv", "text_column": task.text, "text_pair_column": task.text_pair,
         "label_column": task.label, "column_names": list(task.column_names) if task.column_names else None,
         "label_names": list(task.labels) if task.labels else None, "regression": task.labels is None,
-        "best_metric": task.metrics[0], "progress": False,  # one bar for all tasks
-    })
+        "progress": False,  # one bar for all tasks
+    }
+    clash = sorted({str(k).replace("-", "_") for k in options} & {*fixed, "eval_only", "resume"})
+    if clash:
+        raise ValueError(f"{task.name}: bertfast glue sets {', '.join(clash)} itself")
+    return FinetuneConfig.from_dict({**DEFAULTS, "best_metric": task.metrics[0], **task.defaults, **options,
+                                     **fixed})
 
 
 def _official(task: GlueTask, record: dict[str, Any], suffix: str = "") -> dict[str, float]:
