@@ -154,7 +154,7 @@ def _glue_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=argparse.SUPPRESS,
                         help="as bertfast finetune (default: auto)")
     parser.add_argument("--skip-bad-rows", action="store_true", default=argparse.SUPPRESS,
-                        help="skip rows that break their format, counted per task (QQP's train.tsv has some)")
+                        help="skip rows that break their format (counted and reported per task)")
     parser.add_argument("--set", action="append", default=[], metavar="TASK.OPTION=VALUE",
                         help="an option for one task, e.g. --set RTE.epochs=10 (repeatable)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,

@@ -20,6 +20,7 @@ import math
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Options a resumed run must share with the run it continues (--epochs may grow: the schedule stretches).
 _RESUME_OPTIONS = ("task", "model", "train", "regression", "batch_size", "grad_accum", "lr", "warmup_ratio",
                    "weight_decay", "clip_norm", "seq_len", "max_answer_length", "precision", "seed",
-                   "data_format", "text_column", "text_pair_column", "label_column", "column_names", "label_names")
+                   "data_format", "text_column", "text_pair_column", "label_column", "column_names", "label_names",
+                   "best_metric")
 
 
 def finetune(config: FinetuneConfig) -> int:
@@ -138,7 +140,9 @@ class Finetuner:
         if not (last / STATE_FILE).is_file():
             raise CheckpointError(f"{self.out} has no finished epoch to resume from (no last/{STATE_FILE})")
         state = load_state(last)
-        changed = [k for k in _RESUME_OPTIONS if state["config"].get(k) != getattr(self.config, k)]
+        # (a run saved before an option existed ran with its default)
+        defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+        changed = [k for k in _RESUME_OPTIONS if state["config"].get(k, defaults[k]) != getattr(self.config, k)]
         if changed:
             raise CheckpointError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} "
                                   f"differ from the run in {self.out}; a resumed run must keep them")
