@@ -112,6 +112,8 @@ def test_bad_rows_name_file_and_line_or_are_skipped(tmp_path):
     assert [e.text for e in read_classification(path, errors=errors)] == ["good", "ok"]
     report = errors.report()
     assert "skipped 2 bad row(s)" in report and f"{path}: 2, the first: {path}:3: 1 fields" in report
+    with pytest.raises(DataError, match=r"e\.tsv:3: field 'label' is empty"):
+        read_classification(lines(tmp_path / "e.tsv", ["sentence\tlabel", "good\t1", "unsure\t "]))
     with pytest.raises(DataError, match=r"r\.jsonl:1: field 'label' must be a number"):
         read_classification(jsonl(tmp_path / "r.jsonl", [{"text": "a", "label": "high"}]), regression=True)
     with pytest.raises(DataError, match=r"s\.jsonl:2: missing field 'sentence'"):

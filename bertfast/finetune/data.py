@@ -148,6 +148,8 @@ def read_classification(path: str | os.PathLike, regression: bool = False, optio
         label = None
         if columns.label is not None:
             label = _field(where, row, columns.label, (str, int, float), "a string or a number")
+            if isinstance(label, str) and not label.strip():
+                raise DataError(f"{where}: field {columns.label!r} is empty")
             if regression:
                 label = _number(where, columns.label, label)
             elif isinstance(label, float):

@@ -100,7 +100,7 @@ class Task(ABC):
 
 
 class _Labelled(Task):
-    """Tasks whose labels are a set of names collected from the training data."""
+    """Tasks whose labels are a set of names: from --label-names, the training data or a fine-tuned model."""
 
     labels: list | None = None
 
