@@ -136,6 +136,8 @@ def run_glue(data_dir: str | os.PathLike, model: str, output_dir: str | os.PathL
     still run. ``options`` override the defaults of every task, ``task_options[name]`` those of one.
     """
     data_dir, output_dir = Path(data_dir), Path(output_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would train and write the same tasks
+        raise ValueError("bertfast glue runs in one process; under torchrun use bertfast finetune per task")
     if not data_dir.is_dir():
         raise DataError(f"GLUE data directory {data_dir} does not exist")
     chosen = [find_task(name) for name in tasks] if tasks else [t for t in TASKS if (data_dir / t.name).is_dir()]
