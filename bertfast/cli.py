@@ -145,10 +145,12 @@ def _glue_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, metavar="DIR", help="the pretrained model to fine-tune")
     parser.add_argument("--output-dir", default="runs/glue", metavar="DIR", help="where to write (default: runs/glue)")
     parser.add_argument("--tasks", nargs="+", metavar="TASK", help="the tasks to run (default: every one present)")
+    per_task = ("epochs", "batch-size", "lr", "warmup-ratio", "seq-len")
     for flag, kind in (("epochs", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
                        ("warmup-ratio", float), ("weight-decay", float), ("seq-len", int), ("seed", int)):
         parser.add_argument(f"--{flag}", type=kind, default=argparse.SUPPRESS, metavar="N" if kind is int else "X",
-                            help="as bertfast finetune, for every task (default: per task)")
+                            help="as bertfast finetune, for every task (default: "
+                                 + ("per task, below)" if flag in per_task else "bertfast finetune's)"))
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=argparse.SUPPRESS,
                         help="as bertfast finetune (default: auto)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=argparse.SUPPRESS,
