@@ -159,8 +159,9 @@ def test_missing_and_malformed_task_folders_are_named_and_the_rest_still_run(pre
     out = tmp_path / "glue"
     code = main(["glue", "--data-dir", str(data), "--model", str(pretrained), "--output-dir", str(out),
                  "--tasks", "sst-2", "QNLI", "RTE", "wnli", "--epochs", "1", "--set", "RTE.epochs=2",
-                 "--batch-size", "8", "--seq-len", "32", "--no-progress"])
+                 "--batch-size", "8", "--seq-len", "32"])
     err = capsys.readouterr().err
+    assert "GLUE: 100%" in err and "| 3/3 " in err  # one bar over the epochs of the tasks that could start
     assert code == 2
     results = json.loads((out / "glue_results.json").read_text())
     assert list(results["tasks"]) == ["RTE"] and results["tasks"]["RTE"]["best_epoch"] in (1, 2)
