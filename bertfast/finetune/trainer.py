@@ -18,7 +18,9 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,9 @@ from tqdm.auto import tqdm
 
 from bertfast.data import load_tokenizer
 from bertfast.finetune.config import FinetuneConfig
-from bertfast.finetune.tasks import Feature, collate, make_task
+from bertfast.finetune.data import DataError, RowErrors
+from bertfast.finetune.results import write_eval_results
+from bertfast.finetune.tasks import Feature, collate, load_fine_tuned, make_task
 from bertfast.io import CheckpointError, atomic_write_text, load_state_dict
 from bertfast.training.checkpoint import STATE_FILE, capture_rng, load_state, restore_rng, write_checkpoint
 from bertfast.training.distributed import (
@@ -49,7 +53,9 @@ from bertfast.training.optim import build_optimizer, linear_schedule
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Options a resumed run must share with the run it continues (--epochs may grow: the schedule stretches).
 _RESUME_OPTIONS = ("task", "model", "train", "regression", "batch_size", "grad_accum", "lr", "warmup_ratio",
-                   "weight_decay", "clip_norm", "seq_len", "max_answer_length", "precision", "seed")
+                   "weight_decay", "clip_norm", "seq_len", "max_answer_length", "precision", "seed",
+                   "data_format", "text_column", "text_pair_column", "label_column", "column_names", "label_names",
+                   "best_metric")
 
 
 def finetune(config: FinetuneConfig) -> int:
@@ -63,9 +69,14 @@ def finetune(config: FinetuneConfig) -> int:
 
 
 class Finetuner:
+    """``on_epoch(epoch, record)`` is called after each epoch's evaluation (``bertfast glue``'s progress)."""
+
     def __init__(self, config: FinetuneConfig, env: DistEnv | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None,
+                 on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> None:
         self.config = config
+        self.on_epoch = on_epoch
+        self.errors = RowErrors(config.skip_bad_rows)
         self.env = env or DistEnv()
         self.out = Path(config.output_dir)
         self.device = device or pick_device(config.device, self.env)
@@ -81,7 +92,8 @@ class Finetuner:
             model = self._fine_tuned_model()
             self.train_examples = []
         else:
-            self.task = make_task(config.task, config.regression, config.max_answer_length)
+            self.task = make_task(config.task, config.regression, config.max_answer_length,
+                                  config.data_options(), self.errors)
             self.train_examples = self.task.read(config.train)
             overrides = self.task.label_config(self.train_examples)
             model = self.task.model_class.from_pretrained(config.model, **overrides)
@@ -105,6 +117,7 @@ class Finetuner:
         self.best: dict[str, Any] | None = None
         if config.resume:
             self._resume()
+        self.main_metric = config.best_metric or self.task.main_metric
         self.say(f"{config.task}: {len(self.train_examples)} train / {len(self.eval_examples)} eval examples "
                  f"({len(self.train_features)} / {len(self.eval_features)} features of {config.seq_len} tokens "
                  f"at most); {self.model.num_parameters() / 1e6:.2f}M parameters, {precision} on {self.device}"
@@ -117,14 +130,8 @@ class Finetuner:
     def _fine_tuned_model(self) -> Any:
         """The model to evaluate as it is: every weight of the task's head must be in the checkpoint."""
         cfg = self.config
-        model_class = make_task(cfg.task, cfg.regression).model_class
-        model, info = model_class.from_pretrained(cfg.model, output_loading_info=True)
-        if info["missing_keys"]:
-            raise CheckpointError(f"{cfg.model} is not a fine-tuned {cfg.task} model: it has no weights for "
-                                  f"{', '.join(info['missing_keys'])}")
-        regression = cfg.regression or model.config.problem_type == "regression"
-        self.task = make_task(cfg.task, regression, cfg.max_answer_length)
-        self.task.use_model_labels(model.config)
+        model, self.task = load_fine_tuned(cfg.model, cfg.task, cfg.regression, cfg.max_answer_length,
+                                           cfg.data_options(), self.errors)
         return model
 
     def _resume(self) -> None:
@@ -133,7 +140,9 @@ class Finetuner:
         if not (last / STATE_FILE).is_file():
             raise CheckpointError(f"{self.out} has no finished epoch to resume from (no last/{STATE_FILE})")
         state = load_state(last)
-        changed = [k for k in _RESUME_OPTIONS if state["config"].get(k) != getattr(self.config, k)]
+        # (a run saved before an option existed ran with its default)
+        defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+        changed = [k for k in _RESUME_OPTIONS if state["config"].get(k, defaults[k]) != getattr(self.config, k)]
         if changed:
             raise CheckpointError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} "
                                   f"differ from the run in {self.out}; a resumed run must keep them")
@@ -169,6 +178,7 @@ class Finetuner:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _write_model(self, directory: Path) -> None:
+        self.model.config.extra.update(self.task.config_updates())
         self.model.save_pretrained(directory)
         self.tokenizer.tokenizer.no_truncation()  # the encoding limit of this run is not the tokenizer's
         self.tokenizer.save(directory)
@@ -186,6 +196,7 @@ class Finetuner:
             self.best = {"split": "eval", "epoch": 0, "step": 0, **scores}
             self.metrics.write(self.best)
             self._write_predictions(predictions)
+            self._finish()
             self.say(f"eval {self._shown(scores)} (predictions in {self.out / 'predictions.jsonl'})")
             return self.best
         for epoch in range(self.start_epoch, cfg.epochs + 1):
@@ -194,18 +205,31 @@ class Finetuner:
             scores, predictions = self.evaluate()
             record = {"split": "eval", "epoch": epoch, "step": self.step, **scores}
             self.metrics.write(record)
-            if self.best is None or record[self.task.main_metric] > self.best[self.task.main_metric]:
+            if self.main_metric not in record:
+                raise DataError(f"--best-metric {self.main_metric}: the evaluation gives no such metric; it gives "
+                                f"{', '.join(scores)}")
+            if self.best is None or record[self.main_metric] > self.best[self.main_metric]:
                 self.best = record
                 write_checkpoint(self.out / "best", self._write_model, None)
                 self._write_predictions(predictions)
             # last/ comes after best/: a crash between them resumes from the epoch before, which repeats exactly
             write_checkpoint(self.out / "last", self._write_model, self._state(epoch, rng))
             self.say(f"epoch {epoch}: eval {self._shown(scores)}")
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, record)
             barrier(self.env)
+        self._finish()
         best = self.best
-        self.say(f"best: epoch {best['epoch']}, {self.task.main_metric} {best[self.task.main_metric]:.4f} "
+        self.say(f"best: epoch {best['epoch']}, {self.main_metric} {best[self.main_metric]:.4f} "
                  f"-> {self.out / 'best'} (last epoch in {self.out / 'last'})")
         return best
+
+    def _finish(self) -> None:
+        """eval_results.json of the best evaluation; the bad rows skipped, if any."""
+        write_eval_results(self.out, self.best, len(self.eval_examples))
+        report = self.errors.report()
+        if report:
+            self.say(report)
 
     def _follow(self) -> dict[str, Any]:
         """A process other than the first: train its shares in step with the first, which does the rest."""
