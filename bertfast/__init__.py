@@ -27,6 +27,7 @@ _EXPORTS = {
     "BertForMultipleChoice": "bertfast.models",
     "from_transformers": "bertfast.models",
     "accelerate": "bertfast.dropin",
+    "for_cpu_inference": "bertfast.inference",
     "patch_transformers": "bertfast.dropin",
     "unpatch_transformers": "bertfast.dropin",
 }
