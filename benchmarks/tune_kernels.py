@@ -99,7 +99,7 @@ def _attention_step(batch: Batch, fwd: attn.FwdConfig | None, bwd: attn.BwdConfi
                     shipped: tuple[attn.FwdConfig, attn.BwdConfig]) -> Callable[[], object]:
     """Forward (``fwd``) or backward (``bwd``) alone, with the other one's shipped configuration."""
     qkv, cu, max_seqlen = batch.qkv.detach(), batch.cu_seqlens, batch.max_seqlen
-    scale, seed = 1.0 / math.sqrt(HEAD_DIM), 1234
+    scale, seed = 1.0 / math.sqrt(HEAD_DIM), torch.tensor(1234, device=qkv.device)
     if bwd is None:
         return lambda: attn._forward(qkv, cu, max_seqlen, scale, DROPOUT, seed, fwd)
     out, lse = attn._forward(qkv, cu, max_seqlen, scale, DROPOUT, seed, shipped[0])

@@ -53,9 +53,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch.library import wrap_triton
 
-from bertfast.ops import reference
+from bertfast.ops import dropout
+from bertfast.ops.library import TRITON_INTERPRETED, kernel_op
 
 from .aot import AotSpec
 
@@ -63,6 +64,9 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PHILOX_ROUNDS = 7  # Philox4x32-7 passes BigCrush; flash-attention uses 7 rounds too
 MAX_HEAD_DIM = 128
+# Read once: BERTFAST_ATTENTION_DETERMINISTIC=0 lets backward add dQ with atomics (see above).
+DETERMINISTIC_DEFAULT = os.environ.get("BERTFAST_ATTENTION_DETERMINISTIC", "1").strip().lower() not in (
+    "0", "false", "no")
 
 # How the backward kernel finishes dQ.
 DQ_STORE = 0  # one key block spans the sequence: each dQ block is complete, store it
@@ -97,12 +101,12 @@ def _tile(Base, rows, stride, offs_d, ALIGNED: tl.constexpr):
     return ptrs
 
 
-@triton.jit(do_not_specialize=["total", "max_seqlen", "seed"])
+@triton.jit(do_not_specialize=["total", "max_seqlen"])
 def _attn_fwd(
-    Q, K, V, Out, Lse, CuSeqlens,
+    Q, K, V, Out, Lse, CuSeqlens, Seed,
     stride_t, stride_h, stride_ot, stride_oh,
     total, n_heads, max_seqlen,
-    qk_scale, out_scale, drop_threshold, seed,
+    qk_scale, out_scale, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
@@ -133,6 +137,8 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if DROPOUT:
+        seed = tl.load(Seed)
     for start_n in range(0, seqlen, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < seqlen
@@ -178,12 +184,12 @@ def _attn_bwd_delta(
     tl.store(Delta + h.to(tl.int64) * total + rows, delta, mask=rows < total)
 
 
-@triton.jit(do_not_specialize=["total", "max_seqlen", "seed"])
+@triton.jit(do_not_specialize=["total", "max_seqlen"])
 def _attn_bwd(
-    Q, K, V, DO, Lse, Delta, DQ, DK, DV, CuSeqlens,
+    Q, K, V, DO, Lse, Delta, DQ, DK, DV, CuSeqlens, Seed,
     stride_t, stride_h, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
     total, n_heads, max_seqlen,
-    qk_scale, sm_scale, drop_scale, drop_threshold, seed,
+    qk_scale, sm_scale, drop_scale, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
     DQ_MODE: tl.constexpr, DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr, ALIGNED: tl.constexpr,
@@ -218,6 +224,8 @@ def _attn_bwd(
     v = tl.load(_tile(V, cols, stride_t, offs_d, ALIGNED), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+    if DROPOUT:
+        seed = tl.load(Seed)
     offs_m1 = tl.arange(0, BLOCK_M1)
     # Transposed tiles (keys x queries) keep dK, dV in the MMA output layout. Query rows past the end load
     # q = dO = 0 and lse = +inf, so their P and dS are exactly 0; key rows past the end are never stored.
@@ -278,9 +286,9 @@ def _attn_bwd(
                  mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["max_seqlen", "seed"])
+@triton.jit(do_not_specialize=["max_seqlen"])
 def _dropout_mask_kernel(
-    Mask, CuSeqlens, n_heads, max_seqlen, drop_threshold, seed,
+    Mask, CuSeqlens, Seed, n_heads, max_seqlen, drop_threshold,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
     # Writes the keep mask of one (query block, sequence, head) into a (batch, heads, S, S) uint8 tensor.
@@ -294,6 +302,7 @@ def _dropout_mask_kernel(
         return
     rows = start_m + tl.arange(0, BLOCK_M)
     Mask += bh.to(tl.int64) * max_seqlen * max_seqlen
+    seed = tl.load(Seed)
     for start_n in range(0, seqlen, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], drop_threshold, N_ROUNDS)
@@ -384,9 +393,14 @@ def _dropout_threshold(dropout_p: float) -> int:
 
 
 def _aligned(*tensors: Tensor) -> bool:
-    """Whether every tile row of these (tokens, heads, head_dim) tensors starts on a 16-byte boundary."""
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-               for t in tensors)
+    """Whether every tile row of these (tokens, heads, head_dim) tensors starts on a 16-byte boundary.
+
+    Read from the storage offset and strides (torch's allocations themselves are aligned), so that it
+    also answers for the fake tensors that ``torch.compile`` traces with.
+    """
+    return all(
+        all(s * t.element_size() % 16 == 0 for s in (t.storage_offset(), *t.stride()[:-1])) for t in tensors
+    )
 
 
 def _rows_aligned(x: Tensor) -> Tensor:
@@ -394,42 +408,38 @@ def _rows_aligned(x: Tensor) -> Tensor:
     return x if _aligned(x) or x.is_contiguous() else x.contiguous()
 
 
-def draw_seed() -> int:
-    """A dropout seed from torch's default generator (what forward uses when no seed is given)."""
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Launchers.
 
 
-def _forward(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dropout_p: float, seed: int,
-             cfg: FwdConfig) -> tuple[Tensor, Tensor]:
+def _forward(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dropout_p: float,
+             seed: Tensor | None, cfg: FwdConfig) -> tuple[Tensor, Tensor]:
     total, _, heads, head_dim = qkv.shape
     out = qkv.new_empty(total, heads, head_dim)
     lse = torch.empty(heads, total, device=qkv.device, dtype=torch.float32)
-    batch = cu_seqlens.numel() - 1
+    batch = cu_seqlens.shape[0] - 1
     q, k, v = qkv.unbind(1)
+    # Programs past a sequence's end (max_seqlen is an upper bound) return at once; 0 tokens: none do work.
     grid = (triton.cdiv(max_seqlen, cfg.block_m) * batch * heads,)
-    _attn_fwd[grid](
-        q, k, v, out, lse, cu_seqlens,
+    wrap_triton(_attn_fwd)[grid](
+        q, k, v, out, lse, cu_seqlens, seed,
         qkv.stride(0), qkv.stride(2), out.stride(0), out.stride(1),
         total, heads, max_seqlen,
-        scale * LOG2E, 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0, _dropout_threshold(dropout_p), seed,
+        scale * LOG2E, dropout.scale(dropout_p), _dropout_threshold(dropout_p),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DROPOUT=dropout_p > 0.0, N_ROUNDS=PHILOX_ROUNDS, ALIGNED=_aligned(q, k, v, out),
+        DROPOUT=seed is not None, N_ROUNDS=PHILOX_ROUNDS, ALIGNED=_aligned(q, k, v, out),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
 
 def _backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-              scale: float, dropout_p: float, seed: int, cfg: BwdConfig, deterministic: bool) -> Tensor:
+              scale: float, dropout_p: float, seed: Tensor | None, cfg: BwdConfig, deterministic: bool) -> Tensor:
     total, _, heads, head_dim = qkv.shape
     block_d = _block_d(head_dim)
     dout = _rows_aligned(dout if dout.stride(-1) == 1 else dout.contiguous())
     delta = torch.empty(heads, total, device=qkv.device, dtype=torch.float32)
-    _attn_bwd_delta[(triton.cdiv(total, DELTA_BLOCK_T), heads)](
+    wrap_triton(_attn_bwd_delta)[(triton.cdiv(total, DELTA_BLOCK_T), heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=DELTA_BLOCK_T, ALIGNED=_aligned(out, dout),
     )
@@ -439,49 +449,79 @@ def _backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: T
     if mode == DQ_ATOMIC:
         dq = torch.zeros(total, heads, head_dim, device=qkv.device, dtype=torch.float32)
     q, k, v = qkv.unbind(1)
-    batch = cu_seqlens.numel() - 1
+    batch = cu_seqlens.shape[0] - 1
     grid = (triton.cdiv(max_seqlen, cfg.block_n1) * batch * heads,)
-    _attn_bwd[grid](
-        q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens,
+    wrap_triton(_attn_bwd)[grid](
+        q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, seed,
         qkv.stride(0), qkv.stride(2), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
         dk.stride(0), dk.stride(1),
         total, heads, max_seqlen,
-        scale * LOG2E, scale, 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
-        _dropout_threshold(dropout_p), seed,
+        scale * LOG2E, scale, dropout.scale(dropout_p), _dropout_threshold(dropout_p),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_N2=cfg.block_n2,
-        DQ_MODE=mode, DROPOUT=dropout_p > 0.0, N_ROUNDS=PHILOX_ROUNDS, ALIGNED=_aligned(q, k, v, dout, dq, dk, dv),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DQ_MODE=mode, DROPOUT=seed is not None, N_ROUNDS=PHILOX_ROUNDS,
+        ALIGNED=_aligned(q, k, v, dout, dq, dk, dv), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if mode == DQ_ATOMIC:
         dqkv[:, 0].copy_(dq)
     return dqkv
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, scale: float,
-                deterministic: bool, seed: int) -> Tensor:
-        fwd_cfg, bwd_cfg = select_configs(qkv.device, qkv.shape[-1], max_seqlen)
-        out, lse = _forward(qkv, cu_seqlens, max_seqlen, scale, dropout_p, seed, fwd_cfg)
-        ctx.save_for_backward(qkv, out, lse, cu_seqlens)
-        ctx.args = (max_seqlen, scale, dropout_p, seed, bwd_cfg, deterministic)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout: Tensor):
-        qkv, out, lse, cu_seqlens = ctx.saved_tensors
-        dqkv = _backward(dout, qkv, out, lse, cu_seqlens, *ctx.args)
-        return dqkv, None, None, None, None, None, None
+def _packed(qkv: Tensor) -> Tensor:
+    return _rows_aligned(qkv if qkv.stride(-1) == 1 else qkv.contiguous())
 
 
-def _supported(qkv: Tensor) -> bool:
-    if qkv.shape[-1] > MAX_HEAD_DIM:
+def _forward_fake(qkv, cu_seqlens, seed, max_seqlen, dropout_p, scale, deterministic):
+    total, _, heads, head_dim = qkv.shape
+    return qkv.new_empty(total, heads, head_dim), qkv.new_empty(heads, total, dtype=torch.float32)
+
+
+@kernel_op("attention_triton", _forward_fake)
+def _forward_op(
+    qkv: Tensor, cu_seqlens: Tensor, seed: Tensor | None, max_seqlen: int, dropout_p: float, scale: float,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse); dropout on the probabilities where a seed is given. ``deterministic`` is for backward."""
+    fwd_cfg, _ = select_configs(qkv.device, qkv.shape[-1], max_seqlen)
+    return _forward(_packed(qkv), cu_seqlens, max_seqlen, scale, dropout_p, seed, fwd_cfg)
+
+
+def _backward_fake(dout, qkv, out, lse, cu_seqlens, seed, max_seqlen, dropout_p, scale, deterministic):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+@kernel_op("attention_triton_backward", _backward_fake)
+def _backward_op(
+    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, seed: Tensor | None,
+    max_seqlen: int, dropout_p: float, scale: float, deterministic: bool,
+) -> Tensor:
+    """dqkv (T, 3, heads, head_dim)."""
+    _, bwd_cfg = select_configs(qkv.device, qkv.shape[-1], max_seqlen)
+    return _backward(dout, _packed(qkv), out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, bwd_cfg,
+                     deterministic)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    qkv, cu_seqlens, seed, *ctx.args = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens, seed)
+
+
+def _backward_autograd(ctx, dout: Tensor, _dlse) -> tuple[Tensor | None, ...]:
+    qkv, out, lse, cu_seqlens, seed = ctx.saved_tensors
+    return _backward_op(dout, qkv, out, lse, cu_seqlens, seed, *ctx.args), None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+def supports(qkv: Tensor) -> bool:
+    """fp16/bf16 on CUDA (fp32 goes to SDPA there: IEEE fp32 dots would be slow and the AOT check compiles no
+    fp32 kernel); fp32/fp16 CPU tensors in the interpreter (whose tl.dot is wrong in bf16); head dims <= 128."""
+    if qkv.dim() == 4 and qkv.shape[-1] > MAX_HEAD_DIM:
         return False
-    if qkv.is_cuda:
-        # fp32 on a GPU goes to SDPA: IEEE fp32 dots would be slow here and the check compiles no fp32 kernel.
+    if qkv.device.type == "cuda":
         return qkv.dtype in (torch.float16, torch.bfloat16)
-    return os.environ.get("TRITON_INTERPRET") == "1" and qkv.dtype in (torch.float16, torch.float32)
+    return TRITON_INTERPRETED and qkv.device.type == "cpu" and qkv.dtype in (torch.float16, torch.float32)
 
 
 def flash_attention(
@@ -492,36 +532,33 @@ def flash_attention(
     softmax_scale: float | None = None,
     *,
     deterministic: bool | None = None,
-    seed: int | None = None,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """Attention over packed sequences: qkv (T, 3, heads, head_dim) -> (T, heads, head_dim).
 
-    ``cu_seqlens`` (batch + 1,) holds the sequence offsets among the T tokens and
-    ``max_seqlen`` must be at least the longest sequence. ``dropout_p`` applies as
-    given (no ``training`` flag here); ``seed`` defaults to :func:`draw_seed`.
-    ``deterministic`` defaults to True unless ``BERTFAST_ATTENTION_DETERMINISTIC=0``
-    (and is forced by ``torch.use_deterministic_algorithms``).
+    ``cu_seqlens`` (batch + 1,) holds the sequence offsets among the T tokens and ``max_seqlen`` is
+    an upper bound of the longest sequence. ``dropout_p`` applies as given (no ``training`` flag
+    here), with ``seed`` (a 0-dim int64 tensor) or one drawn by :func:`bertfast.ops.dropout.draw_seed`.
+    ``deterministic`` defaults to True unless ``BERTFAST_ATTENTION_DETERMINISTIC=0`` (and is forced by
+    ``torch.use_deterministic_algorithms``).
     """
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    total, three, heads, head_dim = qkv.shape
-    if three != 3:
+    dropout.check_probability(dropout_p)
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be (tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    if not _supported(qkv):
-        return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, dropout_p > 0.0, scale)
-    if total == 0 or cu_seqlens.numel() <= 1:
-        return qkv.new_zeros(total, heads, head_dim)
-    qkv = _rows_aligned(qkv if qkv.stride(-1) == 1 else qkv.contiguous())
-    cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32)
-    if seed is None:
-        seed = draw_seed() if dropout_p > 0.0 else 0
+    if not supports(qkv):
+        raise ValueError(f"the attention kernels do not take {qkv.dtype} qkv of head dim {qkv.shape[-1]} on "
+                         f"{qkv.device.type}; bertfast.ops.attention runs the reference for it")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
+    if dropout_p > 0.0 and seed is None:
+        seed = dropout.draw_seed(qkv.device)
+    elif dropout_p == 0.0:
+        seed = None
     if torch.are_deterministic_algorithms_enabled():
         deterministic = True
     elif deterministic is None:
-        deterministic = os.environ.get("BERTFAST_ATTENTION_DETERMINISTIC", "1").strip().lower() not in (
-            "0", "false", "no")
-    return _FlashAttention.apply(qkv, cu_seqlens, max_seqlen, dropout_p, scale, deterministic, seed)
+        deterministic = DETERMINISTIC_DEFAULT
+    cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32)
+    return _forward_op(qkv, cu_seqlens, seed, max_seqlen, dropout_p, scale, deterministic)[0]
 
 
 def attention(
@@ -536,19 +573,17 @@ def attention(
     return flash_attention(qkv, cu_seqlens, max_seqlen, dropout_p if training else 0.0, softmax_scale)
 
 
-def dropout_keep_mask(seed: int, cu_seqlens: Tensor, heads: int, max_seqlen: int, dropout_p: float) -> Tensor:
+def dropout_keep_mask(seed: Tensor, cu_seqlens: Tensor, heads: int, max_seqlen: int, dropout_p: float) -> Tensor:
     """The kernels' dropout keep-mask, (batch, heads, max_seqlen, max_seqlen) bool, [b, h, query, key].
 
-    Entries outside a sequence are False. Runs the kernels' own Philox function, so a
-    reference built with this mask sees exactly the probabilities the kernels kept.
+    Entries outside a sequence are False. Runs the kernels' own keep function, so a reference built
+    with this mask sees exactly the probabilities the kernels kept.
     """
     batch = cu_seqlens.numel() - 1
     mask = torch.zeros(batch, heads, max_seqlen, max_seqlen, device=cu_seqlens.device, dtype=torch.uint8)
-    if batch == 0 or max_seqlen == 0:
-        return mask.bool()
     block = 32
     _dropout_mask_kernel[(triton.cdiv(max_seqlen, block) * batch * heads,)](
-        mask, cu_seqlens.to(torch.int32), heads, max_seqlen, _dropout_threshold(dropout_p), seed,
+        mask, cu_seqlens.to(torch.int32), seed, heads, max_seqlen, _dropout_threshold(dropout_p),
         BLOCK_M=block, BLOCK_N=block, N_ROUNDS=PHILOX_ROUNDS,
     )
     return mask.bool()
@@ -588,18 +623,21 @@ def aot_specs() -> list[AotSpec]:
     for (fwd, bwd, block_d, short, dtype), used_in in tables.items():
         used_by = _UsedBy(used_in)
         common = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "N_ROUNDS": PHILOX_ROUNDS, "ALIGNED": True}
-        for dropout in (False, True):
-            tag = f"D={block_d},{dtype}" + (",dropout" if dropout else "")
+        for drop in (False, True):
+            tag = f"D={block_d},{dtype}" + (",dropout" if drop else "")
+            # Without dropout the launcher passes Seed=None, which Triton makes a constexpr.
+            seed_type = {"Seed": "*i64" if drop else "constexpr"}
+            seed_value = {} if drop else {"Seed": None}
             name = f"attn_fwd[{tag},M={fwd.block_m},N={fwd.block_n},w={fwd.num_warps},s={fwd.num_stages}]"
             _add(specs, AotSpec(
                 name, _attn_fwd,
                 {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}", "Lse": "*fp32",
-                 "CuSeqlens": "*i32", "stride_t": "i32", "stride_h": "i32", "stride_ot": "i32",
+                 "CuSeqlens": "*i32", **seed_type, "stride_t": "i32", "stride_h": "i32", "stride_ot": "i32",
                  "stride_oh": "i32", "total": "i32", "n_heads": "i32", "max_seqlen": "i32",
-                 "qk_scale": "fp32", "out_scale": "fp32", "drop_threshold": "i32", "seed": "i32",
+                 "qk_scale": "fp32", "out_scale": "fp32", "drop_threshold": "i32",
                  **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DROPOUT",
                                   "N_ROUNDS", "ALIGNED"), "constexpr")},
-                {**common, "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n, "DROPOUT": dropout},
+                {**common, "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n, "DROPOUT": drop, **seed_value},
                 fwd.num_warps, fwd.num_stages, capabilities=used_by,
             ))
             for mode in _dq_modes(bwd, short):
@@ -610,16 +648,15 @@ def aot_specs() -> list[AotSpec]:
                     name, _attn_bwd,
                     {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "DO": f"*{dtype}", "Lse": "*fp32",
                      "Delta": "*fp32", "DQ": f"*{dq_type}", "DK": f"*{dtype}", "DV": f"*{dtype}",
-                     "CuSeqlens": "*i32",
+                     "CuSeqlens": "*i32", **seed_type,
                      **dict.fromkeys(("stride_t", "stride_h", "stride_dot", "stride_doh", "stride_dqt",
                                       "stride_dqh", "stride_dkt", "stride_dkh", "total", "n_heads",
                                       "max_seqlen"), "i32"),
                      "qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32", "drop_threshold": "i32",
-                     "seed": "i32",
                      **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M1", "BLOCK_N1", "BLOCK_N2", "DQ_MODE",
                                       "DROPOUT", "N_ROUNDS", "ALIGNED"), "constexpr")},
                     {**common, "BLOCK_M1": bwd.block_m1, "BLOCK_N1": bwd.block_n1, "BLOCK_N2": bwd.block_n2,
-                     "DQ_MODE": mode, "DROPOUT": dropout},
+                     "DQ_MODE": mode, "DROPOUT": drop, **seed_value},
                     bwd.num_warps, bwd.num_stages, capabilities=used_by,
                 ))
         name = f"attn_bwd_delta[D={block_d},{dtype}]"
@@ -632,8 +669,8 @@ def aot_specs() -> list[AotSpec]:
         )
     specs["dropout_mask"] = AotSpec(
         "dropout_mask", _dropout_mask_kernel,
-        {"Mask": "*u8", "CuSeqlens": "*i32", "n_heads": "i32", "max_seqlen": "i32", "drop_threshold": "i32",
-         "seed": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "N_ROUNDS": "constexpr"},
+        {"Mask": "*u8", "CuSeqlens": "*i32", "Seed": "*i64", "n_heads": "i32", "max_seqlen": "i32",
+         "drop_threshold": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "N_ROUNDS": "constexpr"},
         {"BLOCK_M": 32, "BLOCK_N": 32, "N_ROUNDS": PHILOX_ROUNDS}, tuned=False,
     )
     return list(specs.values())

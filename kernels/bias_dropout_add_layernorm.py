@@ -24,26 +24,27 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from bertfast.kernels.aot import AotSpec
 from bertfast.kernels.layernorm_common import (
-    DTYPES,
     MAX_HIDDEN,
     aot_row_configs,
-    check_dropout,
-    draw_seed,
+    bias_or_zeros,
     dropout_keep,
-    dropout_scale,
     dtype_tag,
-    kernels_available,
+    kernels_run,
     layernorm_row,
     layernorm_row_grad,
     partial_programs,
+    partial_sums,
     reduce_partials,
     row_config,
+    row_outputs,
     store_ln_partials,
 )
-from bertfast.ops import reference
+from bertfast.ops import dropout
+from bertfast.ops.library import kernel_op
 
 
 @triton.jit
@@ -109,81 +110,104 @@ def _bdal_bwd_kernel(
     store_ln_partials(partial_ptr, g, n_programs, H, cols, mask, dw, db, dbias)
 
 
-class BiasDropoutAddLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, x: Tensor, bias: Tensor, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-        eps: float, dropout_p: float, training: bool,
-    ) -> Tensor:
-        hidden = x.shape[-1]
-        x2d = x.detach().reshape(-1, hidden).contiguous()
-        res2d = residual.detach().reshape(-1, hidden).contiguous()
-        bias, w, b = (t.detach().contiguous() for t in (bias, ln_weight, ln_bias))
-        rows = x2d.shape[0]
-        out_dtype = torch.promote_types(torch.promote_types(x.dtype, bias.dtype), residual.dtype)
-        has_dropout = training and dropout_p > 0.0
-        seed = draw_seed(x.device) if has_dropout else None
-        y = torch.empty((rows, hidden), dtype=out_dtype, device=x.device)
-        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
-        block, num_warps = row_config(hidden)
-        if rows > 0:
-            _bdal_fwd_kernel[(rows,)](
-                x2d, bias, res2d, w, b, y, mean, rstd, seed, hidden, eps, dropout_p, dropout_scale(dropout_p),
-                BLOCK=block, HAS_DROPOUT=has_dropout, num_warps=num_warps,
-            )
-        ctx.save_for_backward(x2d, bias, res2d, w, mean, rstd, seed)
-        ctx.has_dropout = has_dropout
-        ctx.dropout_p = dropout_p
-        ctx.shapes = (x.shape, residual.shape, ln_bias.dtype)
-        return y.view(*x.shape[:-1], hidden)
+def _out_dtype(x: Tensor, bias: Tensor | None, residual: Tensor) -> torch.dtype:
+    dtype = x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
+    return torch.promote_types(dtype, residual.dtype)
 
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x2d, bias, res2d, w, mean, rstd, seed = ctx.saved_tensors
-        x_shape, res_shape, ln_bias_dtype = ctx.shapes
-        rows, hidden = x2d.shape
-        dy2d = dy.reshape(rows, hidden).contiguous()
-        # One gradient tensor serves x and residual when there is no mask or cast between them.
-        store_dx = ctx.has_dropout or x2d.dtype != res2d.dtype
-        dres = torch.empty_like(res2d)
-        dx = torch.empty_like(x2d) if store_dx else dres
-        programs = partial_programs(rows, x2d.device)
-        partials = torch.zeros((3, programs, hidden), dtype=torch.float32, device=x2d.device)
-        block, num_warps = row_config(hidden)
-        if rows > 0:
-            _bdal_bwd_kernel[(programs,)](
-                dy2d, x2d, bias, res2d, w, mean, rstd, seed, dres, dx, partials,
-                rows, hidden, ctx.dropout_p, dropout_scale(ctx.dropout_p),
-                BLOCK=block, HAS_DROPOUT=ctx.has_dropout, STORE_DX=store_dx, num_warps=num_warps,
-            )
-        dw, db, dbias = reduce_partials(partials)
-        return (
-            dx.view(x_shape), dbias.to(bias.dtype), dres.view(res_shape), dw.to(w.dtype),
-            db.to(ln_bias_dtype), None, None, None,
-        )
+
+def _stores_dx(x: Tensor, residual: Tensor, seed: Tensor | None) -> bool:
+    """Whether backward writes dx apart from dresidual: with a mask or a cast between them."""
+    return seed is not None or x.dtype != residual.dtype
+
+
+def _forward_fake(x, bias, residual, ln_weight, ln_bias, seed, eps, p):
+    rows = x.numel() // x.shape[-1]
+    y = x.new_empty(x.shape, dtype=_out_dtype(x, bias, residual))
+    return y, x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+@kernel_op("bias_dropout_add_layernorm_triton", _forward_fake)
+def _forward_op(
+    x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor, seed: Tensor | None,
+    eps: float, p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd); dropout with probability ``p`` where a seed is given."""
+    hidden = x.shape[-1]
+    x2d, res2d = x.reshape(-1, hidden).contiguous(), residual.reshape(-1, hidden).contiguous()
+    rows = x2d.shape[0]
+    y, mean, rstd = row_outputs(rows, hidden, _out_dtype(x, bias, residual), x.device)
+    block, num_warps = row_config(hidden)
+    wrap_triton(_bdal_fwd_kernel)[(rows,)](
+        x2d, bias_or_zeros(bias, x), res2d, ln_weight.contiguous(), ln_bias.contiguous(), y, mean, rstd, seed,
+        hidden, eps, p, dropout.scale(p), BLOCK=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
+    )
+    return y.view(x.shape), mean, rstd
+
+
+def _backward_fake(dy, x, bias, residual, ln_weight, mean, rstd, seed, p):
+    hidden = x.shape[-1]
+    dx = torch.empty_like(x) if _stores_dx(x, residual, seed) else x.new_empty(0)
+    dbias = x.new_empty(hidden, dtype=x.dtype if bias is None else bias.dtype)
+    w = ln_weight.new_empty(hidden, dtype=torch.float32)
+    return dx, dbias, torch.empty_like(residual), w, torch.empty_like(w)
+
+
+@kernel_op("bias_dropout_add_layernorm_triton_backward", _backward_fake)
+def _backward_op(
+    dy: Tensor, x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, mean: Tensor, rstd: Tensor,
+    seed: Tensor | None, p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, or an empty tensor when dx is dresidual; dbias; dresidual; fp32 dgamma, dbeta)."""
+    hidden = x.shape[-1]
+    x2d, res2d = x.reshape(-1, hidden).contiguous(), residual.reshape(-1, hidden).contiguous()
+    rows = x2d.shape[0]
+    b = bias_or_zeros(bias, x)
+    store_dx = _stores_dx(x, residual, seed)
+    dres = torch.empty_like(res2d)
+    dx = torch.empty_like(x2d) if store_dx else dres
+    programs = partial_programs(rows, x.device)
+    partials = partial_sums(3, programs, hidden, x.device)
+    block, num_warps = row_config(hidden)
+    wrap_triton(_bdal_bwd_kernel)[(programs,)](
+        dy.reshape(-1, hidden).contiguous(), x2d, b, res2d, ln_weight.contiguous(), mean, rstd, seed, dres, dx,
+        partials, rows, hidden, p, dropout.scale(p),
+        BLOCK=block, HAS_DROPOUT=seed is not None, STORE_DX=store_dx, num_warps=num_warps,
+    )
+    dw, db, dbias = (reduce_partials(sums) for sums in partials)  # separate tensors: op outputs may not alias
+    return (dx.view(x.shape) if store_dx else x.new_empty(0)), dbias.to(b.dtype), dres.view(residual.shape), dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, bias, residual, ln_weight, ln_bias, seed, _, ctx.p = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, bias, residual, ln_weight, mean, rstd, seed)
+    ctx.ln_bias_dtype = ln_bias.dtype
+
+
+def _backward(ctx, dy: Tensor, _dmean, _drstd) -> tuple[Tensor | None, ...]:
+    x, bias, residual, ln_weight, mean, rstd, seed = ctx.saved_tensors
+    dx, dbias, dres, dw, db = _backward_op(dy, x, bias, residual, ln_weight, mean, rstd, seed, ctx.p)
+    if not _stores_dx(x, residual, seed):
+        dx = dres.view(x.shape)
+    return (dx, dbias if bias is not None else None, dres, dw.to(ln_weight.dtype), db.to(ctx.ln_bias_dtype),
+            None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supports(*tensors: Tensor | None) -> bool:
+    """CUDA (or the interpreter), fp32/bf16/fp16, rows of at most MAX_HIDDEN."""
+    return kernels_run(*tensors) and tensors[0].shape[-1] <= MAX_HIDDEN
 
 
 def bias_dropout_add_layernorm(
-    x: Tensor,
-    bias: Tensor,
-    residual: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    eps: float,
-    dropout_p: float,
-    training: bool,
+    x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+    eps: float, dropout_p: float, training: bool,
 ) -> Tensor:
     """LayerNorm(dropout(x + bias) + residual) over the last dim; see the module docstring."""
-    check_dropout(dropout_p)
-    tensors = (x, bias, residual, ln_weight, ln_bias)
-    if (
-        not kernels_available(x)
-        or x.shape[-1] > MAX_HIDDEN
-        or any(t.dtype not in DTYPES for t in tensors)
-    ):
-        return reference.bias_dropout_add_layernorm(x, bias, residual, ln_weight, ln_bias, eps, dropout_p, training)
-    return BiasDropoutAddLayerNorm.apply(x, bias, residual, ln_weight, ln_bias, eps, dropout_p, training)
+    seed = dropout.draw_seed(x.device) if training and dropout_p > 0.0 else None
+    return _forward_op(x, bias, residual, ln_weight, ln_bias, seed, eps, dropout_p)[0]
 
 
 def aot_specs() -> list[AotSpec]:
@@ -202,18 +226,18 @@ def aot_specs() -> list[AotSpec]:
             "dx_ptr": f"*{act}", "partial_ptr": "*fp32", "n_rows": "i32", "H": "i32", "p": "fp32",
             "scale": "fp32", "BLOCK": "constexpr", "HAS_DROPOUT": "constexpr", "STORE_DX": "constexpr",
         }
-        for dropout in (True, False):
-            kind = "dropout" if dropout else "eval"
+        for drop in (True, False):
+            kind = "dropout" if drop else "eval"
             # Without dropout the launcher passes seed_ptr=None, which Triton makes a constexpr.
-            seed = {} if dropout else {"seed_ptr": "constexpr"}
-            seed_value = {} if dropout else {"seed_ptr": None}
+            seed = {} if drop else {"seed_ptr": "constexpr"}
+            seed_value = {} if drop else {"seed_ptr": None}
             specs.append(AotSpec(
                 f"bdal_fwd[{tag},{kind}]", _bdal_fwd_kernel, {**fwd_sig, **seed},
-                {"BLOCK": block, "HAS_DROPOUT": dropout, **seed_value}, num_warps=num_warps, tuned=tuned,
+                {"BLOCK": block, "HAS_DROPOUT": drop, **seed_value}, num_warps=num_warps, tuned=tuned,
             ))
             specs.append(AotSpec(
                 f"bdal_bwd[{tag},{kind}]", _bdal_bwd_kernel, {**bwd_sig, **seed},
-                {"BLOCK": block, "HAS_DROPOUT": dropout, "STORE_DX": dropout or act != dt, **seed_value},
+                {"BLOCK": block, "HAS_DROPOUT": drop, "STORE_DX": drop or act != dt, **seed_value},
                 num_warps=num_warps, tuned=tuned,
             ))
     return specs

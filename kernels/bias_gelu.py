@@ -17,19 +17,19 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from bertfast.kernels.aot import AotSpec
 from bertfast.kernels.layernorm_common import (
-    DTYPES,
-    check_approximate,
+    bias_or_zeros,
     dtype_tag,
     gelu,
     gelu_grad,
-    kernels_available,
+    kernels_run,
     partial_programs,
     reduce_partials,
 )
-from bertfast.ops import reference
+from bertfast.ops.library import kernel_op
 
 _TILE = 2048  # elements per program: 16 per thread with 4 warps
 _NUM_WARPS = 4
@@ -80,14 +80,16 @@ def _bias_gelu_bwd_kernel(
     tl.store(dbias_partial_ptr + g.to(tl.int64) * N + cols, dbias, mask=col_mask)
 
 
+def _out_dtype(x: Tensor, bias: Tensor | None) -> torch.dtype:
+    return x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
+
+
 def bias_gelu_forward(x2d: Tensor, bias: Tensor, out_dtype: torch.dtype, approx_tanh: bool) -> Tensor:
     m, n = x2d.shape
     y = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
-    if m == 0 or n == 0:
-        return y
     block_m, block_n = _tile_config(n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _bias_gelu_fwd_kernel[grid](
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))  # no programs at all for 0 rows
+    wrap_triton(_bias_gelu_fwd_kernel)[grid](
         x2d, bias, y, m, n, BLOCK_M=block_m, BLOCK_N=block_n, APPROX_TANH=approx_tanh,
         num_warps=_NUM_WARPS,
     )
@@ -97,46 +99,64 @@ def bias_gelu_forward(x2d: Tensor, bias: Tensor, out_dtype: torch.dtype, approx_
 def bias_gelu_backward(dy2d: Tensor, x2d: Tensor, bias: Tensor, approx_tanh: bool) -> tuple[Tensor, Tensor]:
     m, n = x2d.shape
     dx = torch.empty_like(x2d)
-    if m == 0 or n == 0:
-        return dx, torch.zeros_like(bias)
     block_m, block_n = _tile_config(n)
     n_col_tiles = triton.cdiv(n, block_n)
     programs = partial_programs(triton.cdiv(m, block_m), x2d.device, share=n_col_tiles)
-    partials = torch.empty((programs, n), dtype=torch.float32, device=x2d.device)
-    _bias_gelu_bwd_kernel[(programs, n_col_tiles)](
+    partials = torch.zeros((programs, n), dtype=torch.float32, device=x2d.device)
+    wrap_triton(_bias_gelu_bwd_kernel)[(programs, n_col_tiles)](
         dy2d, x2d, bias, dx, partials, m, n, BLOCK_M=block_m, BLOCK_N=block_n, APPROX_TANH=approx_tanh,
         num_warps=_NUM_WARPS,
     )
     return dx, reduce_partials(partials).to(bias.dtype)
 
 
-class BiasGelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, bias: Tensor, approximate: str) -> Tensor:
-        n = x.shape[-1]
-        x2d = x.detach().reshape(-1, n).contiguous()
-        b = bias.detach().contiguous()
-        approx_tanh = approximate == "tanh"
-        y = bias_gelu_forward(x2d, b, torch.promote_types(x.dtype, bias.dtype), approx_tanh)
-        ctx.save_for_backward(x2d, b)
-        ctx.approx_tanh = approx_tanh
-        ctx.input_shape = x.shape
-        return y.view(*x.shape[:-1], n)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x2d, b = ctx.saved_tensors
-        dy2d = dy.reshape(-1, x2d.shape[-1]).contiguous()
-        dx, dbias = bias_gelu_backward(dy2d, x2d, b, ctx.approx_tanh)
-        return dx.view(ctx.input_shape), dbias, None
+def _forward_fake(x: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+    return x.new_empty(x.shape, dtype=_out_dtype(x, bias))
 
 
-def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+@kernel_op("bias_gelu_triton", _forward_fake)
+def _forward_op(x: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+    n = x.shape[-1]
+    b = bias_or_zeros(bias, x)
+    y = bias_gelu_forward(x.reshape(-1, n).contiguous(), b, _out_dtype(x, bias), approximate == "tanh")
+    return y.view(x.shape)
+
+
+def _backward_fake(dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(x.shape[-1], dtype=x.dtype if bias is None else bias.dtype)
+
+
+@kernel_op("bias_gelu_triton_backward", _backward_fake)
+def _backward_op(dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str) -> tuple[Tensor, Tensor]:
+    n = x.shape[-1]
+    b = bias_or_zeros(bias, x)
+    dx, dbias = bias_gelu_backward(dy.reshape(-1, n).contiguous(), x.reshape(-1, n).contiguous(), b,
+                                   approximate == "tanh")
+    return dx.view(x.shape), dbias
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, bias, ctx.approximate = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+    x, bias = ctx.saved_tensors
+    dx, dbias = _backward_op(dy, x, bias, ctx.approximate)
+    return dx, dbias if bias is not None else None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supports(*tensors: Tensor | None, approximate: str = "none") -> bool:
+    """Triton runs these tensors: CUDA (or the interpreter) and fp32/bf16/fp16."""
+    return kernels_run(*tensors)
+
+
+def bias_gelu(x: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
     """gelu(x + bias) on the last dim of ``x``; see the module docstring."""
-    check_approximate(approximate)
-    if not kernels_available(x) or x.dtype not in DTYPES or bias.dtype not in DTYPES:
-        return reference.bias_gelu(x, bias, approximate)
-    return BiasGelu.apply(x, bias, approximate)
+    return _forward_op(x, bias, approximate)
 
 
 def aot_specs() -> list[AotSpec]:

@@ -20,25 +20,27 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from bertfast.kernels.aot import AotSpec
 from bertfast.kernels.layernorm_common import (
-    DTYPES,
     MAX_HIDDEN,
     aot_row_configs,
-    check_approximate,
+    bias_or_zeros,
     dtype_tag,
     gelu,
     gelu_grad,
-    kernels_available,
+    kernels_run,
     layernorm_row,
     layernorm_row_grad,
     partial_programs,
+    partial_sums,
     reduce_partials,
     row_config,
+    row_outputs,
     store_ln_partials,
 )
-from bertfast.ops import reference
+from bertfast.ops.library import kernel_op
 
 
 @triton.jit
@@ -89,61 +91,87 @@ def _bgl_bwd_kernel(
     store_ln_partials(partial_ptr, g, n_programs, H, cols, mask, dw, db, dbias)
 
 
-class BiasGeluLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, x: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str
-    ) -> Tensor:
-        hidden = x.shape[-1]
-        x2d = x.detach().reshape(-1, hidden).contiguous()
-        bias, w, b = (t.detach().contiguous() for t in (bias, ln_weight, ln_bias))
-        rows = x2d.shape[0]
-        approx_tanh = approximate == "tanh"
-        y = torch.empty((rows, hidden), dtype=torch.promote_types(x.dtype, bias.dtype), device=x.device)
-        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
-        block, num_warps = row_config(hidden)
-        if rows > 0:
-            _bgl_fwd_kernel[(rows,)](
-                x2d, bias, w, b, y, mean, rstd, hidden, eps, BLOCK=block, APPROX_TANH=approx_tanh,
-                num_warps=num_warps,
-            )
-        ctx.save_for_backward(x2d, bias, w, mean, rstd)
-        ctx.approx_tanh = approx_tanh
-        ctx.x_shape = x.shape
-        ctx.ln_bias_dtype = ln_bias.dtype
-        return y.view(*x.shape[:-1], hidden)
+def _out_dtype(x: Tensor, bias: Tensor | None) -> torch.dtype:
+    return x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
 
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x2d, bias, w, mean, rstd = ctx.saved_tensors
-        rows, hidden = x2d.shape
-        dy2d = dy.reshape(rows, hidden).contiguous()
-        dx = torch.empty_like(x2d)
-        programs = partial_programs(rows, x2d.device)
-        partials = torch.zeros((3, programs, hidden), dtype=torch.float32, device=x2d.device)
-        block, num_warps = row_config(hidden)
-        if rows > 0:
-            _bgl_bwd_kernel[(programs,)](
-                dy2d, x2d, bias, w, mean, rstd, dx, partials, rows, hidden,
-                BLOCK=block, APPROX_TANH=ctx.approx_tanh, num_warps=num_warps,
-            )
-        dw, db, dbias = reduce_partials(partials)
-        return dx.view(ctx.x_shape), dbias.to(bias.dtype), dw.to(w.dtype), db.to(ctx.ln_bias_dtype), None, None
+
+def _forward_fake(x, bias, ln_weight, ln_bias, eps, approximate):
+    rows = x.numel() // x.shape[-1]
+    y = x.new_empty(x.shape, dtype=_out_dtype(x, bias))
+    return y, x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+@kernel_op("bias_gelu_layernorm_triton", _forward_fake)
+def _forward_op(
+    x: Tensor, bias: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd)."""
+    hidden = x.shape[-1]
+    x2d = x.reshape(-1, hidden).contiguous()
+    rows = x2d.shape[0]
+    y, mean, rstd = row_outputs(rows, hidden, _out_dtype(x, bias), x.device)
+    block, num_warps = row_config(hidden)
+    wrap_triton(_bgl_fwd_kernel)[(rows,)](
+        x2d, bias_or_zeros(bias, x), ln_weight.contiguous(), ln_bias.contiguous(), y, mean, rstd, hidden, eps,
+        BLOCK=block, APPROX_TANH=approximate == "tanh", num_warps=num_warps,
+    )
+    return y.view(x.shape), mean, rstd
+
+
+def _backward_fake(dy, x, bias, ln_weight, mean, rstd, approximate):
+    hidden = x.shape[-1]
+    dbias = x.new_empty(hidden, dtype=x.dtype if bias is None else bias.dtype)
+    w = ln_weight.new_empty(hidden, dtype=torch.float32)
+    return torch.empty_like(x), dbias, w, torch.empty_like(w)
+
+
+@kernel_op("bias_gelu_layernorm_triton_backward", _backward_fake)
+def _backward_op(
+    dy: Tensor, x: Tensor, bias: Tensor | None, ln_weight: Tensor, mean: Tensor, rstd: Tensor, approximate: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dbias, fp32 dgamma, fp32 dbeta)."""
+    hidden = x.shape[-1]
+    x2d = x.reshape(-1, hidden).contiguous()
+    rows = x2d.shape[0]
+    b = bias_or_zeros(bias, x)
+    dx = torch.empty_like(x2d)
+    programs = partial_programs(rows, x.device)
+    partials = partial_sums(3, programs, hidden, x.device)
+    block, num_warps = row_config(hidden)
+    wrap_triton(_bgl_bwd_kernel)[(programs,)](
+        dy.reshape(-1, hidden).contiguous(), x2d, b, ln_weight.contiguous(), mean, rstd, dx, partials, rows, hidden,
+        BLOCK=block, APPROX_TANH=approximate == "tanh", num_warps=num_warps,
+    )
+    dw, db, dbias = (reduce_partials(sums) for sums in partials)  # separate tensors: op outputs may not alias
+    return dx.view(x.shape), dbias.to(b.dtype), dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, bias, ln_weight, ln_bias, _, ctx.approximate = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, bias, ln_weight, mean, rstd)
+    ctx.ln_bias_dtype = ln_bias.dtype
+
+
+def _backward(ctx, dy: Tensor, _dmean, _drstd) -> tuple[Tensor | None, ...]:
+    x, bias, ln_weight, mean, rstd = ctx.saved_tensors
+    dx, dbias, dw, db = _backward_op(dy, x, bias, ln_weight, mean, rstd, ctx.approximate)
+    return dx, dbias if bias is not None else None, dw.to(ln_weight.dtype), db.to(ctx.ln_bias_dtype), None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supports(*tensors: Tensor | None) -> bool:
+    """CUDA (or the interpreter), fp32/bf16/fp16, rows of at most MAX_HIDDEN."""
+    return kernels_run(*tensors) and tensors[0].shape[-1] <= MAX_HIDDEN
 
 
 def bias_gelu_layernorm(
-    x: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str = "none"
+    x: Tensor, bias: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str = "none"
 ) -> Tensor:
     """LayerNorm(gelu(x + bias)) over the last dim; see the module docstring."""
-    check_approximate(approximate)
-    if (
-        not kernels_available(x)
-        or x.shape[-1] > MAX_HIDDEN
-        or any(t.dtype not in DTYPES for t in (x, bias, ln_weight, ln_bias))
-    ):
-        return reference.bias_gelu_layernorm(x, bias, ln_weight, ln_bias, eps, approximate)
-    return BiasGeluLayerNorm.apply(x, bias, ln_weight, ln_bias, eps, approximate)
+    return _forward_op(x, bias, ln_weight, ln_bias, eps, approximate)[0]
 
 
 def aot_specs() -> list[AotSpec]:

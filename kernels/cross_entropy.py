@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bertfast.kernels.aot import AotSpec
+from bertfast.ops.library import TRITON_INTERPRETED, custom_op, kernel_op
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 CHUNK_BYTES_ENV = "BERTFAST_CE_CHUNK_BYTES"
@@ -207,117 +208,153 @@ def _run_chunks(
     return loss, correct, grad_x, grad_w, grad_b
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
+def _forward_fake(x, weight, bias, labels, ignore_index, smoothing, reduction, chunk_bytes, grads_needed):
+    loss = x.new_empty(labels.shape if reduction == "none" else (), dtype=torch.float32)
+    if reduction == "none":  # its gradients come from the backward op
+        grads_needed = [False] * 3
+    grads = [torch.empty_like(t) if t is not None and need else x.new_empty(0)
+             for t, need in zip((x, weight, bias), grads_needed, strict=True)]
+    return loss, labels.new_empty((), dtype=torch.int64), *grads
+
+
+def _backward_fake(x, weight, bias, labels, row_scale, ignore_index, smoothing, chunk_bytes, grads_needed):
+    return tuple(torch.empty_like(t) if t is not None and need else x.new_empty(0)
+                 for t, need in zip((x, weight, bias), grads_needed, strict=True))
+
+
+def _mean_factor(labels: Tensor, ignore_index: int) -> Tensor:
+    """1 / (number of rows whose label is not ignore_index), 1 with none: the mean's factor, fp32."""
+    return (labels != ignore_index).sum().clamp(min=1).to(torch.float32).reciprocal()
+
+
+def _late_factor(x: Tensor, reduction: str) -> bool:
+    # fp16 flushes softmax / n_valid to zero below 6e-8 (most of a 30k vocabulary), where the
+    # reference, scaled by a loss scaler's grad_output, keeps it: fp16 gradients take the mean's
+    # factor after the matmuls instead, together with grad_output.
+    return reduction == "mean" and x.dtype == torch.float16
+
+
+# The softmax-cross-entropy of each variant, looked up when a chunk runs.
+XENT: dict[str, SoftmaxXent] = {"triton": _softmax_xent_triton, "torch": _softmax_xent_torch}
+
+
+def _define(name: str, xent: str, fp32_work_copy: bool, define: Callable) -> Callable:
+    """The (forward, backward) ops of the chunked loss with ``XENT[xent]`` as its softmax-cross-entropy.
+
+    Forward also computes the gradients (in ``grads_needed``: x, weight, bias) for a grad_output of 1;
+    backward only scales them. ``none`` gives every row its own grad_output, which the summed grad_W
+    and grad_b cannot take afterwards: its gradients come from the backward op, which runs the chunks
+    again with the per-row grad_output as the factor.
+    """
+
+    @define(name, _forward_fake)
     def forward(
-        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-        smoothing: float, reduction: str, chunk_bytes: int | None, xent: SoftmaxXent, fp32_work_copy: bool,
-    ) -> tuple[Tensor, Tensor]:
-        n_valid = (labels != ignore_index).sum()
+        x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int, smoothing: float,
+        reduction: str, chunk_bytes: int | None, grads_needed: list[bool],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(loss, n_correct, grad_x, grad_weight, grad_bias); a gradient not needed is an empty tensor."""
+        labels = labels.contiguous()
         ones = torch.ones(1, dtype=torch.float32, device=x.device)
-        factor = ones
-        if reduction == "mean":
-            factor = n_valid.clamp(min=1).to(torch.float32).reciprocal().reshape(1)
-        # fp16 flushes softmax / n_valid to zero below 6e-8 (most of a 30k vocabulary), where the
-        # reference, scaled by a loss scaler's grad_output, keeps it: fp16 gradients take the mean's
-        # factor after the matmuls instead, together with grad_output.
-        ctx.late_factor = factor[0] if reduction == "mean" and x.dtype == torch.float16 else None
-        # ``none`` computes its gradients in backward, once each row's grad_output is known.
-        need = (False, False, False) if reduction == "none" else tuple(ctx.needs_input_grad[:3])
-        loss, correct, *grads = _run_chunks(
-            x, weight, bias, labels, ignore_index, smoothing, ones if ctx.late_factor is not None else factor,
-            need, chunk_bytes, xent, fp32_work_copy,
-        )
+        factor = _mean_factor(labels, ignore_index).reshape(1) if reduction == "mean" else ones
+        need = (False, False, False) if reduction == "none" else tuple(grads_needed)
+        with torch.autocast(x.device.type, enabled=False):
+            loss, correct, *grads = _run_chunks(
+                x, weight, bias, labels, ignore_index, smoothing, ones if _late_factor(x, reduction) else factor,
+                need, chunk_bytes, XENT[xent], fp32_work_copy,
+            )
+        grads = [x.new_empty(0) if g is None else g for g in grads]
         n_correct = correct.sum(dtype=torch.int64)
-        ctx.mark_non_differentiable(n_correct)
-        ctx.save_for_backward(x, weight, bias, labels, factor)
-        ctx.settings = (ignore_index, smoothing, chunk_bytes, xent, fp32_work_copy)
-        # Not saved tensors: backward scales them in place and drops them (see backward).
-        ctx.grads = grads if any(need) else None
         if reduction == "none":
-            return loss, n_correct
+            return loss, n_correct, *grads
         total = loss.sum()
-        return (total / n_valid.clamp(min=1) if reduction == "mean" else total), n_correct
+        if reduction == "mean":
+            total = total / (labels != ignore_index).sum().clamp(min=1)
+        return total, n_correct, *grads
 
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor | None) -> tuple[Tensor | None, ...]:
-        nones = (None,) * 7
-        if ctx.grads is not None:
-            # The gradients from forward serve one backward: scaled in place (no second copy of
-            # grad_W) and released, so they do not live on with the graph.
-            grads, ctx.grads = ctx.grads, None
-            scale = grad_loss if ctx.late_factor is None else grad_loss * ctx.late_factor  # 0-dim
-            # On CPU, reading the usual grad_output of exactly 1 is free and saves a pass over grad_W.
-            if scale.device.type != "cpu" or scale.item() != 1.0:
-                grads = [None if g is None else g.mul_(scale) for g in grads]
-            return *grads, *nones
-        # reduction "none" (a grad_output per row), or a second backward through a retained graph.
-        x, weight, bias, labels, factor = ctx.saved_tensors
-        _, _, *grads = _run_chunks(
-            x, weight, bias, labels, *ctx.settings[:2], (grad_loss.float() * factor).reshape(-1),
-            tuple(ctx.needs_input_grad[:3]), *ctx.settings[2:],
-        )
-        return *grads, *nones
+    @define(f"{name}_backward", _backward_fake)
+    def backward(
+        x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, row_scale: Tensor, ignore_index: int,
+        smoothing: float, chunk_bytes: int | None, grads_needed: list[bool],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The gradients with each row's gradient times ``row_scale`` (one value per row)."""
+        with torch.autocast(x.device.type, enabled=False):
+            _, _, *grads = _run_chunks(x, weight, bias, labels.contiguous(), ignore_index, smoothing, row_scale,
+                                       tuple(grads_needed), chunk_bytes, XENT[xent], fp32_work_copy)
+        return tuple(x.new_empty(0) if g is None else g for g in grads)
 
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, labels, ignore_index, smoothing, reduction, chunk_bytes, grads_needed = inputs
+        _, _, *grads = output
+        ctx.save_for_backward(x, weight, bias, labels, *grads)
+        ctx.settings = (ignore_index, smoothing, reduction, chunk_bytes, grads_needed)
 
-def _linear_cross_entropy(
-    xent: SoftmaxXent, fp32_work_copy: bool, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-    ignore_index: int, label_smoothing: float, reduction: str, chunk_bytes: int | None,
-) -> tuple[Tensor, Tensor]:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        # The matmuls run in the autocast dtype, as F.linear would; the casts carry the gradients back.
-        dtype = torch.get_autocast_dtype(device)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(
-            x, weight, bias, labels.contiguous(), ignore_index, float(label_smoothing), reduction,
-            chunk_bytes, xent, fp32_work_copy,
-        )
+    def autograd_backward(ctx, grad_loss: Tensor, *_unused) -> tuple[Tensor | None, ...]:
+        x, weight, bias, labels, *grads = ctx.saved_tensors
+        ignore_index, smoothing, reduction, chunk_bytes, grads_needed = ctx.settings
+        if reduction == "none":
+            grads = backward(x, weight, bias, labels, grad_loss.float().reshape(-1), ignore_index, smoothing,
+                             chunk_bytes, grads_needed)
+        else:
+            scale = grad_loss * _mean_factor(labels, ignore_index) if _late_factor(x, reduction) else grad_loss
+            grads = [g * scale.to(g.dtype) for g in grads]
+        grads = [g if need else None for g, need in zip(grads, grads_needed, strict=True)]
+        return *grads, None, None, None, None, None, None
 
+    forward.register_autograd(autograd_backward, setup_context=setup_context)
 
-def linear_cross_entropy(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    chunk_bytes: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(loss, n_correct) of cross-entropy over ``x @ weight.T + bias``, as
-    :func:`bertfast.ops.reference.linear_cross_entropy`, with the Triton softmax-cross-entropy kernel.
+    def linear_cross_entropy(
+        x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int = -100,
+        label_smoothing: float = 0.0, reduction: str = "mean", chunk_bytes: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # The matmuls run in the autocast dtype, as F.linear would; the casts carry the gradients back.
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        needed = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (x, weight, bias)]
+        loss, n_correct, *_ = forward(x, weight, bias, labels, ignore_index, float(label_smoothing), reduction,
+                                      chunk_bytes, needed)
+        return loss, n_correct
 
-    At most ``chunk_bytes`` of logits exist at once.
-    """
-    return _linear_cross_entropy(
-        _softmax_xent_triton, False, x, weight, bias, labels, ignore_index, label_smoothing, reduction,
-        chunk_bytes,
-    )
+    linear_cross_entropy.forward_op = forward
+    linear_cross_entropy.backward_op = backward
+    return linear_cross_entropy
 
 
-def linear_cross_entropy_torch(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    chunk_bytes: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The same chunked algorithm in plain PyTorch (an in-place softmax instead of the kernel), for CPU.
+linear_cross_entropy = _define(
+    "linear_cross_entropy_triton", "triton", False,
+    lambda name, fake: kernel_op(name, fake, traceable=False),
+)
+linear_cross_entropy.__doc__ = """(loss, n_correct) of cross-entropy over ``x @ weight.T + bias``, as
+:func:`bertfast.ops.reference.linear_cross_entropy`, with the Triton softmax-cross-entropy kernel.
 
-    fp16/bf16 chunks also hold an fp32 work copy of their logits, counted in ``chunk_bytes``.
-    """
-    return _linear_cross_entropy(
-        _softmax_xent_torch, True, x, weight, bias, labels, ignore_index, label_smoothing, reduction,
-        chunk_bytes,
-    )
+At most ``chunk_bytes`` of logits exist at once. An opaque op even under ``torch.compile`` on a GPU: the
+number of chunks depends on the (data-dependent) number of rows.
+"""
+
+linear_cross_entropy_torch = _define("linear_cross_entropy_chunked", "torch", True, custom_op)
+linear_cross_entropy_torch.__doc__ = """The same chunked algorithm in plain PyTorch (an in-place softmax
+instead of the kernel), for CPU tensors.
+
+fp16/bf16 chunks also hold an fp32 work copy of their logits, counted in ``chunk_bytes``.
+"""
+
+
+def supports(*tensors: Tensor | None) -> bool:
+    """CUDA tensors (CPU ones in the interpreter) of fp32/bf16/fp16."""
+    present = [t for t in tensors if t is not None]
+    return all((t.device.type == "cuda" or (TRITON_INTERPRETED and t.device.type == "cpu"))
+               and t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in present)
+
+
+def supports_chunked(*tensors: Tensor | None) -> bool:
+    """The chunked PyTorch version: CPU tensors of fp32/bf16/fp16 (float64 goes to the reference)."""
+    present = [t for t in tensors if t is not None]
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+               for t in present)
 
 
 def aot_specs() -> list[AotSpec]:

@@ -25,24 +25,24 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from bertfast.kernels.aot import AotSpec
 from bertfast.kernels.layernorm_common import (
-    DTYPES,
     MAX_HIDDEN,
     aot_row_configs,
-    check_dropout,
-    draw_seed,
     dropout_keep,
-    dropout_scale,
-    kernels_available,
+    kernels_run,
     layernorm_row,
     layernorm_row_grad,
     partial_programs,
+    partial_sums,
     reduce_partials,
     row_config,
+    row_outputs,
 )
-from bertfast.ops import reference
+from bertfast.ops import dropout
+from bertfast.ops.library import kernel_op
 
 _SEGMENT_ROWS = 32  # sorted tokens per program of the gradient scatter
 
@@ -187,140 +187,155 @@ def scatter_rows(dh: Tensor, ids: Tensor, n_table_rows: int, dtype: torch.dtype,
     """grad[v] = sum of dh[t] over tokens t with ids[t] == v, fp32-accumulated; row ``skip_id`` stays 0."""
     n_rows, hidden = dh.shape
     grad = torch.zeros((n_table_rows, hidden), dtype=dtype, device=dh.device)
-    if n_rows == 0:
-        return grad
     sorted_ids, order = torch.sort(ids, stable=True)
-    n_blocks = triton.cdiv(n_rows, _SEGMENT_ROWS)
+    n_blocks = triton.cdiv(n_rows, _SEGMENT_ROWS)  # no programs at all for 0 tokens
     carry = torch.empty((n_blocks, 2, hidden), dtype=torch.float32, device=dh.device)
     block, num_warps = row_config(hidden)
-    _segment_sum_kernel[(n_blocks,)](
+    wrap_triton(_segment_sum_kernel)[(n_blocks,)](
         dh, sorted_ids, order, grad, carry, n_rows, hidden, skip_id,
         ROWS=_SEGMENT_ROWS, BLOCK=block, num_warps=num_warps,
     )
-    _segment_carry_kernel[(n_blocks,)](
+    wrap_triton(_segment_carry_kernel)[(n_blocks,)](
         sorted_ids, grad, carry, n_rows, hidden, skip_id, ROWS=_SEGMENT_ROWS, BLOCK=block, num_warps=num_warps,
     )
     return grad
 
 
-class Embeddings(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, input_ids: Tensor | None, position_ids: Tensor, token_type_ids: Tensor, words: Tensor,
-        position_weight: Tensor, type_weight: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-        eps: float, dropout_p: float, training: bool, padding_idx: int,
-    ) -> Tensor:
-        # words: the word table, or inputs_embeds (T, H) when input_ids is None.
-        from_embeds = input_ids is None
-        hidden = words.shape[-1]
-        lead_shape = words.shape[:-1] if from_embeds else input_ids.shape
-        ids = None if from_embeds else input_ids.reshape(-1).contiguous()
-        pos_ids = position_ids.reshape(-1).contiguous()
-        type_ids = token_type_ids.reshape(-1).contiguous()
-        words_c = words.detach().reshape(-1, hidden).contiguous() if from_embeds else words.detach().contiguous()
-        pos_w, type_w, w, b = (t.detach().contiguous() for t in (position_weight, type_weight, ln_weight, ln_bias))
-        rows = pos_ids.numel()
-        out_dtype = torch.promote_types(torch.promote_types(words.dtype, pos_w.dtype), type_w.dtype)
-        has_dropout = training and dropout_p > 0.0
-        seed = draw_seed(words.device) if has_dropout else None
-        y = torch.empty((rows, hidden), dtype=out_dtype, device=words.device)
-        mean = torch.empty(rows, dtype=torch.float32, device=words.device)
-        rstd = torch.empty_like(mean)
-        block, num_warps = row_config(hidden)
-        if rows > 0:
-            _emb_fwd_kernel[(rows,)](
-                ids, pos_ids, type_ids, words_c, pos_w, type_w, w, b, y, mean, rstd, seed,
-                hidden, eps, dropout_p, dropout_scale(dropout_p),
-                BLOCK=block, HAS_DROPOUT=has_dropout, FROM_EMBEDS=from_embeds, num_warps=num_warps,
-            )
-        ctx.save_for_backward(ids, pos_ids, type_ids, words_c, pos_w, type_w, w, mean, rstd, seed)
-        ctx.has_dropout = has_dropout
-        ctx.dropout_p = dropout_p
-        ctx.padding_idx = padding_idx
-        ctx.words_shape = words.shape
-        ctx.ln_bias_dtype = ln_bias.dtype
-        return y.view(*lead_shape, hidden)
+def _out_dtype(words: Tensor, position_weight: Tensor, type_weight: Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(words.dtype, position_weight.dtype), type_weight.dtype)
 
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        ids, pos_ids, type_ids, words, pos_w, type_w, w, mean, rstd, seed = ctx.saved_tensors
-        from_embeds = ids is None
-        rows, hidden = pos_ids.numel(), w.shape[0]
-        dy2d = dy.reshape(rows, hidden).contiguous()
-        dh = torch.empty((rows, hidden), dtype=dy.dtype, device=dy.device)
-        programs = partial_programs(rows, dy.device)
-        partials = torch.zeros((2, programs, hidden), dtype=torch.float32, device=dy.device)
-        block, num_warps = row_config(hidden)
-        num_warps = _bwd_warps(num_warps)
-        if rows > 0:
-            _emb_bwd_kernel[(programs,)](
-                dy2d, ids, pos_ids, type_ids, words, pos_w, type_w, w, mean, rstd, seed, dh, partials,
-                rows, hidden, ctx.dropout_p, dropout_scale(ctx.dropout_p),
-                BLOCK=block, HAS_DROPOUT=ctx.has_dropout, FROM_EMBEDS=from_embeds, num_warps=num_warps,
-            )
-        dw, db = reduce_partials(partials)
-        needs = ctx.needs_input_grad
-        d_words = d_pos = d_type = None
-        if needs[3]:
-            if from_embeds:
-                d_words = dh.to(words.dtype).view(ctx.words_shape)
-            else:
-                d_words = scatter_rows(dh, ids, words.shape[0], words.dtype, ctx.padding_idx)
-        if needs[4]:
-            d_pos = scatter_rows(dh, pos_ids, pos_w.shape[0], pos_w.dtype)
-        if needs[5]:
-            d_type = scatter_rows(dh, type_ids, type_w.shape[0], type_w.dtype)
-        return (
-            None, None, None, d_words, d_pos, d_type, dw.to(w.dtype), db.to(ctx.ln_bias_dtype),
-            None, None, None, None,
-        )
+
+def _forward_fake(input_ids, position_ids, token_type_ids, words, position_weight, type_weight, ln_weight, ln_bias,
+                  seed, eps, p, padding_idx):
+    rows = position_ids.numel()
+    y = words.new_empty((*position_ids.shape, words.shape[-1]), dtype=_out_dtype(words, position_weight,
+                                                                                   type_weight))
+    return y, words.new_empty(rows, dtype=torch.float32), words.new_empty(rows, dtype=torch.float32)
+
+
+@kernel_op("embeddings_triton", _forward_fake)
+def _forward_op(
+    input_ids: Tensor | None, position_ids: Tensor, token_type_ids: Tensor, words: Tensor, position_weight: Tensor,
+    type_weight: Tensor, ln_weight: Tensor, ln_bias: Tensor, seed: Tensor | None, eps: float, p: float,
+    padding_idx: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd). ``words``: the word table, or inputs_embeds (one row per token) without input_ids.
+
+    ``padding_idx`` (-1: none) is the word row that backward gives no gradient.
+    """
+    hidden = words.shape[-1]
+    from_embeds = input_ids is None
+    ids = None if from_embeds else input_ids.reshape(-1).contiguous()
+    words_c = words.reshape(-1, hidden).contiguous()
+    rows = position_ids.numel()
+    y, mean, rstd = row_outputs(rows, hidden, _out_dtype(words, position_weight, type_weight), words.device)
+    block, num_warps = row_config(hidden)
+    wrap_triton(_emb_fwd_kernel)[(rows,)](
+        ids, position_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(), words_c,
+        position_weight.contiguous(), type_weight.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(),
+        y, mean, rstd, seed, hidden, eps, p, dropout.scale(p),
+        BLOCK=block, HAS_DROPOUT=seed is not None, FROM_EMBEDS=from_embeds, num_warps=num_warps,
+    )
+    return y.view(*position_ids.shape, hidden), mean, rstd
+
+
+def _backward_fake(dy, input_ids, position_ids, token_type_ids, words, position_weight, type_weight, ln_weight,
+                   mean, rstd, seed, p, padding_idx, tables_needed):
+    hidden = words.shape[-1]
+    grads = [torch.empty_like(t) if need else t.new_empty(0)
+             for t, need in zip((words, position_weight, type_weight), tables_needed, strict=True)]
+    w = ln_weight.new_empty(hidden, dtype=torch.float32)
+    return *grads, w, torch.empty_like(w)
+
+
+@kernel_op("embeddings_triton_backward", _backward_fake)
+def _backward_op(
+    dy: Tensor, input_ids: Tensor | None, position_ids: Tensor, token_type_ids: Tensor, words: Tensor,
+    position_weight: Tensor, type_weight: Tensor, ln_weight: Tensor, mean: Tensor, rstd: Tensor,
+    seed: Tensor | None, p: float, padding_idx: int, tables_needed: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad of words, position and type tables (empty where not ``tables_needed``), fp32 dgamma, dbeta)."""
+    hidden = words.shape[-1]
+    from_embeds = input_ids is None
+    ids = None if from_embeds else input_ids.reshape(-1).contiguous()
+    pos_ids, type_ids = position_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous()
+    words_c, pos_w, type_w = (t.reshape(-1, hidden).contiguous() for t in (words, position_weight, type_weight))
+    rows = pos_ids.numel()
+    dh = torch.empty((rows, hidden), dtype=dy.dtype, device=dy.device)
+    programs = partial_programs(rows, dy.device)
+    partials = partial_sums(2, programs, hidden, dy.device)
+    block, num_warps = row_config(hidden)
+    wrap_triton(_emb_bwd_kernel)[(programs,)](
+        dy.reshape(rows, hidden).contiguous(), ids, pos_ids, type_ids, words_c, pos_w, type_w,
+        ln_weight.contiguous(), mean, rstd, seed, dh, partials, rows, hidden, p, dropout.scale(p),
+        BLOCK=block, HAS_DROPOUT=seed is not None, FROM_EMBEDS=from_embeds, num_warps=_bwd_warps(num_warps),
+    )
+    dw, db = (reduce_partials(sums) for sums in partials)  # separate tensors: op outputs may not alias
+    need_words, need_pos, need_type = tables_needed
+    d_words, d_pos, d_type = (dh.new_empty(0) for _ in range(3))
+    if need_words:
+        if from_embeds:
+            d_words = dh.to(words.dtype).view(words.shape)
+        else:
+            d_words = scatter_rows(dh, ids, words.shape[0], words.dtype, padding_idx)
+    if need_pos:
+        d_pos = scatter_rows(dh, pos_ids, pos_w.shape[0], pos_w.dtype)
+    if need_type:
+        d_type = scatter_rows(dh, type_ids, type_w.shape[0], type_w.dtype)
+    return d_words, d_pos, d_type, dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input_ids, position_ids, token_type_ids, words, position_weight, type_weight, ln_weight, ln_bias, seed = inputs[:9]
+    _, ctx.p, ctx.padding_idx = inputs[9:]
+    _, mean, rstd = output
+    ctx.save_for_backward(input_ids, position_ids, token_type_ids, words, position_weight, type_weight, ln_weight,
+                          mean, rstd, seed)
+    ctx.ln_bias_dtype = ln_bias.dtype
+
+
+def _backward(ctx, dy: Tensor, _dmean, _drstd) -> tuple[Tensor | None, ...]:
+    ids, pos_ids, type_ids, words, pos_w, type_w, ln_weight, mean, rstd, seed = ctx.saved_tensors
+    needed = list(ctx.needs_input_grad[3:6])
+    d_words, d_pos, d_type, dw, db = _backward_op(
+        dy, ids, pos_ids, type_ids, words, pos_w, type_w, ln_weight, mean, rstd, seed, ctx.p, ctx.padding_idx,
+        needed,
+    )
+    tables = [g if need else None for g, need in zip((d_words, d_pos, d_type), needed, strict=True)]
+    return None, None, None, *tables, dw.to(ln_weight.dtype), db.to(ctx.ln_bias_dtype), None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+def _bwd_warps(num_warps: int) -> int:
+    """The backward keeps two fp32 partial rows and the gathered tables live: half the values per
+    thread of the forward, or Triton 3.6 spills at BLOCK=1024 on sm_80."""
+    return min(16, 2 * num_warps)
+
+
+def supports(*tensors: Tensor | None) -> bool:
+    """CUDA (or the interpreter), fp32/bf16/fp16 tables, rows of at most MAX_HIDDEN."""
+    return kernels_run(*tensors) and tensors[0].shape[-1] <= MAX_HIDDEN
 
 
 def embeddings(
-    input_ids: Tensor | None,
-    position_ids: Tensor,
-    token_type_ids: Tensor,
-    word_weight: Tensor,
-    position_weight: Tensor,
-    type_weight: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    eps: float,
-    dropout_p: float,
-    training: bool,
-    inputs_embeds: Tensor | None = None,
-    padding_idx: int | None = None,
+    input_ids: Tensor | None, position_ids: Tensor, token_type_ids: Tensor, word_weight: Tensor,
+    position_weight: Tensor, type_weight: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
+    dropout_p: float, training: bool, inputs_embeds: Tensor | None = None, padding_idx: int | None = None,
 ) -> Tensor:
     """dropout(LayerNorm(word + position + token-type embeddings)); see the module docstring.
 
     ``inputs_embeds`` replaces the word lookup (its gradient is dh itself).
     """
-    check_dropout(dropout_p)
     words = word_weight if inputs_embeds is None else inputs_embeds
-    tables = (words, position_weight, type_weight, ln_weight, ln_bias)
-    if (
-        not kernels_available(words)
-        or words.shape[-1] > MAX_HIDDEN
-        or any(t.dtype not in DTYPES for t in tables)
-    ):
-        return reference.embeddings(
-            input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight, ln_weight,
-            ln_bias, eps, dropout_p, training, inputs_embeds=inputs_embeds, padding_idx=padding_idx,
-        )
     if padding_idx is None:
         padding_idx = -1
     elif padding_idx < 0:
         padding_idx += word_weight.shape[0]  # as nn.Embedding
-    return Embeddings.apply(
-        None if inputs_embeds is not None else input_ids, position_ids, token_type_ids, words,
-        position_weight, type_weight, ln_weight, ln_bias, eps, dropout_p, training, padding_idx,
-    )
-
-
-def _bwd_warps(num_warps: int) -> int:
-    """The backward keeps two fp32 partial rows and the gathered tables live: half the values per
-    thread of the forward, or Triton 3.6 spills at BLOCK=1024 on sm_80."""
-    return min(16, 2 * num_warps)
+    seed = dropout.draw_seed(words.device) if training and dropout_p > 0.0 else None
+    return _forward_op(
+        None if inputs_embeds is not None else input_ids, position_ids, token_type_ids, words, position_weight,
+        type_weight, ln_weight, ln_bias, seed, eps, dropout_p, padding_idx,
+    )[0]
 
 
 def aot_specs() -> list[AotSpec]:

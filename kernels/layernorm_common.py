@@ -16,14 +16,14 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# Larger rows would not fit one program's registers; the ops run the reference beyond it.
+from bertfast.ops.library import TRITON_INTERPRETED
+
+# Larger rows would not fit one program's registers: the dispatcher runs the reference beyond it.
 MAX_HIDDEN = 4096
 # The hidden sizes that the launchers are tuned for (BERT base and large).
 TUNED_HIDDEN = (768, 1024)
@@ -57,16 +57,18 @@ def dtype_tag(act: str, param: str) -> str:
     return act if act == param else f"{act}+{param}"
 
 
-def partial_programs(n_items: int, device: torch.device, share: int = 1) -> int:
+def partial_programs(n_items, device: torch.device, share: int = 1):
     """How many programs (each with its own partial sums) walk ``n_items`` rows or row blocks.
 
-    ``share`` divides the budget when each row-program group also spans several column tiles.
+    ``share`` divides the budget when each row-program group also spans several column tiles. At
+    least one program, which writes zero partials when there are no rows. ``n_items`` may be a
+    symbolic size under ``torch.compile``: sym_min / sym_max keep it symbolic instead of guarding on it.
     """
     if device.type == "cuda":
         budget = torch.cuda.get_device_properties(device).multi_processor_count * 4
     else:
         budget = 4  # the interpreter runs programs one after another: few partials, fewer stores
-    return max(1, min(n_items, budget // share))
+    return torch.sym_max(1, torch.sym_min(n_items, budget // share))
 
 
 def reduce_partials(partials: Tensor) -> Tensor:
@@ -74,33 +76,30 @@ def reduce_partials(partials: Tensor) -> Tensor:
     return partials.sum(dim=-2)
 
 
-def kernels_available(t: Tensor) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors only in the interpreter."""
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def kernels_run(*tensors: Tensor | None) -> bool:
+    """Whether the kernels take these tensors: CUDA (CPU only in the interpreter) and fp32/bf16/fp16."""
+    present = [t for t in tensors if t is not None]
+    return all(
+        (t.device.type == "cuda" or (TRITON_INTERPRETED and t.device.type == "cpu")) and t.dtype in DTYPES
+        for t in present
+    )
 
 
-def check_dropout(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+def row_outputs(rows, hidden: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward outputs of a one-row-per-program kernel: y (rows, hidden) and fp32 mean, rstd (rows,)."""
+    y = torch.empty((rows, hidden), dtype=dtype, device=device)
+    mean = torch.empty(rows, dtype=torch.float32, device=device)
+    return y, mean, torch.empty_like(mean)
 
 
-def check_approximate(approximate: str) -> None:
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+def bias_or_zeros(bias: Tensor | None, x: Tensor) -> Tensor:
+    """The bias a kernel reads: ``bias``, or zeros in x's dtype when the op has none."""
+    return torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device) if bias is None else bias.contiguous()
 
 
-def dropout_scale(p: float) -> float:
-    """What kept values are multiplied by; p == 1 drops everything (like F.dropout)."""
-    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-
-
-def draw_seed(device: torch.device) -> Tensor:
-    """A Philox seed drawn from torch's generator of ``device`` and kept on it (no host sync).
-
-    ``torch.manual_seed`` makes it reproducible and activation checkpointing, which replays
-    the RNG state, draws the same one again.
-    """
-    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+def partial_sums(n_sums: int, programs, hidden: int, device: torch.device) -> Tensor:
+    """The (n_sums, programs, hidden) fp32 buffer that backward programs store their partial sums in."""
+    return torch.zeros((n_sums, programs, hidden), dtype=torch.float32, device=device)
 
 
 @triton.jit

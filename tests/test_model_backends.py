@@ -38,8 +38,8 @@ def test_pretraining_step_matches_reference_backend(backend):
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 1, 0]))
 
     with ops.use_backend(backend):
-        chosen = {op: ops.implementation(op, ids)[0] for op in ops._IMPLEMENTATIONS}
-    expected = {op: backend for op, impls in ops._IMPLEMENTATIONS.items() if backend in impls}
+        chosen = {op: ops.implementation(op, ids.float())[0] for op in ops.dispatch.OPS}
+    expected = {op: backend for op in ops.dispatch.OPS if backend in ops.dispatch.backends_of(op)}
     assert expected and {op: chosen[op] for op in expected} == expected
 
     ref_loss, ref_grads = run(model, "torch", batch)

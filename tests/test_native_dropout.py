@@ -9,18 +9,19 @@ import torch
 
 from bertfast import _C, ops
 from bertfast.ops import native, reference
+from bertfast.ops.dropout import draw_seed
 
 
-def keep_mask(shape, p: float, seed: int) -> torch.Tensor:
+def keep_mask(shape, p: float, seed) -> torch.Tensor:
     """What the kernel keeps: its hashes of (seed, i) against round(p * 2^32)."""
-    bits = torch.from_numpy(_C.dropout_bits(seed, 0, math.prod(shape)).astype("int64"))
+    bits = torch.from_numpy(_C.dropout_bits(int(seed), 0, math.prod(shape)).astype("int64"))
     return (bits >= round(p * 2**32)).view(shape)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keeps_one_minus_p_scaled_and_matches_its_hashes(p):
     x = torch.randn(257, 1001)
-    y = native.dropout(x, p, True, seed=7)
+    y = native.dropout(x, p, True, seed=torch.tensor(7))
     kept = keep_mask(x.shape, p, 7)
     torch.testing.assert_close(y, torch.where(kept, x * (1 / (1 - p)), 0.0), rtol=0, atol=0)
     n = x.numel()
@@ -67,13 +68,13 @@ def test_edge_probabilities_dtypes_and_bad_input():
     assert torch.equal(y, torch.zeros_like(x))
     (dx,) = torch.autograd.grad(y.sum(), x)
     assert torch.equal(dx, torch.zeros_like(x))
-    half = torch.randn(4, 4, dtype=torch.bfloat16)
-    assert native.dropout(half, 0.5, True).dtype == torch.bfloat16  # runs torch's dropout
+    half = torch.randn(4, 4, dtype=torch.bfloat16)  # not for the native kernel: the dispatcher picks the reference
+    assert ops.implementation("bias_dropout_add_layernorm", half)[0] == "torch"
     with pytest.raises(ValueError, match="between 0 and 1"):
         native.dropout(x, 1.5, True)
     strided = torch.randn(6, 8).t()  # non-contiguous input: same values as its contiguous copy
-    assert torch.equal(native.dropout(strided, 0.5, True, seed=1),
-                       native.dropout(strided.contiguous(), 0.5, True, seed=1))
+    assert torch.equal(native.dropout(strided, 0.5, True, seed=torch.tensor(1)),
+                       native.dropout(strided.contiguous(), 0.5, True, seed=torch.tensor(1)))
 
 
 def test_residual_and_embedding_ops_equal_the_reference_with_the_same_mask():
@@ -84,7 +85,7 @@ def test_residual_and_embedding_ops_equal_the_reference_with_the_same_mask():
     torch.manual_seed(1)
     y = ops.bias_dropout_add_layernorm(x, bias, res, w, b, 1e-12, 0.2, True)
     torch.manual_seed(1)
-    mask = keep_mask(x.shape, 0.2, native.draw_seed())
+    mask = keep_mask(x.shape, 0.2, draw_seed(torch.device("cpu")))
     h = torch.where(mask, (x + bias) / 0.8, 0.0) + res
     expected = torch.nn.functional.layer_norm(h, (48,), w, b, 1e-12)
     torch.testing.assert_close(y, expected)
@@ -98,7 +99,7 @@ def test_residual_and_embedding_ops_equal_the_reference_with_the_same_mask():
     torch.manual_seed(2)
     out = ops.embeddings(ids, pos, types, *tables, w, b, 1e-12, 0.1, True)
     torch.manual_seed(2)
-    mask = keep_mask((13, 48), 0.1, native.draw_seed())
+    mask = keep_mask((13, 48), 0.1, draw_seed(torch.device("cpu")))
     plain = reference.embeddings(ids, pos, types, *tables, w, b, 1e-12, 0.1, False)
     torch.testing.assert_close(out, torch.where(mask, plain / 0.9, 0.0))
 
@@ -111,7 +112,7 @@ def test_attention_in_training_equals_the_masked_softmax_reference():
     torch.manual_seed(3)
     out = ops.attention(qkv, cu, max(lengths), 0.25, training=True)
     torch.manual_seed(3)
-    mask = keep_mask((4, 2, 7, 7), 0.25, native.draw_seed())
+    mask = keep_mask((4, 2, 7, 7), 0.25, draw_seed(torch.device("cpu")))
     expected = []
     for i, n in enumerate(lengths):  # per sequence: softmax over its own keys, the same kept probabilities
         q, k, v = qkv[cu[i]:cu[i] + n].unbind(1)

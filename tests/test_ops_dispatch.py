@@ -7,7 +7,7 @@ import torch
 from numerics import assert_relative_rule
 
 from bertfast import ops
-from bertfast.ops import reference
+from bertfast.ops import dispatch, reference
 from bertfast.padding import Packing
 
 
@@ -19,12 +19,18 @@ def test_cpu_uses_native_where_it_exists_and_the_reference_elsewhere():
         assert ops.implementation("bias_gelu", x) == ("torch", reference.bias_gelu)
 
 
-def test_environment_variable_forces_a_backend(monkeypatch):
+def test_environment_variable_forces_a_backend_and_is_read_once(monkeypatch):
     monkeypatch.setenv("BERTFAST_BACKEND", "torch")
-    assert ops.implementation("bias_gelu", torch.randn(2, 2))[0] == "torch"
-    monkeypatch.setenv("BERTFAST_BACKEND", "cuda-please")
-    with pytest.raises(ValueError, match="unknown bertfast backend 'cuda-please'"):
-        ops.implementation("bias_gelu", torch.randn(2, 2))
+    assert ops.implementation("bias_gelu", torch.randn(2, 2))[0] == "native"  # read at import, not per call
+    try:
+        dispatch.read_environment()
+        assert ops.implementation("bias_gelu", torch.randn(2, 2))[0] == "torch"
+        monkeypatch.setenv("BERTFAST_BACKEND", "cuda-please")
+        with pytest.raises(ValueError, match="unknown bertfast backend 'cuda-please'"):
+            dispatch.read_environment()
+    finally:
+        monkeypatch.delenv("BERTFAST_BACKEND")
+        dispatch.read_environment()
 
 
 @pytest.mark.parametrize("rows,hidden", [(1, 8), (7, 384), (127, 1000), (300, 768)])

@@ -1,124 +1,93 @@
 """The op layer: every hot operation of the model goes through one of these functions.
 
-Each op has a plain-PyTorch reference (``bertfast.ops.reference``) and may have
-faster implementations:
+Each op has a plain-PyTorch reference (``bertfast.ops.reference``) and may have faster
+implementations, each a ``torch.library`` custom op in the ``bertfast::`` namespace (schema, fake
+implementation, autograd; see ``bertfast.ops.library``), so that all of them run inside
+``torch.compile(fullgraph=True)`` without a graph break:
 
-* ``triton``: Triton kernels in ``bertfast.kernels`` (CUDA tensors; CPU tensors
-  too when ``TRITON_INTERPRET=1``, which is how the tests run them),
-* ``native``: the CPU implementations: C++ kernels in ``bertfast._C`` (bias+GELU, and
-  the dropout of the embeddings, attention and residual ops) and, where that is what is
-  fastest, chunked PyTorch (the masked-LM cross-entropy),
+* ``triton``: Triton kernels in ``bertfast.kernels`` (CUDA tensors; CPU tensors too when
+  ``TRITON_INTERPRET=1``, which is how the tests run them), as ``torch.library.triton_op``s;
+* ``native``: the CPU implementations: C++ kernels in ``bertfast._C`` (bias+GELU, and the dropout of
+  the embeddings, attention and residual ops) registered for the CPU dispatch key and, where that is
+  what is fastest, chunked PyTorch (the masked-LM cross-entropy);
 * ``torch``: the reference.
 
-The backend is chosen per call: CUDA tensors use ``triton``, CPU tensors use
-``native`` where it implements the op, and everything else the reference.
-``BERTFAST_BACKEND=torch|triton|native`` (or :func:`use_backend`) forces one;
-an op that the forced backend does not implement runs the reference.
+``bertfast.ops.dispatch`` picks one per call: CUDA tensors use ``triton``, CPU tensors ``native``,
+each where its ``supports`` predicate accepts the inputs, and the reference otherwise.
+``BERTFAST_BACKEND=torch|triton|native`` (read once, at import) or :func:`use_backend` forces one;
+:func:`implementation` reports the backend that runs a call.
+
+Dropout
+-------
+One policy for every op and backend:
+
+* **Seed.** Each op call with dropout draws one seed, a 0-dim int64 tensor from torch's generator
+  of the tensor's device (``torch.randint`` on that device, in the op's Python wrapper). So the
+  generator advances by one draw per dropout op call, in the order the model calls them;
+  ``torch.manual_seed`` (and ``torch.cuda.manual_seed``) makes a run repeat; ``torch.compile``
+  traces the draw like any other random op; the seed never visits the host, so a CUDA graph can
+  capture the step.
+* **Offset.** Within a call, the mask is a pure function of (seed, element index), never stored:
+  backward regenerates it from the saved seed. The element index is the position in the op's output
+  (token * hidden + column); for attention probabilities, the query token's packed position, the
+  head and the key's position in its sequence (``bertfast.kernels.attention``).
+* **Activation checkpointing** (``torch.utils.checkpoint``, non-reentrant) restores the generator
+  state before recomputing a layer, so the recomputation draws the same seeds and applies the same
+  masks: gradients equal those of the run without checkpointing.
+* **Backends.** The reference uses ``F.dropout`` (its own draws from the same generator); Triton
+  kernels use Philox on the seed; the native CPU kernels a counter hash of the seed. Each is
+  deterministic for a seed; the masks differ between backends.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
-from collections.abc import Callable, Iterator
-from functools import cache
-
 import torch
 from torch import Tensor
 
-from bertfast.ops import reference
+from bertfast.ops import dispatch, dropout, reference
+from bertfast.ops.dispatch import BACKENDS, forced_backend, implementation, use_backend
 from bertfast.padding import Packing
 
-BACKENDS = ("torch", "triton", "native")
-IGNORE_INDEX = -100  # labels that the losses skip, as in torch.nn.functional.cross_entropy
-
-# op name -> {backend: "module:function"}; imported lazily, on first use.
-_IMPLEMENTATIONS: dict[str, dict[str, str]] = {
-    "embeddings": {
-        "triton": "bertfast.kernels.embeddings:embeddings",
-        "native": "bertfast.ops.native:embeddings",
-    },
-    "bias_gelu": {
-        "triton": "bertfast.kernels.bias_gelu:bias_gelu",
-        "native": "bertfast.ops.native:bias_gelu",
-    },
-    "bias_dropout_add_layernorm": {
-        "triton": "bertfast.kernels.bias_dropout_add_layernorm:bias_dropout_add_layernorm",
-        "native": "bertfast.ops.native:bias_dropout_add_layernorm",
-    },
-    "bias_gelu_layernorm": {"triton": "bertfast.kernels.bias_gelu_layernorm:bias_gelu_layernorm"},
-    "attention": {
-        "triton": "bertfast.kernels.attention:attention",
-        "native": "bertfast.ops.native:attention",
-    },
-    "linear_cross_entropy": {
-        "triton": "bertfast.kernels.cross_entropy:linear_cross_entropy",
-        # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.
-        "native": "bertfast.kernels.cross_entropy:linear_cross_entropy_torch",
-    },
-}
-
-_forced: str | None = None
+IGNORE_INDEX = -100  # the label of positions that no loss is computed for, as in PyTorch and transformers
 
 
-def _check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown bertfast backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return name
-
-
-def forced_backend() -> str | None:
-    """The backend forced by :func:`use_backend` or ``BERTFAST_BACKEND``, if any."""
-    if _forced is not None:
-        return _forced
-    env = os.environ.get("BERTFAST_BACKEND", "").strip().lower()
-    return _check_backend(env) if env else None
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None) -> Iterator[None]:
-    """Force a backend for the ops called inside the block (``None`` restores automatic choice)."""
-    global _forced
-    previous = _forced
-    _forced = _check_backend(name) if name is not None else None
+def _register_backends() -> None:
     try:
-        yield
-    finally:
-        _forced = previous
-
-
-@cache
-def _load(target: str) -> Callable | None:
-    """The implementation at ``module:function``, or None when its backend is not installed here.
-
-    Only a missing backend (no triton, no compiled extension) means "use the reference"; any other
-    import error is a bug and is raised rather than silently hidden behind the reference.
-    """
-    module_name, _, attr = target.partition(":")
+        from bertfast.ops import native
+    except ModuleNotFoundError as e:  # no compiled extension: no native backend
+        if e.name != "bertfast._C":
+            raise
+    else:
+        for op in ("embeddings", "bias_gelu", "bias_dropout_add_layernorm", "attention"):
+            dispatch.register(op, "native", getattr(native, op), native.supports)
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name in ("triton", "bertfast._C"):
-            return None
-        raise
-    return getattr(module, attr)
+        from bertfast.kernels import (
+            attention,
+            bias_dropout_add_layernorm,
+            bias_gelu,
+            bias_gelu_layernorm,
+            cross_entropy,
+            embeddings,
+        )
+    except ModuleNotFoundError as e:  # no triton: no triton backend (nor the chunked loss that lives beside it)
+        if e.name != "triton":
+            raise
+        return
+    for module in (attention, bias_dropout_add_layernorm, bias_gelu, bias_gelu_layernorm, embeddings):
+        op = module.__name__.rsplit(".", 1)[-1]
+        dispatch.register(op, "triton", getattr(module, op), module.supports)
+    dispatch.register("linear_cross_entropy", "triton", cross_entropy.linear_cross_entropy, cross_entropy.supports)
+    # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.
+    dispatch.register("linear_cross_entropy", "native", cross_entropy.linear_cross_entropy_torch,
+                      cross_entropy.supports_chunked)
 
 
-def implementation(op: str, like: Tensor) -> tuple[str, Callable]:
-    """(backend, function) that runs ``op`` for tensors like ``like``."""
-    available = _IMPLEMENTATIONS[op]
-    backend = forced_backend()
-    if backend is None:
-        backend = "triton" if like.is_cuda else "native"
-    fn = _load(available[backend]) if backend in available else None
-    if fn is None:
-        return "torch", getattr(reference, op)
-    return backend, fn
+_register_backends()
 
 
-def _zeros_if_none(bias: Tensor | None, x: Tensor) -> Tensor:
-    return x.new_zeros(x.shape[-1]) if bias is None else bias
+def _check_approximate(approximate: str) -> None:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def embeddings(
@@ -137,7 +106,9 @@ def embeddings(
     padding_idx: int | None = None,
 ) -> Tensor:
     """dropout(LayerNorm(word + position + token-type embeddings)), packed (T,) ids -> (T, H)."""
-    _, fn = implementation("embeddings", word_weight)
+    dropout.check_probability(dropout_p)
+    words = word_weight if inputs_embeds is None else inputs_embeds
+    _, fn = implementation("embeddings", words, position_weight, type_weight, ln_weight, ln_bias)
     return fn(
         input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight,
         ln_weight, ln_bias, eps, dropout_p, training, inputs_embeds=inputs_embeds, padding_idx=padding_idx,
@@ -145,9 +116,9 @@ def embeddings(
 
 
 def bias_gelu(x: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
-    """gelu(x + bias)."""
-    bias = _zeros_if_none(bias, x)
-    _, fn = implementation("bias_gelu", x)
+    """gelu(x + bias); ``bias`` None: gelu(x)."""
+    _check_approximate(approximate)
+    _, fn = implementation("bias_gelu", x, bias, approximate=approximate)
     return fn(x, bias, approximate)
 
 
@@ -155,18 +126,18 @@ def bias_dropout_add_layernorm(
     x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
     eps: float, dropout_p: float, training: bool,
 ) -> Tensor:
-    """LayerNorm(dropout(x + bias) + residual)."""
-    bias = _zeros_if_none(bias, x)
-    _, fn = implementation("bias_dropout_add_layernorm", x)
+    """LayerNorm(dropout(x + bias) + residual); ``bias`` None: LayerNorm(dropout(x) + residual)."""
+    dropout.check_probability(dropout_p)
+    _, fn = implementation("bias_dropout_add_layernorm", x, bias, residual, ln_weight, ln_bias)
     return fn(x, bias, residual, ln_weight, ln_bias, eps, dropout_p, training)
 
 
 def bias_gelu_layernorm(
     x: Tensor, bias: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str = "none"
 ) -> Tensor:
-    """LayerNorm(gelu(x + bias))."""
-    bias = _zeros_if_none(bias, x)
-    _, fn = implementation("bias_gelu_layernorm", x)
+    """LayerNorm(gelu(x + bias)); ``bias`` None: LayerNorm(gelu(x))."""
+    _check_approximate(approximate)
+    _, fn = implementation("bias_gelu_layernorm", x, bias, ln_weight, ln_bias)
     return fn(x, bias, ln_weight, ln_bias, eps, approximate)
 
 
@@ -174,7 +145,12 @@ def attention(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     training: bool = False, softmax_scale: float | None = None,
 ) -> Tensor:
-    """Bidirectional attention on packed sequences: (T, 3, heads, head_dim) -> (T, heads, head_dim)."""
+    """Bidirectional attention on packed sequences: (T, 3, heads, head_dim) -> (T, heads, head_dim).
+
+    ``max_seqlen`` is an upper bound of the longest sequence (the padded width serves, and needs no
+    host sync); sequences may be empty.
+    """
+    dropout.check_probability(dropout_p)
     _, fn = implementation("attention", qkv)
     return fn(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale)
 
@@ -195,11 +171,11 @@ def padded_attention(
 
 
 def linear_cross_entropy(
-    x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int = -100,
+    x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0, reduction: str = "mean", chunk_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(loss, number of correct argmax predictions) of cross-entropy over ``x @ weight.T + bias``."""
-    _, fn = implementation("linear_cross_entropy", x)
+    _, fn = implementation("linear_cross_entropy", x, weight, bias)
     return fn(x, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_bytes)
 
 

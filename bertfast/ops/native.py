@@ -1,13 +1,17 @@
-"""Ops backed by the C++ CPU kernels in ``bertfast._C``.
+"""The CPU backend: ops backed by the C++ kernels in ``bertfast._C``, registered as ``bertfast::`` ops
+for the CPU dispatch key.
 
-The kernels take contiguous float32 buffers; anything else (other dtypes, the
-tanh GELU) runs the reference instead.
+The kernels take contiguous float32 buffers (the dispatcher sends nothing else here). Two kernels:
 
-Dropout here keeps no mask: element i of a tensor is kept when a counter-based hash of
-(seed, i) clears the threshold (``csrc/dropout.cpp``), so backward regenerates the mask
-from the seed, and drawing it costs a fraction of ``torch.bernoulli_``'s time (the largest
-single cost of a small model's training step on a CPU). The seed comes from torch's
-default generator: ``torch.manual_seed`` makes runs repeat.
+* ``bertfast::native_bias_gelu`` (+ its backward): exact-erf GELU of x + bias.
+* ``bertfast::native_dropout``: dropout whose mask is never stored: element i is kept when a
+  counter-based hash of (seed, i) clears the threshold (``csrc/dropout.cpp``), so backward (the same
+  op on the gradient) regenerates it, and drawing it costs a fraction of ``torch.bernoulli_``'s time
+  (the largest single cost of a small model's training step on a CPU). The seed follows the policy
+  of ``bertfast.ops``.
+
+Embeddings, bias + dropout + residual + LayerNorm and attention are the reference computations with
+this dropout in place of ``F.dropout``.
 """
 
 from __future__ import annotations
@@ -19,70 +23,91 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bertfast import _C
+from bertfast.ops import dropout as policy
 from bertfast.ops import reference
+from bertfast.ops.library import custom_op
 
 
-class _BiasGelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, bias: Tensor) -> Tensor:
-        x2d = x.detach().reshape(-1, x.shape[-1]).contiguous()
-        b = bias.detach().contiguous()
-        ctx.save_for_backward(x2d, b)
-        ctx.input_shape = x.shape
-        y = _C.bias_gelu_forward(x2d.numpy(), b.numpy())
-        return torch.from_numpy(y).view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor]:
-        x2d, b = ctx.saved_tensors
-        dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
-        dx, db = _C.bias_gelu_backward(dy2d.numpy(), x2d.numpy(), b.numpy())
-        return torch.from_numpy(dx).view(ctx.input_shape), torch.from_numpy(db)
+def supports(*tensors: Tensor | None, approximate: str = "none") -> bool:
+    """float32 CPU tensors (and the exact GELU)."""
+    present = [t for t in tensors if t is not None]
+    return approximate == "none" and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in present)
 
 
-def _native(*tensors: Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+def _bias_gelu_fake(x: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.empty_like(x)
 
 
-def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
-    """gelu(x + bias) with the native kernel for float32 CPU tensors and the exact GELU."""
-    if approximate != "none" or not _native(x, bias):
-        return reference.bias_gelu(x, bias, approximate)
-    return _BiasGelu.apply(x, bias)
-
-
-def _apply_mask(x: Tensor, p: float, seed: int) -> Tensor:
-    threshold = min(round(p * 2**32), 2**32)
-    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-    y = _C.dropout(x.detach().contiguous().numpy(), seed, threshold, scale)
+@custom_op("native_bias_gelu", _bias_gelu_fake, device_types="cpu")
+def _bias_gelu_op(x: Tensor, bias: Tensor | None) -> Tensor:
+    hidden = x.shape[-1]
+    b = torch.zeros(hidden) if bias is None else bias.contiguous()
+    y = _C.bias_gelu_forward(x.reshape(-1, hidden).contiguous().numpy(), b.numpy())
     return torch.from_numpy(y).view(x.shape)
 
 
-class _Dropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, p: float, seed: int) -> Tensor:
-        ctx.p, ctx.seed = p, seed
-        return _apply_mask(x, p, seed)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
-        return _apply_mask(dy, ctx.p, ctx.seed), None, None
+def _bias_gelu_backward_fake(dy: Tensor, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(x.shape[-1])
 
 
-def draw_seed() -> int:
-    """A 63-bit dropout seed from torch's default generator."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+@custom_op("native_bias_gelu_backward", _bias_gelu_backward_fake, device_types="cpu")
+def _bias_gelu_backward_op(dy: Tensor, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    hidden = x.shape[-1]
+    b = torch.zeros(hidden) if bias is None else bias.contiguous()
+    dx, db = _C.bias_gelu_backward(dy.reshape(-1, hidden).contiguous().numpy(),
+                                   x.reshape(-1, hidden).contiguous().numpy(), b.numpy())
+    return torch.from_numpy(dx).view(x.shape), torch.from_numpy(db)
 
 
-def dropout(x: Tensor, p: float, training: bool, seed: int | None = None) -> Tensor:
-    """``F.dropout(x, p, training)`` with the counter-based mask for float32 CPU tensors."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+def _bias_gelu_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _bias_gelu_backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    x, bias = ctx.saved_tensors
+    dx, db = _bias_gelu_backward_op(dy, x, bias)
+    return dx, db if bias is not None else None
+
+
+_bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
+
+
+def bias_gelu(x: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
+    """gelu(x + bias), exact GELU, float32 CPU tensors."""
+    return _bias_gelu_op(x, bias)
+
+
+def _dropout_fake(x: Tensor, seed: Tensor, p: float) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@custom_op("native_dropout", _dropout_fake, device_types="cpu")
+def _dropout_op(x: Tensor, seed: Tensor, p: float) -> Tensor:
+    """x * 1 / (1 - p) where hash(seed, element index) >= round(p * 2**32), else 0."""
+    threshold = min(round(p * 2**32), 2**32)
+    y = _C.dropout(x.contiguous().numpy(), int(seed), threshold, policy.scale(p))
+    return torch.from_numpy(y).view(x.shape)
+
+
+def _dropout_setup(ctx, inputs, output) -> None:
+    _, seed, ctx.p = inputs
+    ctx.save_for_backward(seed)
+
+
+def _dropout_backward(ctx, dy: Tensor) -> tuple[Tensor | None, None, None]:
+    (seed,) = ctx.saved_tensors
+    return _dropout_op(dy, seed, ctx.p), None, None
+
+
+_dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+
+
+def dropout(x: Tensor, p: float, training: bool, seed: Tensor | None = None) -> Tensor:
+    """``F.dropout(x, p, training)`` with the counter-based mask (float32 CPU tensors)."""
+    policy.check_probability(p)
     if not training or p == 0.0:
         return x
-    if not _native(x):
-        return F.dropout(x, p, training)
-    return _Dropout.apply(x, p, draw_seed() if seed is None else seed)
+    return _dropout_op(x, policy.draw_seed(x.device) if seed is None else seed, p)
 
 
 def embeddings(
@@ -98,11 +123,11 @@ def embeddings(
 
 
 def bias_dropout_add_layernorm(
-    x: Tensor, bias: Tensor, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+    x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
     eps: float, dropout_p: float, training: bool,
 ) -> Tensor:
     """LayerNorm(dropout(x + bias) + residual), with the native dropout."""
-    h = dropout(x + bias, dropout_p, training) + residual
+    h = dropout(x if bias is None else x + bias, dropout_p, training) + residual
     return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
 
 
@@ -115,8 +140,7 @@ def attention(
     SDPA on a CPU draws attention dropout with bernoulli_ over every (query, key) pair; this
     computes the same math path explicitly around the native dropout.
     """
-    total = qkv.shape[0]
-    if not (training and dropout_p > 0.0) or not _native(qkv) or total == 0 or cu_seqlens.numel() <= 1:
+    if not (training and dropout_p > 0.0):
         return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale)
     view = reference.PaddedHeads(qkv, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])

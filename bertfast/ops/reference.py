@@ -44,14 +44,21 @@ def embeddings(
     return F.dropout(x, dropout_p, training)
 
 
-def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
-    """gelu(x + bias): the feed-forward intermediate activation (exact erf GELU by default)."""
-    return F.gelu(x + bias, approximate=approximate)
+def _add_bias(x: Tensor, bias: Tensor | None) -> Tensor:
+    return x if bias is None else x + bias
+
+
+def bias_gelu(x: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
+    """gelu(x + bias): the feed-forward intermediate activation (exact erf GELU by default).
+
+    ``bias`` None (here and in the other ops): the Linear before the op has already added its own.
+    """
+    return F.gelu(_add_bias(x, bias), approximate=approximate)
 
 
 def bias_dropout_add_layernorm(
     x: Tensor,
-    bias: Tensor,
+    bias: Tensor | None,
     residual: Tensor,
     ln_weight: Tensor,
     ln_bias: Tensor,
@@ -60,15 +67,15 @@ def bias_dropout_add_layernorm(
     training: bool,
 ) -> Tensor:
     """LayerNorm(dropout(x + bias) + residual): the end of the attention and feed-forward blocks."""
-    h = F.dropout(x + bias, dropout_p, training) + residual
+    h = F.dropout(_add_bias(x, bias), dropout_p, training) + residual
     return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
 
 
 def bias_gelu_layernorm(
-    x: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str = "none"
+    x: Tensor, bias: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str = "none"
 ) -> Tensor:
     """LayerNorm(gelu(x + bias)): the MLM prediction-head transform after its dense layer."""
-    h = F.gelu(x + bias, approximate=approximate)
+    h = F.gelu(_add_bias(x, bias), approximate=approximate)
     return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
 
 
@@ -83,12 +90,11 @@ def attention(
     """Bidirectional attention on packed sequences.
 
     qkv: (T, 3, heads, head_dim); cu_seqlens: (batch + 1,) int32 offsets of each
-    sequence in T; returns (T, heads, head_dim). Each sequence attends only to
-    itself. Runs SDPA on a padded (batch, heads, max_seqlen, head_dim) view.
+    sequence in T; max_seqlen: at least the longest sequence; returns (T, heads, head_dim).
+    Each sequence attends only to itself. Runs SDPA on a padded (batch, heads, max_seqlen,
+    head_dim) view. Nothing branches on T or on tensor values, so that it traces with a
+    data-dependent T.
     """
-    total, _, heads, head_dim = qkv.shape
-    if total == 0 or cu_seqlens.numel() <= 1:
-        return qkv.new_zeros(total, heads, head_dim)
     view = PaddedHeads(qkv, cu_seqlens, max_seqlen)
     out = F.scaled_dot_product_attention(
         view.q, view.k, view.v, attn_mask=view.key_mask[:, None, None, :],
@@ -104,7 +110,7 @@ class PaddedHeads:
         total, _, heads, head_dim = qkv.shape
         batch = cu_seqlens.numel() - 1
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        seq_of_token = torch.repeat_interleave(torch.arange(batch, device=qkv.device), lengths)
+        seq_of_token = torch.repeat_interleave(torch.arange(batch, device=qkv.device), lengths, output_size=total)
         pos_of_token = torch.arange(total, device=qkv.device) - cu_seqlens[:-1].long()[seq_of_token]
         self.flat_index = seq_of_token * max_seqlen + pos_of_token
         self.shape = (batch, max_seqlen, heads, head_dim)

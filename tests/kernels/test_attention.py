@@ -16,6 +16,7 @@ from numerics import assert_relative_rule
 from bertfast import ops
 from bertfast.kernels import attention as attn
 from bertfast.ops import reference
+from bertfast.ops.dropout import draw_seed
 
 
 def make_qkv(lengths: list[int], heads: int, head_dim: int, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
@@ -85,7 +86,7 @@ def test_log_sum_exp_and_softmax_scale():
     qkv, cu_seqlens, max_seqlen = make_qkv([5, 70, 1], 2, 32)
     scale = 0.3
     fwd_cfg, _ = attn.select_configs(qkv.device, 32, max_seqlen)
-    out, lse = attn._forward(qkv.detach(), cu_seqlens, max_seqlen, scale, 0.0, 0, fwd_cfg)
+    out, lse = attn._forward(qkv.detach(), cu_seqlens, max_seqlen, scale, 0.0, None, fwd_cfg)
     assert lse.shape == (2, qkv.shape[0]) and lse.dtype == torch.float32
     for b in range(3):
         start, end = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
@@ -113,7 +114,7 @@ def test_fp16_relative_rule():
 @pytest.mark.parametrize("lengths,deterministic", [([3, 64, 150], True), ([3, 64, 150], False), ([5, 40, 100], True)],
                          ids=["recompute", "atomic", "store"])
 def test_dropout_matches_masked_reference(lengths, deterministic):
-    p, seed = 0.25, 1234
+    p, seed = 0.25, torch.tensor(1234)
     qkv, cu_seqlens, max_seqlen = make_qkv(lengths, 2, 32)
     out, grad, grad_out = forward_backward(attn.flash_attention, qkv, cu_seqlens=cu_seqlens,
                                            max_seqlen=max_seqlen, dropout_p=p, seed=seed,
@@ -138,14 +139,14 @@ def test_dropout_same_seed_identical_and_seeded_by_torch():
                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=0.3,
                                 seed=seed_or_none)[:2]
 
-    first, again, other = run(11), run(11), run(12)
+    first, again, other = run(torch.tensor(11)), run(torch.tensor(11)), run(torch.tensor(12))
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0], other[0])
     # Through the op signature the seed comes from torch's generator: manual_seed reproduces it.
     seeded, seeded_again = run(None), run(None)
     assert all(torch.equal(a, b) for a, b in zip(seeded, seeded_again, strict=True))
     torch.manual_seed(7)
-    assert torch.equal(seeded[0], run(attn.draw_seed())[0])
+    assert torch.equal(seeded[0], run(draw_seed(qkv.device))[0])
     # Evaluation mode ignores dropout_p.
     eval_out = attn.attention(qkv, cu_seqlens, max_seqlen, dropout_p=0.3, training=False)
     assert_close_fp32(eval_out.detach(), reference.attention(qkv.detach(), cu_seqlens, max_seqlen), "eval")
@@ -154,7 +155,7 @@ def test_dropout_same_seed_identical_and_seeded_by_torch():
 def test_dropout_keep_fraction():
     p = 0.1
     _, cu_seqlens, max_seqlen = make_qkv([200, 120, 0], 2, 16)
-    keep = attn.dropout_keep_mask(99, cu_seqlens, 2, max_seqlen, p)
+    keep = attn.dropout_keep_mask(torch.tensor(99), cu_seqlens, 2, max_seqlen, p)
     assert keep.shape == (3, 2, 200, 200)
     inside = torch.zeros_like(keep)
     inside[0] = True
@@ -196,6 +197,7 @@ def test_ops_route_to_the_kernels():
     q, k, v = (torch.randn(2, 8, 2, 32) for _ in range(3))
     with ops.use_backend("triton"):
         assert ops.implementation("attention", qkv) == ("triton", attn.attention)
+        assert ops.implementation("attention", qkv.detach().double()) == ("torch", reference.attention)
         out = ops.attention(qkv, cu_seqlens, max_seqlen)
         padded = ops.padded_attention(q, k, v, torch.ones(2, 8, dtype=torch.bool))
     assert_close_fp32(out.detach(), attn.flash_attention(qkv, cu_seqlens, max_seqlen).detach(), "ops output")
@@ -207,10 +209,26 @@ def test_ops_route_to_the_kernels():
 def test_empty_batch_and_unsupported_inputs():
     empty = torch.zeros(0, 3, 2, 32)
     assert attn.attention(empty, torch.zeros(1, dtype=torch.int32), 0).shape == (0, 2, 32)
-    # Head dims above 128 run the reference.
+    assert attn.attention(empty, torch.zeros(3, dtype=torch.int32), 16).shape == (0, 2, 32)
+    # Head dims above 128: the dispatcher runs the reference, and the kernels' entry point refuses them.
     qkv, cu_seqlens, max_seqlen = make_qkv([4, 3], 1, 256)
-    out = attn.attention(qkv, cu_seqlens, max_seqlen)
+    with ops.use_backend("triton"):
+        assert ops.implementation("attention", qkv)[0] == "torch"
+        out = ops.attention(qkv, cu_seqlens, max_seqlen)
     assert torch.equal(out, reference.attention(qkv, cu_seqlens, max_seqlen))
+    with pytest.raises(ValueError, match="head dim 256"):
+        attn.attention(qkv, cu_seqlens, max_seqlen)
+
+
+@pytest.mark.parametrize("bound", [0, 5, 131])
+def test_max_seqlen_is_an_upper_bound(bound):
+    """Any bound at least the longest sequence gives the same result, empty sequences included."""
+    qkv, cu_seqlens, max_seqlen = make_qkv([3, 0, 7, 0], 2, 32)
+    bound += max_seqlen
+    out, grad, grad_out = forward_backward(attn.flash_attention, qkv, cu_seqlens=cu_seqlens, max_seqlen=bound)
+    ref_out, ref_grad, _ = forward_backward(reference.attention, qkv, grad_out, cu_seqlens=cu_seqlens,
+                                            max_seqlen=max_seqlen)
+    assert_outputs_and_grads(out, grad, ref_out, ref_grad)
 
 
 def test_aot_specs_cover_every_selectable_config():
@@ -266,11 +284,12 @@ def test_gpu_matches_reference(dtype, max_seqlen, head_dim, deterministic):
 @pytest.mark.gpu
 def test_gpu_dropout_reproducible_and_deterministic():
     qkv, cu_seqlens, max_seqlen = ragged_batch(512, 8192, 12, 64, torch.bfloat16)
-    kwargs = {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "dropout_p": 0.1, "seed": 5}
+    kwargs = {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "dropout_p": 0.1,
+              "seed": torch.tensor(5, device="cuda")}
     out, grad, grad_out = forward_backward(attn.flash_attention, qkv, **kwargs)
     out2, grad2, _ = forward_backward(attn.flash_attention, qkv, grad_out, **kwargs)
     assert torch.equal(out, out2) and torch.equal(grad, grad2), "deterministic mode is bitwise reproducible"
-    keep = attn.dropout_keep_mask(5, cu_seqlens, 12, max_seqlen, 0.1)
+    keep = attn.dropout_keep_mask(kwargs["seed"], cu_seqlens, 12, max_seqlen, 0.1)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
     kept = keep.sum().item() / (12 * (lengths**2).sum().item())
     assert abs(kept - 0.9) < 1e-3

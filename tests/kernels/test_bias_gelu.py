@@ -69,7 +69,7 @@ def test_output_dtype_follows_promotion_like_the_reference():
 
 def test_rejects_unknown_approximation():
     with pytest.raises(ValueError, match="approximate"):
-        kernel.bias_gelu(torch.randn(2, 8), torch.randn(8), "sigmoid")
+        ops.bias_gelu(torch.randn(2, 8), torch.randn(8), "sigmoid")
 
 
 def test_ops_routes_to_the_kernel_under_the_triton_backend():
@@ -79,7 +79,7 @@ def test_ops_routes_to_the_kernel_under_the_triton_backend():
         backend, fn = ops.implementation("bias_gelu", x)
         y = ops.bias_gelu(x, bias)
     assert backend == "triton" and fn is kernel.bias_gelu
-    assert type(y.grad_fn).__name__ == "BiasGeluBackward"
+    assert "bertfast_bias_gelu_triton" in type(y.grad_fn).__name__
     torch.testing.assert_close(y, reference.bias_gelu(x, bias), rtol=1e-5, atol=1e-6)
 
 

@@ -87,7 +87,7 @@ def test_ops_routes_to_the_kernel_under_the_triton_backend():
         backend, fn = ops.implementation("bias_gelu_layernorm", inputs[0])
         y = ops.bias_gelu_layernorm(*inputs, EPS)
     assert backend == "triton" and fn is kernel.bias_gelu_layernorm
-    assert type(y.grad_fn).__name__ == "BiasGeluLayerNormBackward"
+    assert "bertfast_bias_gelu_layernorm_triton" in type(y.grad_fn).__name__
     torch.testing.assert_close(y, reference.bias_gelu_layernorm(*inputs, EPS), rtol=1e-5, atol=1e-5)
 
 

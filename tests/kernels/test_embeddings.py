@@ -181,7 +181,7 @@ def test_ops_routes_to_the_kernel_under_the_triton_backend():
         backend, fn = ops.implementation("embeddings", tables[0])
         y = ops.embeddings(*ids, *tables, EPS, 0.0, False, padding_idx=0)
     assert backend == "triton" and fn is kernel.embeddings
-    assert type(y.grad_fn).__name__ == "EmbeddingsBackward"
+    assert "bertfast_embeddings_triton" in type(y.grad_fn).__name__
     torch.testing.assert_close(y, reference.embeddings(*ids, *tables, EPS, 0.0, False, padding_idx=0),
                                rtol=1e-5, atol=1e-5)
 
