@@ -82,7 +82,8 @@ def _fused_qkv_weights(attention: nn.Module, training: bool) -> tuple[Tensor, Te
     tensors = [t for lin in linears for t in (lin.weight, lin.bias)]
     if training:
         attention.__dict__.pop("_bertfast_qkv", None)
-    if training or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if training or recorded or torch.compiler.is_compiling():  # a compiled graph holds its own copy
         return torch.cat(tensors[0::2]), torch.cat(tensors[1::2])
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     cached = attention.__dict__.get("_bertfast_qkv")

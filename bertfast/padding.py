@@ -31,6 +31,7 @@ def kept_positions(keep: Tensor) -> Tensor:
 @kept_positions.register_fake
 def _kept_positions_fake(keep: Tensor) -> Tensor:
     ctx = torch.library.get_ctx()
+    bound = keep.numel() if isinstance(keep.numel(), int) else None  # a symbolic size cannot bound a range
     shape_env = getattr(ctx, "_shape_env", None)
     if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
         # torch.compile without fullgraph=True refuses data-dependent sizes by default and would break
@@ -39,9 +40,9 @@ def _kept_positions_fake(keep: Tensor) -> Tensor:
         from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size
 
         count = shape_env.create_unbacked_symint()
-        _constrain_range_for_size(count, min=0, max=keep.numel())
+        _constrain_range_for_size(count, min=0, max=bound)
     else:
-        count = ctx.new_dynamic_size(min=0, max=keep.numel())
+        count = ctx.new_dynamic_size(min=0, max=bound)
     return keep.new_empty(count, dtype=torch.int64)
 
 

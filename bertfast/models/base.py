@@ -346,7 +346,7 @@ class BertPreTrainedModel(_model_base()):
 
 def _check_range(name: str, values: Tensor, high: int, what: str) -> None:
     """Raise ValueError naming ``name`` when a value is outside [0, high) (one read-back)."""
-    if values.numel() == 0 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or values.numel() == 0:
         return
     low_seen, high_seen = (int(v) for v in torch.stack([values.min(), values.max()]).tolist())
     if low_seen < 0 or high_seen >= high:
