@@ -99,7 +99,9 @@ null_score_diff_threshold), and predictions.jsonl: the best model's prediction f
 next to its label. --eval-only --model OUTPUT_DIR/best evaluates a fine-tuned model on new data without
 training; bertfast predict writes its predictions for unlabelled data. Several processes: torchrun
 --nproc_per_node N -m bertfast finetune ... (each trains on its share of every epoch; the first
-evaluates and writes). Exit codes: 0 done, 2 bad options or input.
+evaluates and writes). A step whose loss or gradient norm is not finite is skipped;
+--max-nonfinite-steps in a row stop the run. A model with non-finite weights or evaluation scores is
+never saved. Exit codes: 0 done, 1 stopped on non-finite values, 2 bad options or input.
 """
 
 
@@ -293,6 +295,7 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bertfast.finetune import DataError, FinetuneConfig, finetune
     from bertfast.training import load_config_file
+    from bertfast.training.guard import NonFiniteError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
@@ -306,6 +309,9 @@ def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except (DataError, FileNotFoundError, CheckpointError) as e:
         print(f"bertfast finetune: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"bertfast finetune: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _run_tokenizer_train(args: argparse.Namespace) -> int:

@@ -58,6 +58,8 @@ class FinetuneConfig:
                             "fp16 uses a gradient scaler)", choices=("auto", "fp32", "bf16", "fp16"))
     seed: int = option(0, "seed of the head's init, the data order and dropout")
     device: str = option("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
+    max_nonfinite_steps: int = option(5, "stop (exit code 1) after this many consecutive steps skipped for a "
+                                      "non-finite loss or gradient norm")
     log_every: int = option(50, "write a train record to metrics.jsonl every N steps (and at each epoch's end)")
     progress: bool = option(True, "show progress bars")
     eval_only: bool = option(False, "evaluate --model, an already fine-tuned model, on --eval: write its "
@@ -74,7 +76,7 @@ class FinetuneConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_answer_length"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_answer_length", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "clip_norm"):

@@ -47,10 +47,11 @@ from bertfast.training.distributed import (
     pick_device,
     shutdown,
 )
+from bertfast.training.guard import NonFiniteError, NonFiniteGuard, check_finite_model
 from bertfast.training.metrics import MetricsLog
 from bertfast.training.optim import build_optimizer, linear_schedule
+from bertfast.training.precision import resolve_precision
 
-_AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Options a resumed run must share with the run it continues (--epochs may grow: the schedule stretches).
 _RESUME_OPTIONS = ("task", "model", "train", "regression", "batch_size", "grad_accum", "lr", "warmup_ratio",
                    "weight_decay", "clip_norm", "seq_len", "max_answer_length", "precision", "seed",
@@ -80,10 +81,7 @@ class Finetuner:
         self.env = env or DistEnv()
         self.out = Path(config.output_dir)
         self.device = device or pick_device(config.device, self.env)
-        precision = config.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        self.precision, self.amp_dtype = precision, _AMP_DTYPES[precision]
+        self.precision, self.amp_dtype = resolve_precision(config.precision, self.device)
         for seeded in (random.seed, np.random.seed, torch.manual_seed):
             seeded(config.seed)
 
@@ -100,7 +98,9 @@ class Finetuner:
         self.eval_examples = self.task.read(config.eval)
         self.train_features = self.task.encode(self.train_examples, self.tokenizer, config.seq_len)
         self.eval_features = self.task.encode(self.eval_examples, self.tokenizer, config.seq_len)
+        check_finite_model(model, f"the model in {config.model}", CheckpointError)
         self.model = model.to(self.device).train()
+        self.guard = NonFiniteGuard(config.max_nonfinite_steps)
         self.ddp = None
         if self.env.enabled and not config.eval_only:
             self.ddp = DistributedDataParallel(
@@ -112,7 +112,7 @@ class Finetuner:
         self.optimizer = build_optimizer("adamw", self.model, config.lr, config.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, round(config.warmup_ratio * self.total_steps),
                                          self.total_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.start_epoch = 0, 1
         self.best: dict[str, Any] | None = None
         if config.resume:
@@ -120,7 +120,7 @@ class Finetuner:
         self.main_metric = config.best_metric or self.task.main_metric
         self.say(f"{config.task}: {len(self.train_examples)} train / {len(self.eval_examples)} eval examples "
                  f"({len(self.train_features)} / {len(self.eval_features)} features of {config.seq_len} tokens "
-                 f"at most); {self.model.num_parameters() / 1e6:.2f}M parameters, {precision} on {self.device}"
+                 f"at most); {self.model.num_parameters() / 1e6:.2f}M parameters, {self.precision} on {self.device}"
                  + (f" x {self.env.world_size} processes" if self.env.enabled else ""))
 
     def say(self, message: str) -> None:
@@ -193,6 +193,7 @@ class Finetuner:
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step if cfg.resume else None)
         if cfg.eval_only:
             scores, predictions = self.evaluate()
+            self._check_finite_result(scores, "evaluation")
             self.best = {"split": "eval", "epoch": 0, "step": 0, **scores}
             self.metrics.write(self.best)
             self._write_predictions(predictions)
@@ -205,6 +206,7 @@ class Finetuner:
             scores, predictions = self.evaluate()
             record = {"split": "eval", "epoch": epoch, "step": self.step, **scores}
             self.metrics.write(record)
+            self._check_finite_result(scores, f"epoch {epoch}")
             if self.main_metric not in record:
                 raise DataError(f"--best-metric {self.main_metric}: the evaluation gives no such metric; it gives "
                                 f"{', '.join(scores)}")
@@ -230,6 +232,13 @@ class Finetuner:
         report = self.errors.report()
         if report:
             self.say(report)
+
+    def _check_finite_result(self, scores: dict[str, float], when: str) -> None:
+        """Stop before a model with non-finite weights or evaluation scores is written as best/ or last/."""
+        check_finite_model(self.model, f"the model after {when}")
+        bad = [k for k, v in scores.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteError(f"{when}: the evaluation gave non-finite {', '.join(bad)}; the model is not saved")
 
     def _follow(self) -> dict[str, Any]:
         """A process other than the first: train its shares in step with the first, which does the rest."""
@@ -276,13 +285,8 @@ class Finetuner:
                     self.scaler.scale(part).backward()
                 loss += part.detach()
             loss = all_reduce(loss, self.env) / self.env.world_size
-            self.scaler.unscale_(self.optimizer)
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            if not self._apply_step(loss):
+                continue
             self.step += 1
             window_loss += loss.item()
             window_steps += 1
@@ -291,6 +295,31 @@ class Finetuner:
                 self.metrics.write({"split": "train", "epoch": epoch, "step": self.step,
                                     "loss": window_loss / window_steps, "lr": self.scheduler.get_last_lr()[0]})
                 window_loss, window_steps = 0.0, 0
+
+    def _apply_step(self, loss: torch.Tensor) -> bool:
+        """Clip and apply the accumulated gradients; False (nothing applied) when the loss or gradient norm
+        is not finite. Loss and gradients are all-reduced, so every process decides the same."""
+        cfg = self.config
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm if cfg.clip_norm > 0
+                                                   else float("inf"))
+        # The fp16 scaler skips overflowing gradients itself (and lowers its scale).
+        finite = bool(torch.isfinite(loss)) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.guard.ok()
+        else:
+            self.scaler.update()
+            self.guard.skip()
+            self.say(f"step {self.step + 1}: non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}); "
+                     f"update skipped ({self.guard.consecutive} in a row, stopping at {self.guard.max_consecutive})")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.guard.exhausted:
+            raise NonFiniteError(self.guard.stop_message())
+        if finite:
+            self.scheduler.step()
+        return finite
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], list[Any]]:

@@ -49,7 +49,7 @@ from bertfast.data import (
     train_tokenizer,
 )
 from bertfast.data.cache import sources_fingerprint
-from bertfast.io import atomic_write_text, load_state_dict
+from bertfast.io import CheckpointError, atomic_write_text, load_state_dict
 from bertfast.models import BertForPreTraining
 from bertfast.training.checkpoint import (
     capture_rng,
@@ -71,8 +71,10 @@ from bertfast.training.distributed import (
     init_distributed,
     shutdown,
 )
+from bertfast.training.guard import NonFiniteGuard, check_finite_model
 from bertfast.training.metrics import MetricsLog, plot_metrics, read_metrics
 from bertfast.training.optim import build_optimizer, linear_schedule
+from bertfast.training.precision import resolve_precision
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 # Per-micro-batch sums kept for the train records: their order in the window tensor.
@@ -81,7 +83,6 @@ _SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correc
 # Options whose change between a checkpoint and the resumed run changes the data stream.
 _DATA_OPTIONS = ("corpus", "seed", "batch_size", "grad_accum", "seq_len", "short_seq_prob", "eval_fraction",
                  "mask_prob", "mask_token_prob", "random_token_prob", "whole_word_mask")
-_AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pretrain(config: PretrainConfig) -> int:
@@ -127,11 +128,7 @@ class Pretrainer:
         self.stop_signal: int | None = None
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        precision = config.precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        self.precision = precision
-        self.amp_dtype = _AMP_DTYPES[precision]
+        self.precision, self.amp_dtype = resolve_precision(config.precision, device)
         for seeded in (random.seed, np.random.seed, torch.manual_seed):
             seeded(config.seed + env.rank)
 
@@ -146,7 +143,8 @@ class Pretrainer:
         self._prepare_data()
         self._prepare_model()
         self.step = self.epoch = self.batch_index = 0
-        self.consecutive_nonfinite = self.skipped_steps = 0
+        self.guard = NonFiniteGuard(config.max_nonfinite_steps, "try a lower --lr, more --warmup-steps or "
+                                                                 "--precision bf16/fp32")
         self.tokens_seen = 0
         self.elapsed_before = 0.0
         self.window = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
@@ -208,6 +206,7 @@ class Pretrainer:
         if self.resume_from:
             self.model.load_checkpoint_state(load_state_dict(self.resume_from), strict=True,
                                              source=self.resume_from)
+            check_finite_model(self.model, f"the checkpoint {self.resume_from}", CheckpointError)
         self.model.to(self.device).train()
         if cfg.activation_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -237,8 +236,7 @@ class Pretrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
-        self.consecutive_nonfinite = state["consecutive_nonfinite"]
-        self.skipped_steps = state["skipped_steps"]
+        self.guard.consecutive, self.guard.skipped = state["consecutive_nonfinite"], state["skipped_steps"]
         self.tokens_seen = state["tokens_seen"]
         self.elapsed_before = state["elapsed_s"]
         if len(state["ranks"]) == self.env.world_size:
@@ -258,7 +256,7 @@ class Pretrainer:
                 "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "ranks": per_rank, "world_size": self.env.world_size,
-                "consecutive_nonfinite": self.consecutive_nonfinite, "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.guard.consecutive, "skipped_steps": self.guard.skipped,
                 "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(), "config": self.config.to_dict(),
             }
             write_checkpoint(self.out / checkpoint_name(self.step), self._write_model, state)
@@ -324,13 +322,11 @@ class Pretrainer:
             self.step += 1
             self.window += sums
             self.live_tokens += sums[_SUMS.index("tokens")].item()
-            self.consecutive_nonfinite = 0
+            self.guard.ok()
         else:
-            self.consecutive_nonfinite += 1
-            self.skipped_steps += 1
+            self.guard.skip()
             self.say(f"step {self.step + 1}: non-finite {what} (loss {sums[0].item()}); update skipped "
-                     f"({self.consecutive_nonfinite} in a row, "
-                     f"stopping at {self.config.max_nonfinite_steps})")
+                     f"({self.guard.consecutive} in a row, stopping at {self.guard.max_consecutive})")
         self.optimizer.zero_grad(set_to_none=True)
         return finite
 
@@ -416,9 +412,8 @@ class Pretrainer:
         try:
             while self.step < cfg.max_steps:
                 if not self.train_step(batches):
-                    if self.consecutive_nonfinite >= cfg.max_nonfinite_steps:
-                        self.say(f"stopping: {self.consecutive_nonfinite} consecutive steps had a non-finite "
-                                 "loss; try a lower --lr, more --warmup-steps or --precision bf16/fp32")
+                    if self.guard.exhausted:
+                        self.say(self.guard.stop_message())
                         code = EXIT_FAILED
                         break
                     continue
