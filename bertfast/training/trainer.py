@@ -75,6 +75,7 @@ from bertfast.training.guard import NonFiniteGuard, check_finite_model
 from bertfast.training.metrics import MetricsLog, plot_metrics, read_metrics
 from bertfast.training.optim import build_optimizer, linear_schedule
 from bertfast.training.precision import resolve_precision
+from bertfast.training.signals import STOP_SIGNALS, ignore_stop_signals, start_workers
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 # Per-micro-batch sums kept for the train records: their order in the window tensor.
@@ -280,8 +281,8 @@ class Pretrainer:
             loader = DataLoader(batches, batch_size=None, sampler=range(self.batch_index, len(batches)),
                                 num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
                                 # Its own generator: creating a loader must not draw from the global RNG.
-                                generator=torch.Generator())
-            for batch in loader:
+                                generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
+            for batch in start_workers(loader):
                 self.batch_index += 1
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self.epoch, self.batch_index = self.epoch + 1, 0
@@ -398,7 +399,7 @@ class Pretrainer:
     def train(self) -> int:
         cfg = self.config
         previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             try:
                 previous[signum] = signal.signal(signum, self._on_signal)
             except ValueError:  # not the main thread: leave signals alone
