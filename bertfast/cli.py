@@ -275,7 +275,7 @@ def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from bertfast.data import EmptyCorpusError
+    from bertfast.data import CorpusError
     from bertfast.training import PretrainConfig, load_config_file, pretrain
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
@@ -287,7 +287,7 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(str(e))
     try:
         return pretrain(config)
-    except (EmptyCorpusError, FileNotFoundError, CheckpointError) as e:
+    except (CorpusError, FileNotFoundError, CheckpointError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
         return 2
 

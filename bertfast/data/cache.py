@@ -30,7 +30,7 @@ from bertfast.data.corpus import BUILTIN, CorpusStats, EmptyCorpusError, read_do
 from bertfast.data.tokenizer import WordPieceTokenizer
 from bertfast.io import atomic_write_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: sentences split at lowercase and CJK ends, lines split into sentences
 META_FILE = "meta.json"
 _ENCODE_BATCH = 4096  # sentences per call into the (multi-threaded) Rust tokenizer
 

@@ -192,8 +192,15 @@ class Pretrainer:
         hits, total = baseline_accuracy(self.eval_batches, self.baseline_token)
         counts = all_reduce(torch.tensor([hits, total], dtype=torch.float64, device=self.device), env)
         self.baseline_acc = counts[0].item() / counts[1].item() if counts[1] > 0 else None
+        self.data.epoch(0)  # a corpus too small for one batch is an error now, not after the model
+        report = self.data.report()
         self.say(f"data: {len(self.data.train_docs)} train / {len(self.data.eval_docs)} held-out documents, "
-                 f"{len(self.data.epoch_instances(0))} instances per epoch of {cfg.seq_len} tokens at most")
+                 f"{report.instances} instances per epoch of {cfg.seq_len} tokens at most")
+        for line in report.lines():
+            self.say(line)
+        if env.is_main:
+            for warning in report.warnings():
+                warnings.warn(f"corpus: {warning}", stacklevel=2)
 
     def _prepare_model(self) -> None:
         cfg = self.config
