@@ -277,6 +277,7 @@ def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bertfast.data import CorpusError
     from bertfast.training import PretrainConfig, load_config_file, pretrain
+    from bertfast.training.rundir import RunDirectoryError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
@@ -287,7 +288,7 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(str(e))
     try:
         return pretrain(config)
-    except (CorpusError, FileNotFoundError, CheckpointError) as e:
+    except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
         return 2
 
@@ -296,6 +297,7 @@ def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from bertfast.finetune import DataError, FinetuneConfig, finetune
     from bertfast.training import load_config_file
     from bertfast.training.guard import NonFiniteError
+    from bertfast.training.rundir import RunDirectoryError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
@@ -306,7 +308,7 @@ def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(str(e))
     try:
         return finetune(config)
-    except (DataError, FileNotFoundError, CheckpointError) as e:
+    except (DataError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
         print(f"bertfast finetune: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -25,6 +25,11 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not fit the model."""
 
 
+def describe_os_error(error: OSError) -> str:
+    """The cause of a failed file operation in words: read-only file system, no space left on device, ..."""
+    return (error.strerror or str(error)).lower()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 

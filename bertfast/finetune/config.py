@@ -64,6 +64,8 @@ class FinetuneConfig:
     progress: bool = option(True, "show progress bars")
     eval_only: bool = option(False, "evaluate --model, an already fine-tuned model, on --eval: write its "
                              "metrics and predictions, no training")
+    overwrite: bool = option(False, "replace the run in OUTPUT_DIR (its models, metrics and predictions are "
+                             "deleted first); without it, or --resume, a directory holding a run is refused")
     resume: bool = option(False, "continue the run in OUTPUT_DIR after its last finished epoch (same options; "
                           "--epochs may grow)")
 
@@ -94,6 +96,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must list distinct names, got {values}")
         if self.resume and self.eval_only:
             raise ValueError("--resume continues training; --eval-only does none")
+        if self.resume and self.overwrite:
+            raise ValueError("--overwrite replaces the run in OUTPUT_DIR; --resume continues it: pass one")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -51,6 +51,7 @@ from bertfast.training.guard import NonFiniteError, NonFiniteGuard, check_finite
 from bertfast.training.metrics import MetricsLog
 from bertfast.training.optim import build_optimizer, linear_schedule
 from bertfast.training.precision import resolve_precision
+from bertfast.training.rundir import FINETUNE_FILES, RunDirectory
 
 # Options a resumed run must share with the run it continues (--epochs may grow: the schedule stretches).
 _RESUME_OPTIONS = ("task", "model", "train", "regression", "batch_size", "grad_accum", "lr", "warmup_ratio",
@@ -62,9 +63,15 @@ _RESUME_OPTIONS = ("task", "model", "train", "regression", "batch_size", "grad_a
 def finetune(config: FinetuneConfig) -> int:
     """Fine-tune as ``config`` says (in each process under torchrun); returns the exit code (0)."""
     env, device = init_distributed(config.device)
+    run_dir = None
     try:
+        if env.is_main:
+            run_dir = RunDirectory.open(config.output_dir, FINETUNE_FILES, resume=config.resume,
+                                        overwrite=config.overwrite, eval_only=config.eval_only, say=tqdm.write)
         Finetuner(config, env, device).run()
     finally:
+        if run_dir is not None:
+            run_dir.release()
         shutdown(env)
     return 0
 

@@ -70,6 +70,8 @@ class PretrainConfig:
                            metavar="DIR")
     resume: str | None = option(None, "continue from a checkpoint directory, or 'latest' in OUTPUT_DIR "
                               "(starts fresh when there is none)", metavar="PATH|latest")
+    overwrite: bool = option(False, "replace the run in OUTPUT_DIR (its checkpoints, final model and metrics are "
+                             "deleted first); without it, or --resume, a directory holding a run is refused")
     save_every: int = option(500, "save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(3, "how many checkpoint-STEP directories to keep (0: all)")
     eval_every: int = option(100, "evaluate on the held-out documents every N steps (0: only at the end)")
@@ -102,6 +104,8 @@ class PretrainConfig:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.corpus:
             raise ValueError("corpus must name at least one source")
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite replaces the run in OUTPUT_DIR; --resume continues it: pass one")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -54,7 +54,6 @@ from bertfast.models import BertForPreTraining
 from bertfast.training.checkpoint import (
     capture_rng,
     checkpoint_name,
-    list_checkpoints,
     load_state,
     prune_checkpoints,
     resolve_resume,
@@ -75,6 +74,7 @@ from bertfast.training.guard import NonFiniteGuard, check_finite_model
 from bertfast.training.metrics import MetricsLog, plot_metrics, read_metrics
 from bertfast.training.optim import build_optimizer, linear_schedule
 from bertfast.training.precision import resolve_precision
+from bertfast.training.rundir import PRETRAIN_FILES, RunDirectory
 from bertfast.training.signals import STOP_SIGNALS, ignore_stop_signals, start_workers
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
@@ -89,9 +89,17 @@ _DATA_OPTIONS = ("corpus", "seed", "batch_size", "grad_accum", "seq_len", "short
 def pretrain(config: PretrainConfig) -> int:
     """Run pretraining as ``config`` says (in each process under torchrun); returns the exit code."""
     env, device = init_distributed(config.device)
+    run_dir = None
     try:
+        if env.is_main:
+            cache = [Path(config.cache_dir)] if config.cache_dir else []
+            out = Path(config.output_dir)
+            run_dir = RunDirectory.open(out, PRETRAIN_FILES, resume=bool(config.resume), overwrite=config.overwrite,
+                                        subdirectories=[out / "cache", out / "tokenizer", *cache], say=tqdm.write)
         return Pretrainer(config, env, device).train()
     finally:
+        if run_dir is not None:
+            run_dir.release()
         shutdown(env)
 
 
@@ -137,9 +145,6 @@ class Pretrainer:
         self.resume_from = broadcast_from_main(str(resume) if resume else None, env)
         if config.resume and not self.resume_from:
             self.say(f"no checkpoint in {self.out} yet: starting from scratch")
-        elif not config.resume and list_checkpoints(self.out):
-            self.say(f"note: {self.out} holds checkpoints of an earlier run; "
-                     "pass --resume latest to continue it")
 
         self._prepare_data()
         self._prepare_model()
