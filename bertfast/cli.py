@@ -287,10 +287,27 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except (OSError, ValueError) as e:
         parser.error(str(e))
     try:
+        config = _resumed_config(config, values)
         return pretrain(config)
     except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
         return 2
+
+
+def _resumed_config(config: Any, values: dict[str, Any]) -> Any:
+    """With --resume, the options not given now are the checkpoint's (so a bare --resume latest continues a run)."""
+    from dataclasses import fields
+
+    from bertfast.training import PretrainConfig
+    from bertfast.training.checkpoint import load_state, resolve_resume
+    from bertfast.training.resume_policy import merged_resume_options
+
+    checkpoint = resolve_resume(config.output_dir, config.resume) if config.resume else None
+    if checkpoint is None:
+        return config
+    saved = load_state(checkpoint)["config"]
+    merged = merged_resume_options(saved, values, {f.name for f in fields(PretrainConfig)})
+    return PretrainConfig.from_dict({**merged, "output_dir": config.output_dir, "resume": config.resume})
 
 
 def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

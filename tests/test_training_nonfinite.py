@@ -15,7 +15,8 @@ def make_trainer(tmp_path, poison, **overrides):
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(30)]
     text = "\n\n".join("\n".join(" ".join(rng.choice(words, 8)) + " ." for _ in range(5)) for _ in range(20))
-    (tmp_path / "corpus.txt").write_text(text)
+    if not (tmp_path / "corpus.txt").exists():  # rewriting it would make it another corpus for --resume
+        (tmp_path / "corpus.txt").write_text(text)
     values = dict(corpus=[str(tmp_path / "corpus.txt")], output_dir=str(tmp_path / "run"), vocab_size=80,
                   seq_len=32, batch_size=4, max_steps=5, warmup_steps=0, eval_every=0, log_every=1,
                   progress=False, max_nonfinite_steps=3)

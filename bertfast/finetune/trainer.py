@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from bertfast.data import load_tokenizer
 from bertfast.finetune.config import FinetuneConfig
 from bertfast.finetune.data import DataError, RowErrors
+from bertfast.finetune.preflight import check_bio_tags, check_model_directory, check_tokenizer_fits
 from bertfast.finetune.results import write_eval_results
 from bertfast.finetune.tasks import Feature, collate, load_fine_tuned, make_task
 from bertfast.io import CheckpointError, atomic_write_text, load_state_dict
@@ -92,7 +93,9 @@ class Finetuner:
         for seeded in (random.seed, np.random.seed, torch.manual_seed):
             seeded(config.seed)
 
+        model_config = check_model_directory(config)
         self.tokenizer = load_tokenizer(config.model)
+        check_tokenizer_fits(self.tokenizer, model_config, config.model)
         if config.eval_only:
             model = self._fine_tuned_model()
             self.train_examples = []
@@ -103,6 +106,7 @@ class Finetuner:
             overrides = self.task.label_config(self.train_examples)
             model = self.task.model_class.from_pretrained(config.model, **overrides)
         self.eval_examples = self.task.read(config.eval)
+        check_bio_tags(self.train_examples + self.eval_examples)
         self.train_features = self.task.encode(self.train_examples, self.tokenizer, config.seq_len)
         self.eval_features = self.task.encode(self.eval_examples, self.tokenizer, config.seq_len)
         check_finite_model(model, f"the model in {config.model}", CheckpointError)

@@ -72,8 +72,9 @@ from bertfast.training.distributed import (
 )
 from bertfast.training.guard import NonFiniteGuard, check_finite_model
 from bertfast.training.metrics import MetricsLog, plot_metrics, read_metrics
-from bertfast.training.optim import build_optimizer, linear_schedule
+from bertfast.training.optim import build_optimizer, linear_schedule, retarget_schedule
 from bertfast.training.precision import resolve_precision
+from bertfast.training.resume_policy import resume_changes
 from bertfast.training.rundir import PRETRAIN_FILES, RunDirectory
 from bertfast.training.signals import STOP_SIGNALS, ignore_stop_signals, start_workers
 
@@ -81,9 +82,6 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 # Per-micro-batch sums kept for the train records: their order in the window tensor.
 _SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "sequences", "tokens",
          "micro_batches")
-# Options whose change between a checkpoint and the resumed run changes the data stream.
-_DATA_OPTIONS = ("corpus", "seed", "batch_size", "grad_accum", "seq_len", "short_seq_prob", "eval_fraction",
-                 "mask_prob", "mask_token_prob", "random_token_prob", "whole_word_mask")
 
 
 def pretrain(config: PretrainConfig) -> int:
@@ -145,6 +143,9 @@ class Pretrainer:
         self.resume_from = broadcast_from_main(str(resume) if resume else None, env)
         if config.resume and not self.resume_from:
             self.say(f"no checkpoint in {self.out} yet: starting from scratch")
+        self.paths = resolve_paths(config.corpus)
+        self.sources = sources_fingerprint(self.paths)
+        self.resume_state = self._check_resume(Path(self.resume_from)) if self.resume_from else None
 
         self._prepare_data()
         self._prepare_model()
@@ -169,9 +170,31 @@ class Pretrainer:
         if self.env.is_main:
             tqdm.write(message)
 
+    def _check_resume(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's trainer state, once its options are checked against this run's (before any work)."""
+        state = load_state(path)
+        saved = state["config"]
+        applied, data = resume_changes(saved, self.config.to_dict(), str(path),
+                                       saved_sources=state.get("corpus_sources"), sources=self.sources)
+        positions = BertConfig.from_pretrained(path).max_position_embeddings
+        if self.config.seq_len > positions:
+            raise CheckpointError(f"--seq-len {self.config.seq_len} exceeds the checkpoint's "
+                                  f"max_position_embeddings ({positions}) in {path}")
+        if applied:
+            self.say(f"resume: applying changed options: {', '.join(applied)}")
+            if any(option.startswith(("--max-steps", "--warmup-steps", "--lr")) for option in applied):
+                self.say(f"resume: the lr schedule is recomputed: warmup to {self.config.lr:g} over "
+                         f"{self.config.warmup_steps} steps, linear decay to 0 at step {self.config.max_steps}")
+        if state["world_size"] != self.env.world_size:
+            data.append("number of processes")
+        if data and self.env.is_main:
+            warnings.warn(f"resuming with a different {', '.join(data)} than {path.name} was saved with: "
+                          "the data stream will not continue the original run exactly", stacklevel=3)
+        return state
+
     def _prepare_data(self) -> None:
         cfg, env = self.config, self.env
-        paths = resolve_paths(cfg.corpus)
+        paths = self.paths
         if self.resume_from:
             self.tokenizer = load_tokenizer(self.resume_from)
         else:
@@ -237,16 +260,10 @@ class Pretrainer:
 
     # ------------------------------------------------------------ checkpoints
     def _load_checkpoint(self, path: Path) -> None:
-        state = load_state(path)
-        saved = state["config"]
-        changed = [k for k in _DATA_OPTIONS if saved.get(k) != getattr(self.config, k)]
-        if state["world_size"] != self.env.world_size:
-            changed.append("number of processes")
-        if changed:
-            warnings.warn(f"resuming with a different {', '.join(changed)} than {path.name} was saved with: "
-                          "the data stream will not continue the original run exactly", stacklevel=2)
+        state = self.resume_state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        retarget_schedule(self.scheduler, self.config.lr)  # the loaded state carries the old peak lr
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         self.guard.consecutive, self.guard.skipped = state["consecutive_nonfinite"], state["skipped_steps"]
@@ -271,6 +288,7 @@ class Pretrainer:
                 "scaler": self.scaler.state_dict(), "ranks": per_rank, "world_size": self.env.world_size,
                 "consecutive_nonfinite": self.guard.consecutive, "skipped_steps": self.guard.skipped,
                 "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(), "config": self.config.to_dict(),
+                "corpus_sources": self.sources,
             }
             write_checkpoint(self.out / checkpoint_name(self.step), self._write_model, state)
             prune_checkpoints(self.out, self.config.keep_checkpoints)
