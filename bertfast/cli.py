@@ -277,6 +277,7 @@ def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bertfast.data import CorpusError
     from bertfast.training import PretrainConfig, load_config_file, pretrain
+    from bertfast.training.distributed import DistributedStall
     from bertfast.training.rundir import RunDirectoryError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
@@ -292,6 +293,9 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
         return 2
+    except DistributedStall as e:
+        print(f"bertfast pretrain: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _resumed_config(config: Any, values: dict[str, Any]) -> Any:
@@ -313,6 +317,7 @@ def _resumed_config(config: Any, values: dict[str, Any]) -> Any:
 def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bertfast.finetune import DataError, FinetuneConfig, finetune
     from bertfast.training import load_config_file
+    from bertfast.training.distributed import DistributedStall
     from bertfast.training.guard import NonFiniteError
     from bertfast.training.rundir import RunDirectoryError
 
@@ -328,7 +333,7 @@ def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except (DataError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
         print(f"bertfast finetune: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, DistributedStall) as e:
         print(f"bertfast finetune: error: {e}", file=sys.stderr)
         return 1
 

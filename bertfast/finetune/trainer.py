@@ -41,12 +41,16 @@ from bertfast.io import CheckpointError, atomic_write_text, load_state_dict
 from bertfast.training.checkpoint import STATE_FILE, capture_rng, load_state, restore_rng, write_checkpoint
 from bertfast.training.distributed import (
     DistEnv,
+    DistributedStall,
     all_reduce,
     barrier,
     gather_to_main,
     init_distributed,
+    is_collective_failure,
     pick_device,
+    report_progress,
     shutdown,
+    stall_message,
 )
 from bertfast.training.guard import NonFiniteError, NonFiniteGuard, check_finite_model
 from bertfast.training.metrics import MetricsLog
@@ -63,13 +67,17 @@ _RESUME_OPTIONS = ("task", "model", "train", "regression", "batch_size", "grad_a
 
 def finetune(config: FinetuneConfig) -> int:
     """Fine-tune as ``config`` says (in each process under torchrun); returns the exit code (0)."""
-    env, device = init_distributed(config.device)
+    env, device = init_distributed(config.device, config.dist_timeout)
     run_dir = None
     try:
         if env.is_main:
             run_dir = RunDirectory.open(config.output_dir, FINETUNE_FILES, resume=config.resume,
                                         overwrite=config.overwrite, eval_only=config.eval_only, say=tqdm.write)
         Finetuner(config, env, device).run()
+    except RuntimeError as e:
+        if env.enabled and is_collective_failure(e):
+            raise DistributedStall(stall_message(env, e)) from e
+        raise
     finally:
         if run_dir is not None:
             run_dir.release()
@@ -213,6 +221,7 @@ class Finetuner:
             return self.best
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             self.train_epoch(epoch)
+            report_progress(self.env, f"evaluating epoch {epoch} (rank 0; the others wait)")
             rng = gather_to_main(capture_rng(), self.env)  # (the others wait while this process evaluates)
             scores, predictions = self.evaluate()
             record = {"split": "eval", "epoch": epoch, "step": self.step, **scores}
@@ -256,6 +265,7 @@ class Finetuner:
         if not self.config.eval_only:
             for epoch in range(self.start_epoch, self.config.epochs + 1):
                 self.train_epoch(epoch)
+                report_progress(self.env, f"evaluating epoch {epoch} (rank 0; the others wait)")
                 gather_to_main(capture_rng(), self.env)
                 barrier(self.env)
         return {}
@@ -283,6 +293,7 @@ class Finetuner:
                    disable=not cfg.progress or not self.env.is_main, leave=False)
         model = self.ddp or self.model
         for step in bar:
+            report_progress(self.env, f"training step {self.step + 1} (epoch {epoch})")
             examples = sum(len(batch["input_ids"]) for batch in step)
             loss = torch.zeros((), device=self.device)
             for i, batch in enumerate(step):

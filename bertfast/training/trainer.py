@@ -63,12 +63,16 @@ from bertfast.training.checkpoint import (
 from bertfast.training.config import PretrainConfig
 from bertfast.training.distributed import (
     DistEnv,
+    DistributedStall,
     all_reduce,
     barrier,
     broadcast_from_main,
     gather_to_main,
     init_distributed,
+    is_collective_failure,
+    report_progress,
     shutdown,
+    stall_message,
 )
 from bertfast.training.guard import NonFiniteGuard, check_finite_model
 from bertfast.training.metrics import MetricsLog, plot_metrics, read_metrics
@@ -86,7 +90,7 @@ _SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correc
 
 def pretrain(config: PretrainConfig) -> int:
     """Run pretraining as ``config`` says (in each process under torchrun); returns the exit code."""
-    env, device = init_distributed(config.device)
+    env, device = init_distributed(config.device, config.dist_timeout)
     run_dir = None
     try:
         if env.is_main:
@@ -95,6 +99,10 @@ def pretrain(config: PretrainConfig) -> int:
             run_dir = RunDirectory.open(out, PRETRAIN_FILES, resume=bool(config.resume), overwrite=config.overwrite,
                                         subdirectories=[out / "cache", out / "tokenizer", *cache], say=tqdm.write)
         return Pretrainer(config, env, device).train()
+    except RuntimeError as e:
+        if env.enabled and is_collective_failure(e):
+            raise DistributedStall(stall_message(env, e)) from e
+        raise
     finally:
         if run_dir is not None:
             run_dir.release()
@@ -147,6 +155,7 @@ class Pretrainer:
         self.sources = sources_fingerprint(self.paths)
         self.resume_state = self._check_resume(Path(self.resume_from)) if self.resume_from else None
 
+        report_progress(env, "preparing the data (tokenizer, token cache)")
         self._prepare_data()
         self._prepare_model()
         self.step = self.epoch = self.batch_index = 0
@@ -280,6 +289,7 @@ class Pretrainer:
         self.tokenizer.save(directory)
 
     def save_checkpoint(self) -> None:
+        report_progress(self.env, f"saving {checkpoint_name(self.step)}")
         per_rank = gather_to_main({"rng": capture_rng(), "window": self.window.cpu()}, self.env)
         if self.env.is_main:
             state = {
@@ -332,6 +342,7 @@ class Pretrainer:
 
     def train_step(self, batches: Iterator[dict[str, Tensor]]) -> bool:
         """One optimizer step; False when it was skipped for a non-finite loss (or gradient norm)."""
+        report_progress(self.env, f"training step {self.step + 1}")
         sums = sum(self._micro_step(next(batches), k == self.config.grad_accum - 1)
                    for k in range(self.config.grad_accum))
         finite = all_reduce(torch.isfinite(sums[:3]).all().to(torch.float64).reshape(1), self.env,
@@ -391,6 +402,7 @@ class Pretrainer:
     def evaluate(self) -> dict[str, Any] | None:
         """Loss and accuracies on the held-out batches (all ranks), as a ``"split": "eval"`` record."""
         self.last_eval = self.step
+        report_progress(self.env, f"evaluating at step {self.step}")
         model = self.model
         model.eval()
         sums = torch.zeros(6, dtype=torch.float64, device=self.device)
