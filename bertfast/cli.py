@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bertfast.io import CheckpointError
+from bertfast.io import CheckpointError, WriteError
 
 PRETRAIN_EPILOG = """\
 Options can also come from --config FILE (YAML or JSON; keys are the option names with - or _);
@@ -293,7 +293,7 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
         return 2
-    except DistributedStall as e:
+    except (DistributedStall, WriteError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
         return 1
 
@@ -333,7 +333,7 @@ def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except (DataError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
         print(f"bertfast finetune: error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, DistributedStall) as e:
+    except (NonFiniteError, DistributedStall, WriteError) as e:
         print(f"bertfast finetune: error: {e}", file=sys.stderr)
         return 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import resource
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -25,9 +26,36 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not fit the model."""
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (read-only file system, disk full, size limit, ...)."""
+
+
 def describe_os_error(error: OSError) -> str:
     """The cause of a failed file operation in words: read-only file system, no space left on device, ..."""
     return (error.strerror or str(error)).lower()
+
+
+def _write_failure_cause(path: Path, error: BaseException) -> str:
+    """Why writing ``path`` failed; torch's writer hides the system's reason, so ask the file system."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return describe_os_error(error)
+    try:
+        fs = os.statvfs(path.parent)
+        if fs.f_flag & os.ST_RDONLY:
+            return "read-only file system"
+        if fs.f_bavail * fs.f_frsize < 1 << 20:
+            return "no space left on device"
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"the file size limit of this process was reached (ulimit -f: {limit:,} bytes)"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def write_error(path: str | os.PathLike, error: BaseException) -> WriteError:
+    """A :class:`WriteError` naming ``path`` and the cause of ``error``."""
+    return WriteError(f"cannot write {path}: {_write_failure_cause(Path(path), error)}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -36,7 +64,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     A crash at any point leaves either the old file or the new one, never a torn one.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from e
     os.close(fd)
     try:
         write(tmp)
@@ -47,6 +78,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
