@@ -22,9 +22,16 @@ Several processes: torchrun --nproc_per_node N -m bertfast pretrain ... trains w
 DistributedDataParallel (NCCL on GPUs, gloo on CPU); each process reads its own share of the
 batches and only rank 0 writes files.
 
+OUTPUT_DIR holds one run: a second run there is refused unless --resume continues it or
+--overwrite replaces it, and a run in progress holds a lock that stops any other.
+
 Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 130 stopped by SIGINT
 (Ctrl-C) after saving a checkpoint (a second Ctrl-C aborts at once), 1 stopped after too many
-non-finite losses, 2 bad options or input. Continue a stopped run with --resume latest.
+non-finite losses, a stalled process (--dist-timeout) or a failed write, 2 bad options or input.
+Signals may go to the whole process group: DataLoader workers ignore them. Continue a stopped run
+with --resume latest: options not given are the checkpoint's; --preset, --optimizer,
+--weight-decay, the tokenizer and the corpus cannot change, --max-steps, --warmup-steps and --lr
+are applied to a recomputed schedule (see README: Stopping and resuming).
 """
 
 
