@@ -121,6 +121,8 @@ def test_a_signal_to_the_process_group_saves_a_checkpoint_and_the_run_resumes(tm
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert state["step"] == step >= 2
 
+    if signum == signal.SIGINT:
+        return  # resuming after SIGTERM shows it; once is enough
     assert main(["pretrain", *common, "--max-steps", str(step + 2), "--resume", "latest"]) == 0
     steps = [r["step"] for r in read_records(run) if r["split"] == "train"]
     assert steps == list(range(1, step + 3))

@@ -27,7 +27,7 @@ def test_a_stalled_rank_is_named_by_the_healthy_one(tmp_path):
                "--corpus", write_corpus(tmp_path / "corpus.txt", n_docs=60), "--tokenizer",
                write_corpus_tokenizer(tmp_path / "vocab"), "--seq-len", "32", "--batch-size", "2",
                "--max-steps", "100000", "--eval-every", "0", "--save-every", "0", "--log-every", "1",
-               "--no-progress", "--dist-timeout", "6"]
+               "--no-progress", "--dist-timeout", "4"]
     port = free_port()
     ranks = []
     for rank in range(2):
@@ -50,5 +50,5 @@ def test_a_stalled_rank_is_named_by_the_healthy_one(tmp_path):
     assert ranks[0].returncode == 1, output
     (line,) = [line for line in output.splitlines() if line.startswith("bertfast pretrain: error:")]
     assert "rank 0 waited" in line and "rank(s) 1 stalled or died" in line
-    assert "rank 1: training step" in line and "Raise --dist-timeout (6 s)" in line
+    assert "rank 1: training step" in line and "Raise --dist-timeout (4 s)" in line
     assert waited < 30
