@@ -18,7 +18,7 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.
 
 
 def check_model_directory(config: FinetuneConfig) -> dict:
-    """``--model`` is a BERT directory with weights and a tokenizer, whose limits fit ``--seq-len``; its config."""
+    """``--model`` is a BERT directory with a config, weights and a tokenizer; its config."""
     model = Path(config.model)
     if not model.exists():
         raise CheckpointError(f"--model {model}: no such directory")
@@ -34,11 +34,17 @@ def check_model_directory(config: FinetuneConfig) -> dict:
         raise CheckpointError(f"--model {model} holds no weights ({' or '.join(_WEIGHTS[::2])})")
     if not any((model / name).is_file() for name in (TOKENIZER_FILE, VOCAB_FILE)):
         raise CheckpointError(f"--model {model} holds no tokenizer ({TOKENIZER_FILE} or {VOCAB_FILE})")
-    positions = values.get("max_position_embeddings", 512)
-    if isinstance(positions, int) and config.seq_len > positions:
-        raise CheckpointError(f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings "
-                              f"({positions}, in {model / 'config.json'}); pass --seq-len {positions} or less")
     return values
+
+
+def fitted_seq_len(config: FinetuneConfig, model_config: dict, say) -> int:
+    """``--seq-len``, or the model's max_position_embeddings where that is less (the limit the model can take)."""
+    positions = model_config.get("max_position_embeddings", 512)
+    if isinstance(positions, int) and config.seq_len > positions:
+        say(f"note: --seq-len {config.seq_len} exceeds the model's max_position_embeddings ({positions}, in "
+            f"{Path(config.model) / 'config.json'}): inputs are cut at {positions} tokens")
+        return positions
+    return config.seq_len
 
 
 def check_tokenizer_fits(tokenizer: WordPieceTokenizer, model_config: dict, model: str) -> None:

@@ -34,7 +34,12 @@ from tqdm.auto import tqdm
 from bertfast.data import load_tokenizer
 from bertfast.finetune.config import FinetuneConfig
 from bertfast.finetune.data import DataError, RowErrors
-from bertfast.finetune.preflight import check_bio_tags, check_model_directory, check_tokenizer_fits
+from bertfast.finetune.preflight import (
+    check_bio_tags,
+    check_model_directory,
+    check_tokenizer_fits,
+    fitted_seq_len,
+)
 from bertfast.finetune.results import write_eval_results
 from bertfast.finetune.tasks import Feature, collate, load_fine_tuned, make_task
 from bertfast.io import CheckpointError, atomic_write_text, load_state_dict
@@ -102,6 +107,7 @@ class Finetuner:
             seeded(config.seed)
 
         model_config = check_model_directory(config)
+        self.seq_len = fitted_seq_len(config, model_config, self.say)
         self.tokenizer = load_tokenizer(config.model)
         check_tokenizer_fits(self.tokenizer, model_config, config.model)
         if config.eval_only:
@@ -113,11 +119,11 @@ class Finetuner:
             self.train_examples = self.task.read(config.train)
             overrides = self.task.label_config(self.train_examples)
             model = self.task.model_class.from_pretrained(config.model, **overrides)
+        check_finite_model(model, f"the model in {config.model}", CheckpointError)
         self.eval_examples = self.task.read(config.eval)
         check_bio_tags(self.train_examples + self.eval_examples)
-        self.train_features = self.task.encode(self.train_examples, self.tokenizer, config.seq_len)
-        self.eval_features = self.task.encode(self.eval_examples, self.tokenizer, config.seq_len)
-        check_finite_model(model, f"the model in {config.model}", CheckpointError)
+        self.train_features = self.task.encode(self.train_examples, self.tokenizer, self.seq_len)
+        self.eval_features = self.task.encode(self.eval_examples, self.tokenizer, self.seq_len)
         self.model = model.to(self.device).train()
         self.guard = NonFiniteGuard(config.max_nonfinite_steps)
         self.ddp = None
@@ -138,7 +144,7 @@ class Finetuner:
             self._resume()
         self.main_metric = config.best_metric or self.task.main_metric
         self.say(f"{config.task}: {len(self.train_examples)} train / {len(self.eval_examples)} eval examples "
-                 f"({len(self.train_features)} / {len(self.eval_features)} features of {config.seq_len} tokens "
+                 f"({len(self.train_features)} / {len(self.eval_features)} features of {self.seq_len} tokens "
                  f"at most); {self.model.num_parameters() / 1e6:.2f}M parameters, {self.precision} on {self.device}"
                  + (f" x {self.env.world_size} processes" if self.env.enabled else ""))
 

@@ -28,11 +28,10 @@ class NonFiniteGuard:
     def ok(self) -> None:
         self.consecutive = 0
 
-    def skip(self) -> bool:
-        """Count a skipped step; False once ``max_consecutive`` steps in a row were skipped."""
+    def skip(self) -> None:
+        """Count a skipped step (``exhausted`` says whether the run must stop)."""
         self.consecutive += 1
         self.skipped += 1
-        return self.consecutive < self.max_consecutive
 
     @property
     def exhausted(self) -> bool:
