@@ -291,11 +291,10 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     try:
         values = load_config_file(args.config) if args.config else {}
         values.update(given)
-        config = PretrainConfig.from_dict(values)
+        config = _resumed_config(PretrainConfig.from_dict(values), values)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     try:
-        config = _resumed_config(config, values)
         return pretrain(config)
     except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
