@@ -284,7 +284,7 @@ def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bertfast.data import CorpusError
     from bertfast.training import PretrainConfig, load_config_file, pretrain
-    from bertfast.training.distributed import DistributedStall
+    from bertfast.training.distributed import DeviceError, DistributedStall
     from bertfast.training.rundir import RunDirectoryError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
@@ -296,7 +296,7 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(str(e))
     try:
         return pretrain(config)
-    except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
+    except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError, DeviceError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
         return 2
     except (DistributedStall, WriteError) as e:
@@ -323,7 +323,7 @@ def _resumed_config(config: Any, values: dict[str, Any]) -> Any:
 def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bertfast.finetune import DataError, FinetuneConfig, finetune
     from bertfast.training import load_config_file
-    from bertfast.training.distributed import DistributedStall
+    from bertfast.training.distributed import DeviceError, DistributedStall
     from bertfast.training.guard import NonFiniteError
     from bertfast.training.rundir import RunDirectoryError
 
@@ -336,7 +336,7 @@ def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(str(e))
     try:
         return finetune(config)
-    except (DataError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
+    except (DataError, FileNotFoundError, CheckpointError, RunDirectoryError, DeviceError) as e:
         print(f"bertfast finetune: error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteError, DistributedStall, WriteError) as e:

@@ -1,6 +1,7 @@
 """Bad options and inputs are found before any work, with exit code 2 and a message naming the option or file."""
 
 import pytest
+import torch
 from tiny_runs import sentiment_rows, write_corpus, write_corpus_tokenizer, write_jsonl, write_pretrained
 
 from bertfast.cli import main
@@ -17,12 +18,19 @@ def pretrain(tmp_path, *flags):
     (["--mask-prob", "1.5"], "mask_prob must be in [0, 1], got 1.5"),
     (["--mask-token-prob", "0.9", "--random-token-prob", "0.2"], "mask_token_prob + random_token_prob must be at"),
     (["--dist-timeout", "0"], "dist_timeout must be positive"),
+    (["--vocab-size", "5"], "vocab_size must exceed BERT's 5 special tokens"),
     (["--resume", "latest", "--overwrite"], "--overwrite replaces the run in OUTPUT_DIR; --resume continues it"),
 ])
 def test_bad_pretrain_options_are_usage_errors(tmp_path, flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         pretrain(tmp_path, *flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_device_is_named(tmp_path, capsys):
+    assert pretrain(tmp_path, "--device", "cuda") == 2
+    assert "--device cuda was asked for, but CUDA is not available" in capsys.readouterr().err
 
 
 def test_config_file_syntax_errors_name_the_line_and_column(tmp_path, capsys):

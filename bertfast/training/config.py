@@ -101,6 +101,8 @@ class PretrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.vocab_size <= 5:
+            raise ValueError(f"vocab_size must exceed BERT's 5 special tokens, got {self.vocab_size}")
         if self.seq_len < 8:
             raise ValueError(f"seq_len must be at least 8, got {self.seq_len}")
         for name in ("mask_prob", "mask_token_prob", "random_token_prob", "short_seq_prob"):

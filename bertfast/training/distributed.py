@@ -32,10 +32,14 @@ class DistEnv:
         return self.world_size > 1
 
 
+class DeviceError(ValueError):
+    """The device asked for is not there."""
+
+
 def pick_device(choice: str, env: DistEnv) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+            raise DeviceError("--device cuda was asked for, but CUDA is not available")
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
