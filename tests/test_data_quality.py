@@ -10,7 +10,7 @@ from tokenizers import normalizers, pre_tokenizers
 
 from bertfast.data import CorpusStats, PretrainingData, build_token_cache, load_tokenizer, make_collator
 from bertfast.data.corpus import PSEUDO_DOCUMENT_LINES, read_documents, split_sentences
-from bertfast.data.instances import A_END, A_START, IS_RANDOM_NEXT, create_instances
+from bertfast.data.instances import A_END, A_START, IS_RANDOM_NEXT, create_instances, segmented_bounds
 from bertfast.data.tokenizer import SPECIAL_TOKENS
 
 # Chinese notes on BERT (Markdown), the project's seed text, copied from shared/seed/ (see tests/data/README.md).
@@ -94,6 +94,12 @@ def test_an_over_long_line_is_cut_into_segments_not_truncated(tmp_path):
     assert report.instances > 20000 / 61 * 0.9  # one instance per epoch before
     assert report.truncated_share < 0.1
     assert any("1 sentences are longer than a whole instance" in w for w in report.warnings())
+
+
+def test_segments_tile_an_over_long_sentence_and_leave_short_ones_alone():
+    bounds = np.array([0, 3, 103, 110])
+    np.testing.assert_array_equal(segmented_bounds(bounds, 31), [0, 3, 28, 53, 78, 103, 110])
+    assert segmented_bounds(bounds, 100) is bounds
 
 
 def test_text_without_document_boundaries_becomes_pseudo_documents(tmp_path):
