@@ -10,6 +10,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +34,17 @@ class WriteError(OSError):
 def describe_os_error(error: OSError) -> str:
     """The cause of a failed file operation in words: read-only file system, no space left on device, ..."""
     return (error.strerror or str(error)).lower()
+
+
+def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
+    """The JSON value in ``path``; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def _write_failure_cause(path: Path, error: BaseException) -> str:

@@ -11,8 +11,7 @@ from bertfast.data import WordPieceTokenizer
 from bertfast.data.tokenizer import TOKENIZER_FILE, VOCAB_FILE
 from bertfast.finetune.config import FinetuneConfig
 from bertfast.finetune.data import DataError, TokenExample
-from bertfast.io import CheckpointError
-from bertfast.training.preflight import read_json_file
+from bertfast.io import CheckpointError, read_json_file
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bertfast.config import PRESETS
-from bertfast.training.preflight import read_json_file
+from bertfast.io import read_json_file
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
