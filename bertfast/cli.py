@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bertfast.io import CheckpointError, WriteError
+from bertfast.io import CheckpointError, WriteError, write_error
 
 PRETRAIN_EPILOG = """\
 Options can also come from --config FILE (YAML or JSON; keys are the option names with - or _);
@@ -315,7 +315,7 @@ def _resumed_config(config: Any, values: dict[str, Any]) -> Any:
     checkpoint = resolve_resume(config.output_dir, config.resume) if config.resume else None
     if checkpoint is None:
         return config
-    saved = load_state(checkpoint)["config"]
+    saved = load_state(checkpoint, mmap=True)["config"]
     merged = merged_resume_options(saved, values, {f.name for f in fields(PretrainConfig)})
     return PretrainConfig.from_dict({**merged, "output_dir": config.output_dir, "resume": config.resume})
 
@@ -358,7 +358,12 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
     except (EmptyCorpusError, FileNotFoundError) as e:
         print(f"bertfast tokenizer train: error: {e}", file=sys.stderr)
         return 2
-    tokenizer.save(args.output)
+    try:
+        tokenizer.save(args.output)
+    except OSError as e:  # a WriteError names the file; a directory that cannot be made is named here
+        print(f"bertfast tokenizer train: error: {e if isinstance(e, WriteError) else write_error(args.output, e)}",
+              file=sys.stderr)
+        return 1
     print(f"corpus: {stats.summary()}")
     print(f"wrote a {tokenizer.vocab_size}-token WordPiece vocabulary to {args.output} "
           "(tokenizer.json, vocab.txt)")

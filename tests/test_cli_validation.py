@@ -98,3 +98,11 @@ def test_non_bio_tags_are_refused_before_training(pretrained, tmp_path, capsys):
     assert finetune(tmp_path, pretrained, task="token-classification", rows=rows) == 2
     assert f"{tmp_path / 'data.jsonl'}:2: tag 'FILM' is not O, B-TYPE or I-TYPE" in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_tokenizer_that_cannot_be_written_is_named(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    corpus = write_corpus(tmp_path / "c.txt")
+    assert main(["tokenizer", "train", "--corpus", corpus, "--vocab-size", "60", "--output",
+                 str(tmp_path / "a-file" / "vocab")]) == 1
+    assert f"cannot write {tmp_path / 'a-file' / 'vocab'}: not a directory" in capsys.readouterr().err

@@ -116,11 +116,14 @@ def write_checkpoint(directory: Path, write_model: Any, state: dict[str, Any] | 
         raise
 
 
-def load_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The trainer state of a checkpoint directory; a truncated or foreign file is a CheckpointError."""
+def load_state(directory: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state of a checkpoint directory; a truncated or foreign file is a CheckpointError.
+
+    ``mmap`` maps the tensors instead of reading them (for a look at the saved options alone).
+    """
     path = Path(directory) / STATE_FILE
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
