@@ -85,7 +85,8 @@ def test_finetune_refuses_a_finished_run_and_eval_only_never_writes_over_trainin
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
     assert main([*common, "--model", str(pretrained), "--train", train]) == 2
-    assert f"--output-dir {run} holds another run (best, finetune_config.json, last" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--output-dir {run} holds another run (best, eval_results.json, finetune_config.json, last" in err
     for flags in ([], ["--overwrite"]):
         assert main([*common, "--model", str(run / "best"), "--eval-only", *flags]) == 2
         assert f"--eval-only would write over the training run in {run}" in capsys.readouterr().err

@@ -32,7 +32,7 @@ _PID_TEMPORARY = re.compile(r"^(\..+\.(?:tmp|old)|[0-9a-f]+\.partial)-(\d+)$")
 _ATOMIC_TEMPORARY = re.compile(r"^\..+\.tmp$")
 
 PRETRAIN_FILES = ("metrics.jsonl", "metrics.png", "final", "checkpoint-*")
-FINETUNE_FILES = ("metrics.jsonl", "finetune_config.json", "predictions.jsonl", "best", "last")
+FINETUNE_FILES = ("metrics.jsonl", "finetune_config.json", "predictions.jsonl", "eval_results.json", "best", "last")
 TRAINED_MODELS = ("best", "last", "final", "checkpoint-*")
 
 
