@@ -90,11 +90,14 @@ class RunDirectory:
             raise RunDirectoryError(f"--output-dir {directory}: cannot write there: {describe_os_error(e)}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
             raise RunDirectoryError(f"--output-dir {directory} is in use by another run ({holder}); wait for it "
                                     "to finish or choose another --output-dir") from None
+        except OSError as e:  # a file system without locks (some network ones): go on, unguarded
+            say(f"warning: cannot lock {directory / LOCK_FILE} ({describe_os_error(e)}): nothing stops a second "
+                "run in this directory")
         run = cls(directory, fd)
         try:
             run._write_holder()
@@ -143,7 +146,10 @@ class RunDirectory:
             (self.directory / LOCK_FILE).unlink(missing_ok=True)
         except OSError:
             pass
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        except OSError:
+            pass  # never locked (see open)
         os.close(self.fd)
         self.fd = -1
 
