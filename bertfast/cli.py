@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bertfast.io import CheckpointError
+from bertfast.io import CheckpointError, WriteError, write_error
 
 PRETRAIN_EPILOG = """\
 Options can also come from --config FILE (YAML or JSON; keys are the option names with - or _);
@@ -22,9 +22,16 @@ Several processes: torchrun --nproc_per_node N -m bertfast pretrain ... trains w
 DistributedDataParallel (NCCL on GPUs, gloo on CPU); each process reads its own share of the
 batches and only rank 0 writes files.
 
+OUTPUT_DIR holds one run: a second run there is refused unless --resume continues it or
+--overwrite replaces it, and a run in progress holds a lock that stops any other.
+
 Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 130 stopped by SIGINT
 (Ctrl-C) after saving a checkpoint (a second Ctrl-C aborts at once), 1 stopped after too many
-non-finite losses, 2 bad options or input. Continue a stopped run with --resume latest.
+non-finite losses, a stalled process (--dist-timeout) or a failed write, 2 bad options or input.
+Signals may go to the whole process group: DataLoader workers ignore them. Continue a stopped run
+with --resume latest: options not given are the checkpoint's; --preset, --optimizer,
+--weight-decay, the tokenizer and the corpus cannot change, --max-steps, --warmup-steps and --lr
+are applied to a recomputed schedule (see README: Stopping and resuming).
 """
 
 
@@ -99,7 +106,9 @@ null_score_diff_threshold), and predictions.jsonl: the best model's prediction f
 next to its label. --eval-only --model OUTPUT_DIR/best evaluates a fine-tuned model on new data without
 training; bertfast predict writes its predictions for unlabelled data. Several processes: torchrun
 --nproc_per_node N -m bertfast finetune ... (each trains on its share of every epoch; the first
-evaluates and writes). Exit codes: 0 done, 2 bad options or input.
+evaluates and writes). A step whose loss or gradient norm is not finite is skipped;
+--max-nonfinite-steps in a row stop the run. A model with non-finite weights or evaluation scores is
+never saved. Exit codes: 0 done, 1 stopped on non-finite values, 2 bad options or input.
 """
 
 
@@ -273,26 +282,50 @@ def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from bertfast.data import EmptyCorpusError
+    from bertfast.data import CorpusError
     from bertfast.training import PretrainConfig, load_config_file, pretrain
+    from bertfast.training.distributed import DeviceError, DistributedStall
+    from bertfast.training.rundir import RunDirectoryError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         values = load_config_file(args.config) if args.config else {}
         values.update(given)
-        config = PretrainConfig.from_dict(values)
+        config = _resumed_config(PretrainConfig.from_dict(values), values)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     try:
         return pretrain(config)
-    except (EmptyCorpusError, FileNotFoundError, CheckpointError) as e:
+    except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError, DeviceError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
         return 2
+    except (DistributedStall, WriteError) as e:
+        print(f"bertfast pretrain: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _resumed_config(config: Any, values: dict[str, Any]) -> Any:
+    """With --resume, the options not given now are the checkpoint's (so a bare --resume latest continues a run)."""
+    from dataclasses import fields
+
+    from bertfast.training import PretrainConfig
+    from bertfast.training.checkpoint import load_state, resolve_resume
+    from bertfast.training.resume_policy import merged_resume_options
+
+    checkpoint = resolve_resume(config.output_dir, config.resume) if config.resume else None
+    if checkpoint is None:
+        return config
+    saved = load_state(checkpoint, mmap=True)["config"]
+    merged = merged_resume_options(saved, values, {f.name for f in fields(PretrainConfig)})
+    return PretrainConfig.from_dict({**merged, "output_dir": config.output_dir, "resume": config.resume})
 
 
 def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bertfast.finetune import DataError, FinetuneConfig, finetune
     from bertfast.training import load_config_file
+    from bertfast.training.distributed import DeviceError, DistributedStall
+    from bertfast.training.guard import NonFiniteError
+    from bertfast.training.rundir import RunDirectoryError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
@@ -303,9 +336,12 @@ def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(str(e))
     try:
         return finetune(config)
-    except (DataError, FileNotFoundError, CheckpointError) as e:
+    except (DataError, FileNotFoundError, CheckpointError, RunDirectoryError, DeviceError) as e:
         print(f"bertfast finetune: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, DistributedStall, WriteError) as e:
+        print(f"bertfast finetune: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _run_tokenizer_train(args: argparse.Namespace) -> int:
@@ -322,7 +358,12 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
     except (EmptyCorpusError, FileNotFoundError) as e:
         print(f"bertfast tokenizer train: error: {e}", file=sys.stderr)
         return 2
-    tokenizer.save(args.output)
+    try:
+        tokenizer.save(args.output)
+    except OSError as e:  # a WriteError names the file; a directory that cannot be made is named here
+        print(f"bertfast tokenizer train: error: {e if isinstance(e, WriteError) else write_error(args.output, e)}",
+              file=sys.stderr)
+        return 1
     print(f"corpus: {stats.summary()}")
     print(f"wrote a {tokenizer.vocab_size}-token WordPiece vocabulary to {args.output} "
           "(tokenizer.json, vocab.txt)")

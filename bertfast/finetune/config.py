@@ -58,10 +58,16 @@ class FinetuneConfig:
                             "fp16 uses a gradient scaler)", choices=("auto", "fp32", "bf16", "fp16"))
     seed: int = option(0, "seed of the head's init, the data order and dropout")
     device: str = option("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
+    max_nonfinite_steps: int = option(5, "stop (exit code 1) after this many consecutive steps skipped for a "
+                                      "non-finite loss or gradient norm")
+    dist_timeout: float = option(600.0, "seconds a process waits for the others in a collective operation "
+                                 "before it stops and names the ones it waited for (several processes only)")
     log_every: int = option(50, "write a train record to metrics.jsonl every N steps (and at each epoch's end)")
     progress: bool = option(True, "show progress bars")
     eval_only: bool = option(False, "evaluate --model, an already fine-tuned model, on --eval: write its "
                              "metrics and predictions, no training")
+    overwrite: bool = option(False, "replace the run in OUTPUT_DIR (its models, metrics and predictions are "
+                             "deleted first); without it, or --resume, a directory holding a run is refused")
     resume: bool = option(False, "continue the run in OUTPUT_DIR after its last finished epoch (same options; "
                           "--epochs may grow)")
 
@@ -74,7 +80,8 @@ class FinetuneConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_answer_length"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_answer_length", "max_nonfinite_steps",
+                     "dist_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "clip_norm"):
@@ -92,6 +99,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must list distinct names, got {values}")
         if self.resume and self.eval_only:
             raise ValueError("--resume continues training; --eval-only does none")
+        if self.resume and self.overwrite:
+            raise ValueError("--overwrite replaces the run in OUTPUT_DIR; --resume continues it: pass one")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
