@@ -60,6 +60,15 @@ class Encoded:
         return None if self.states is None else tuple(self.packing.unpack(s) for s in self.states)
 
 
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype (use e.g. 'float16' or 'bfloat16')")
+    return resolved
+
+
 def _legacy_rename(key: str) -> str:
     """Names used by TF-converted BERT checkpoints -> current names."""
     if key.endswith(".gamma"):
@@ -262,16 +271,24 @@ class BertPreTrainedModel(_model_base()):
         strict: bool = False,
         dtype: torch.dtype | None = None,
         output_loading_info: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
         **config_overrides: Any,
     ) -> M | tuple[M, dict[str, list[str]]]:
         """Load a transformers-format checkpoint directory (config.json + safetensors / bin / shards).
 
         ``config_overrides`` change config fields (``num_labels=3``). Weights whose shape does not fit
         the config raise :class:`CheckpointError`; missing and unexpected weights are logged (or raise
-        with ``strict=True``) and returned with ``output_loading_info=True``.
+        with ``strict=True``) and returned with ``output_loading_info=True``. ``dtype`` (or its older
+        transformers name ``torch_dtype``) is a torch dtype or its name ("float16", "bfloat16", ...).
         """
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+        dtype = dtype if dtype is not None else torch_dtype
         if config is None:
             config = BertConfig.from_pretrained(path)
+        if dtype == "auto":  # the dtype the checkpoint says it was saved in
+            dtype = config.extra.get("dtype", config.extra.get("torch_dtype"))
+        dtype = _resolve_dtype(dtype)
         if config_overrides:
             values = config.to_dict()
             if "num_labels" in config_overrides and "id2label" not in config_overrides:
@@ -476,6 +493,13 @@ def encode(
     the caller will read (and each row's first token when ``pool_first_token``): the last layer then
     computes just those.
     """
+    weight = base.embeddings.word_embeddings.weight
+    for name, tensor in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                         ("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                         ("position_ids", position_ids)):
+        if tensor is not None and tensor.device != weight.device:
+            raise ValueError(f"{name} is on {tensor.device} but the model is on {weight.device}; "
+                             f"move the inputs with .to({str(weight.device)!r})")
     packing, packed = pack_inputs(base.config, input_ids, attention_mask, token_type_ids, position_ids,
                                   inputs_embeds)
     training = base.training

@@ -104,6 +104,9 @@ class BertForTokenClassification(BertPreTrainedModel):
             logits=encoded.packing.unpack(packed_logits), hidden_states=encoded.padded_states()
         )
         if labels is not None:
+            expected = (encoded.packing.batch, encoded.packing.seqlen)
+            if tuple(labels.shape) != expected:
+                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {expected}: one label per token")
             packed_labels = encoded.packing.pack(labels)
             # The mean over labelled tokens; with none it is 0, not NaN (and no branch on the data).
             total = F.cross_entropy(packed_logits.float(), packed_labels, ignore_index=ops.IGNORE_INDEX,
