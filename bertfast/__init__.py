@@ -26,6 +26,10 @@ _EXPORTS = {
     "BertForQuestionAnswering": "bertfast.models",
     "BertForMultipleChoice": "bertfast.models",
     "from_transformers": "bertfast.models",
+    "accelerate": "bertfast.dropin",
+    "for_cpu_inference": "bertfast.inference",
+    "patch_transformers": "bertfast.dropin",
+    "unpatch_transformers": "bertfast.dropin",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""The ``bertfast`` command: ``bertfast pretrain``, ``bertfast finetune`` and ``bertfast tokenizer train``."""
+"""The ``bertfast`` command: ``pretrain``, ``finetune``, ``glue``, ``predict`` and ``tokenizer train``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bertfast.io import CheckpointError
+from bertfast.io import CheckpointError, WriteError, write_error
 
 PRETRAIN_EPILOG = """\
 Options can also come from --config FILE (YAML or JSON; keys are the option names with - or _);
@@ -22,9 +22,16 @@ Several processes: torchrun --nproc_per_node N -m bertfast pretrain ... trains w
 DistributedDataParallel (NCCL on GPUs, gloo on CPU); each process reads its own share of the
 batches and only rank 0 writes files.
 
+OUTPUT_DIR holds one run: a second run there is refused unless --resume continues it or
+--overwrite replaces it, and a run in progress holds a lock that stops any other.
+
 Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 130 stopped by SIGINT
 (Ctrl-C) after saving a checkpoint (a second Ctrl-C aborts at once), 1 stopped after too many
-non-finite losses, 2 bad options or input. Continue a stopped run with --resume latest.
+non-finite losses, a stalled process (--dist-timeout) or a failed write, 2 bad options or input.
+Signals may go to the whole process group: DataLoader workers ignore them. Continue a stopped run
+with --resume latest: options not given are the checkpoint's; --preset, --optimizer,
+--weight-decay, the tokenizer and the corpus cannot change, --max-steps, --warmup-steps and --lr
+are applied to a recomputed schedule (see README: Stopping and resuming).
 """
 
 
@@ -50,8 +57,8 @@ def _add_options(parser: argparse.ArgumentParser, options: list[tuple[str, Any, 
                                   "help": meta["help"] + (shown if default is not None else "")}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
-            kwargs.update(action="extend", nargs="+", metavar="PATH")
+        elif isinstance(default, list) or meta.get("many"):
+            kwargs.update(action="extend", nargs="+", metavar=meta.get("metavar", "PATH"))
         else:
             kwargs["type"] = type(default) if default is not None else str
             if "choices" in meta:
@@ -65,26 +72,43 @@ FINETUNE_EPILOG = """\
 Options can also come from --config FILE (YAML or JSON; keys are the option names with - or _);
 options given on the command line override the file.
 
-Data: JSONL files, one JSON object per line:
-  classification            {"text": ..., "label": ...} or {"text": ..., "text_pair": ..., "label": ...};
-                            labels are strings or integers (the label set of the training file is
-                            stored in the model's config as id2label), or numbers with --regression
-  token-classification      {"tokens": [word, ...], "tags": [tag, ...]} (BIO tags for span F1)
-  multiple-choice           {"context": ..., "choices": [...], "label": index of the right choice}
-  question-answering        {"question": ..., "context": ..., "answer": {"text": ..., "start": char offset}}
+Data (--data-format auto tells the format from the file's name and content):
+  classification            JSON lines (.jsonl), a JSON array, CSV or TSV with a header (TSV fields are
+                            literal, as GLUE writes them; --column-names for a file without a header).
+                            The columns are found by name as transformers' run_glue.py does: sentence;
+                            sentence1/sentence2; premise/hypothesis; question/sentence; question1/question2;
+                            text/text_pair; the label in label/labels/score/gold_label/... ; or set them with
+                            --text-column, --text-pair-column, --label-column. Labels are names or integers
+                            (stored in the model's config as id2label; --label-names fixes the set and order,
+                            integer JSON labels then index it), or numbers with --regression
+  token-classification      CoNLL files (token first, tag last on each line, a blank line between sentences,
+                            -DOCSTART- skipped), or JSON lines {"tokens": [...], "tags" or "ner_tags": [...]}
+                            (integer tags index --label-names)
+  multiple-choice           JSON lines {"context": ..., "choices": [...], "label": index of the right choice}
+  question-answering        SQuAD v1.1/v2.0 JSON, datasets' JSON lines {"question", "context", "answers":
+                            {"text": [...], "answer_start": [...]}} (empty lists: unanswerable), or
+                            {"question", "context", "answer": {"text": ..., "start": char offset}}
+A bad row (a missing column, an unknown label in --eval, an answer not at its offset, a ragged CoNLL
+line) is an error naming its file and line; --skip-bad-rows skips such rows and reports the count.
 
 Metrics (each epoch, on --eval): classification accuracy, macro F1, Matthews correlation (and F1 of
 label 1 with two labels); regression Pearson, Spearman, MSE; token classification span-level
-precision/recall/F1 and word accuracy; multiple choice accuracy; question answering SQuAD exact
-match and token F1. The best epoch is chosen by accuracy, Pearson, span F1, accuracy, F1 respectively.
+precision/recall/F1 and word accuracy; multiple choice accuracy; question answering SQuAD v1.1 exact
+match and F1, or with unanswerable questions SQuAD v2.0's exact, f1, HasAns_*, NoAns_* and best_exact/
+best_f1 with their no-answer thresholds. The best epoch is chosen by accuracy, Pearson, span F1,
+accuracy, F1 (v2.0: best_f1) respectively, or by --best-metric.
 
-OUTPUT_DIR gets metrics.jsonl ("split": "train" and "eval" records), finetune_config.json, best/ and
-last/ (the model in transformers' format plus tokenizer files: load with transformers'
-AutoModelFor... or bertfast's classes), and predictions.jsonl: the best model's prediction for each
---eval example next to its label. --eval-only --model OUTPUT_DIR/best evaluates a fine-tuned model
-on new data without training. Several processes: torchrun --nproc_per_node N -m bertfast finetune ...
-(each trains on its share of every epoch; the first evaluates and writes). Exit codes: 0 done, 2 bad
-options or input.
+OUTPUT_DIR gets metrics.jsonl ("split": "train" and "eval" records), eval_results.json (the best
+evaluation under transformers' names: eval_accuracy, eval_f1, eval_exact_match, ...), finetune_config.json,
+best/ and last/ (the model in transformers' format plus tokenizer files: load with transformers'
+AutoModelFor... or bertfast's classes; a v2.0 QA model's config carries its tuned
+null_score_diff_threshold), and predictions.jsonl: the best model's prediction for each --eval example
+next to its label. --eval-only --model OUTPUT_DIR/best evaluates a fine-tuned model on new data without
+training; bertfast predict writes its predictions for unlabelled data. Several processes: torchrun
+--nproc_per_node N -m bertfast finetune ... (each trains on its share of every epoch; the first
+evaluates and writes). A step whose loss or gradient norm is not finite is skipped;
+--max-nonfinite-steps in a row stop the run. A model with non-finite weights or evaluation scores is
+never saved. Exit codes: 0 done, 1 stopped on non-finite values, 2 bad options or input.
 """
 
 
@@ -100,6 +124,142 @@ def _finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _add_options(parser, option_fields(FinetuneConfig))
     return parser
+
+
+GLUE_EPILOG = """\
+DATA_DIR is laid out as GLUE's download script writes it: CoLA/ SST-2/ MRPC/ STS-B/ QQP/ MNLI/ QNLI/
+RTE/ WNLI/, each with train.tsv and dev.tsv (MNLI: dev_matched.tsv and dev_mismatched.tsv). Every task
+present runs (or those of --tasks), from the same --model, into OUTPUT_DIR/TASK (a bertfast finetune run
+directory: metrics.jsonl, eval_results.json, best/, last/). Defaults per task: 3 epochs (CoLA, MRPC,
+STS-B, RTE, WNLI: 5), batch 32, lr 2e-5, seq-len 128, warmup 0.1; the options below override them for
+every task, --set TASK.OPTION=VALUE (any bertfast finetune option) for one.
+
+Metrics on each dev set: CoLA Matthews correlation; STS-B Pearson and Spearman; MRPC and QQP F1 and
+accuracy; MNLI matched and mismatched accuracy; SST-2, QNLI, RTE, WNLI accuracy. A task's score is the
+mean of its metrics, the GLUE score the mean of the task scores. OUTPUT_DIR gets glue_results.json
+(per-task metrics, "average", "errors"), glue_results.md (a table) and glue_results.png (a bar chart).
+A missing or malformed task folder is reported and the other tasks still run. Exit codes: 0 every task
+scored, 2 a task failed or bad options.
+"""
+
+
+def _glue_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "glue", help="fine-tune and score every GLUE task of a download",
+        description="Fine-tune a pretrained BERT on each GLUE task, score it on the dev set and average the "
+                    "scores into the GLUE score.",
+        epilog=GLUE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data-dir", required=True, metavar="DIR", help="the GLUE download (one folder per task)")
+    parser.add_argument("--model", required=True, metavar="DIR", help="the pretrained model to fine-tune")
+    parser.add_argument("--output-dir", default="runs/glue", metavar="DIR", help="where to write (default: runs/glue)")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="the tasks to run (default: every one present)")
+    per_task = ("epochs", "batch-size", "lr", "warmup-ratio", "seq-len")
+    for flag, kind in (("epochs", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
+                       ("warmup-ratio", float), ("weight-decay", float), ("seq-len", int), ("seed", int)):
+        parser.add_argument(f"--{flag}", type=kind, default=argparse.SUPPRESS, metavar="N" if kind is int else "X",
+                            help="as bertfast finetune, for every task (default: "
+                                 + ("per task, below)" if flag in per_task else "bertfast finetune's)"))
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=argparse.SUPPRESS,
+                        help="as bertfast finetune (default: auto)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=argparse.SUPPRESS,
+                        help="as bertfast finetune (default: auto)")
+    parser.add_argument("--skip-bad-rows", action="store_true", default=argparse.SUPPRESS,
+                        help="skip rows that break their format (counted and reported per task)")
+    parser.add_argument("--set", action="append", default=[], metavar="TASK.OPTION=VALUE",
+                        help="an option for one task, e.g. --set RTE.epochs=10 (repeatable)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar over tasks and epochs (default: true)")
+    return parser
+
+
+def _run_glue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from bertfast.finetune import DataError
+    from bertfast.finetune.glue import find_task, markdown_table, run_glue
+
+    shared = {k: v for k, v in vars(args).items()
+              if k not in ("command", "data_dir", "model", "output_dir", "tasks", "set", "progress")}
+    per_task: dict[str, dict[str, Any]] = {}
+    try:
+        for item in args.set:
+            target, equals, value = item.partition("=")
+            name, dot, option = target.partition(".")
+            if not (equals and dot and option):
+                raise ValueError(f"--set {item!r}: expected TASK.OPTION=VALUE")
+            per_task.setdefault(find_task(name).name, {})[option] = value
+        results = run_glue(args.data_dir, args.model, args.output_dir, args.tasks, shared, per_task, args.progress)
+    except ValueError as e:
+        if isinstance(e, DataError):
+            print(f"bertfast glue: error: {e}", file=sys.stderr)
+            return 2
+        parser.error(str(e))
+    print(markdown_table(results), end="")
+    for name, error in results["errors"].items():
+        print(f"bertfast glue: {name} failed: {error}", file=sys.stderr)
+    return 2 if results["errors"] else 0
+
+
+PREDICT_EPILOG = """\
+The task, labels and (QA v2.0) no-answer threshold come from the model. INPUT is any format its task
+reads (labels, if any, are ignored); OUTPUT gets one JSON line per example, with "where" (file:line):
+  classification            "label" and "probabilities" (label -> probability); regression "score"
+  token-classification      "tokens" and their "tags"
+  multiple-choice           "choice" and "probabilities"
+  question-answering        "id", "answer" and its "score" ("" when there is none, for a model trained
+                            with unanswerable questions), "null_score_diff"; an OUTPUT ending in .json
+                            is SQuAD's {id: answer} prediction file instead
+Exit codes: 0 done, 2 bad options or input.
+"""
+
+
+def _predict_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from bertfast.finetune.formats import FORMATS
+    from bertfast.finetune.tasks import TASKS
+
+    parser = subparsers.add_parser(
+        "predict", help="predict with a fine-tuned model",
+        description="Write a fine-tuned model's predictions for each example of a data file.",
+        epilog=PREDICT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model, e.g. runs/finetune/best")
+    parser.add_argument("--input", required=True, metavar="FILE", help="the examples")
+    parser.add_argument("--output", required=True, metavar="FILE", help="where to write the predictions")
+    parser.add_argument("--task", choices=TASKS, help="the model's task (default: from its config)")
+    parser.add_argument("--data-format", choices=FORMATS, default="auto",
+                        help="format of INPUT (default: auto, from its name and content)")
+    parser.add_argument("--text-column", metavar="NAME", help="column of the text (default: inferred)")
+    parser.add_argument("--text-pair-column", metavar="NAME", help="column of the second text of a pair")
+    parser.add_argument("--column-names", nargs="+", metavar="NAME",
+                        help="the columns of a CSV/TSV file without a header line, in order")
+    parser.add_argument("--seq-len", type=int, default=128, metavar="N",
+                        help="maximum sequence length in tokens (default: 128, at most the model's positions)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per batch (default: 32)")
+    parser.add_argument("--max-answer-length", type=int, default=30, metavar="N",
+                        help="question answering: longest answer, in tokens (default: 30)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run (default: auto)")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="skip rows that break their format")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar (default: true)")
+    return parser
+
+
+def _run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from bertfast.finetune import DataError
+    from bertfast.finetune.data import DataOptions
+    from bertfast.finetune.predict import predict
+
+    if args.seq_len < 8 or args.batch_size <= 0 or args.max_answer_length <= 0:
+        parser.error("--seq-len must be at least 8, --batch-size and --max-answer-length positive")
+    options = DataOptions(args.data_format, args.text_column, args.text_pair_column, None, args.column_names)
+    try:
+        records = predict(args.model, args.input, args.output, args.task, options, args.seq_len, args.batch_size,
+                          args.max_answer_length, args.device, args.skip_bad_rows, args.progress)
+    except (DataError, FileNotFoundError, CheckpointError) as e:
+        print(f"bertfast predict: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(records)} predictions to {args.output}")
+    return 0
 
 
 def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -122,26 +282,50 @@ def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from bertfast.data import EmptyCorpusError
+    from bertfast.data import CorpusError
     from bertfast.training import PretrainConfig, load_config_file, pretrain
+    from bertfast.training.distributed import DeviceError, DistributedStall
+    from bertfast.training.rundir import RunDirectoryError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         values = load_config_file(args.config) if args.config else {}
         values.update(given)
-        config = PretrainConfig.from_dict(values)
+        config = _resumed_config(PretrainConfig.from_dict(values), values)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     try:
         return pretrain(config)
-    except (EmptyCorpusError, FileNotFoundError, CheckpointError) as e:
+    except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError, DeviceError) as e:
         print(f"bertfast pretrain: error: {e}", file=sys.stderr)
         return 2
+    except (DistributedStall, WriteError) as e:
+        print(f"bertfast pretrain: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _resumed_config(config: Any, values: dict[str, Any]) -> Any:
+    """With --resume, the options not given now are the checkpoint's (so a bare --resume latest continues a run)."""
+    from dataclasses import fields
+
+    from bertfast.training import PretrainConfig
+    from bertfast.training.checkpoint import load_state, resolve_resume
+    from bertfast.training.resume_policy import merged_resume_options
+
+    checkpoint = resolve_resume(config.output_dir, config.resume) if config.resume else None
+    if checkpoint is None:
+        return config
+    saved = load_state(checkpoint, mmap=True)["config"]
+    merged = merged_resume_options(saved, values, {f.name for f in fields(PretrainConfig)})
+    return PretrainConfig.from_dict({**merged, "output_dir": config.output_dir, "resume": config.resume})
 
 
 def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bertfast.finetune import DataError, FinetuneConfig, finetune
     from bertfast.training import load_config_file
+    from bertfast.training.distributed import DeviceError, DistributedStall
+    from bertfast.training.guard import NonFiniteError
+    from bertfast.training.rundir import RunDirectoryError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
@@ -152,9 +336,12 @@ def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(str(e))
     try:
         return finetune(config)
-    except (DataError, FileNotFoundError, CheckpointError) as e:
+    except (DataError, FileNotFoundError, CheckpointError, RunDirectoryError, DeviceError) as e:
         print(f"bertfast finetune: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, DistributedStall, WriteError) as e:
+        print(f"bertfast finetune: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _run_tokenizer_train(args: argparse.Namespace) -> int:
@@ -171,7 +358,12 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
     except (EmptyCorpusError, FileNotFoundError) as e:
         print(f"bertfast tokenizer train: error: {e}", file=sys.stderr)
         return 2
-    tokenizer.save(args.output)
+    try:
+        tokenizer.save(args.output)
+    except OSError as e:  # a WriteError names the file; a directory that cannot be made is named here
+        print(f"bertfast tokenizer train: error: {e if isinstance(e, WriteError) else write_error(args.output, e)}",
+              file=sys.stderr)
+        return 1
     print(f"corpus: {stats.summary()}")
     print(f"wrote a {tokenizer.vocab_size}-token WordPiece vocabulary to {args.output} "
           "(tokenizer.json, vocab.txt)")
@@ -183,10 +375,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     pretrain_parser = _pretrain_parser(subparsers)
     finetune_parser = _finetune_parser(subparsers)
+    glue_parser = _glue_parser(subparsers)
+    predict_parser = _predict_parser(subparsers)
     _tokenizer_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "pretrain":
         return _run_pretrain(args, pretrain_parser)
     if args.command == "finetune":
         return _run_finetune(args, finetune_parser)
+    if args.command == "glue":
+        return _run_glue(args, glue_parser)
+    if args.command == "predict":
+        return _run_predict(args, predict_parser)
     return _run_tokenizer_train(args)

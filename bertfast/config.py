@@ -81,6 +81,28 @@ class BertConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
 
+    def __getattr__(self, name: str) -> Any:
+        # Keys of config.json that bertfast does not model (kept in ``extra``) read like fields, as
+        # transformers' configs do; dataclass fields never reach this.
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # The parts of transformers' PreTrainedConfig API that Trainer, pipelines and PEFT call.
+    model_type = "bert"
+    is_encoder_decoder = False
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> BertConfig:
+        return self
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @property
+    def use_return_dict(self) -> bool:
+        return True
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -143,5 +165,4 @@ class BertConfig:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_text(directory / CONFIG_NAME, text)
+        atomic_write_text(directory / CONFIG_NAME, self.to_json_string())

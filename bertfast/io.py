@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import resource
 import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -25,13 +27,59 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not fit the model."""
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (read-only file system, disk full, size limit, ...)."""
+
+
+def describe_os_error(error: OSError) -> str:
+    """The cause of a failed file operation in words: read-only file system, no space left on device, ..."""
+    return (error.strerror or str(error)).lower()
+
+
+def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
+    """The JSON value in ``path``; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _write_failure_cause(path: Path, error: BaseException) -> str:
+    """Why writing ``path`` failed; torch's writer hides the system's reason, so ask the file system."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return describe_os_error(error)
+    try:
+        fs = os.statvfs(path.parent)
+        if fs.f_flag & os.ST_RDONLY:
+            return "read-only file system"
+        if fs.f_bavail * fs.f_frsize < 1 << 20:
+            return "no space left on device"
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"the file size limit of this process was reached (ulimit -f: {limit:,} bytes)"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def write_error(path: str | os.PathLike, error: BaseException) -> WriteError:
+    """A :class:`WriteError` naming ``path`` and the cause of ``error``."""
+    return WriteError(f"cannot write {path}: {_write_failure_cause(Path(path), error)}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     A crash at any point leaves either the old file or the new one, never a torn one.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from e
     os.close(fd)
     try:
         write(tmp)
@@ -42,6 +90,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -3,7 +3,9 @@
 Classification: accuracy, F1 (binary and macro), Matthews correlation (the multiclass form, as
 scikit-learn). Regression: Pearson and Spearman correlation. Tagging: span-level F1 over BIO tags
 (seqeval's default, conlleval-compatible chunking). Extractive QA: SQuAD exact match and token F1
-after SQuAD's answer normalisation.
+after SQuAD's answer normalisation, and the official SQuAD v1.1 and v2.0 evaluations (v2.0: no-answer
+questions, the no-answer threshold and the search for the best one), as fractions rather than the
+official scripts' percentages.
 """
 
 from __future__ import annotations
@@ -153,10 +155,88 @@ def squad_exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
+def _bag_f1(pred: list[str], ref: list[str]) -> float:
+    return _f1(sum((Counter(pred) & Counter(ref)).values()), len(pred), len(ref))
+
+
 def squad_f1(prediction: str, reference: str) -> float:
-    """F1 of the bags of normalised tokens; two empty answers match."""
+    """F1 of the bags of normalised tokens; two empty answers match (SQuAD v2.0's rule)."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
     if not pred or not ref:
         return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    return _f1(common, len(pred), len(ref))
+    return _bag_f1(pred, ref)
+
+
+def squad_v1_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """SQuAD v1.1's evaluation: exact match and F1, each the best over an example's reference answers."""
+    _check_lengths(predictions, references)
+    exact = f1 = 0.0
+    for prediction, answers in zip(predictions, references, strict=True):
+        if not answers:
+            raise ValueError("SQuAD v1.1 scoring needs at least one reference answer per question")
+        pred = normalize_answer(prediction).split()
+        exact += max(squad_exact_match(prediction, a) for a in answers)
+        f1 += max(_bag_f1(pred, normalize_answer(a).split()) for a in answers)  # v1.1: no tokens scores 0
+    return {"exact_match": exact / len(predictions), "f1": f1 / len(predictions)}
+
+
+def _v2_raw_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list, list]:
+    exact, f1 = [], []
+    for prediction, answers in zip(predictions, references, strict=True):
+        # References that normalise to nothing do not count; an unanswerable question's only answer is "".
+        golds = [a for a in answers if normalize_answer(a)] or [""]
+        exact.append(max(squad_exact_match(prediction, g) for g in golds))
+        f1.append(max(squad_f1(prediction, g) for g in golds))
+    return exact, f1
+
+
+def _best_threshold(predictions: Sequence[str], scores: Sequence[float], na_probs: Sequence[float],
+                    has_answer: Sequence[bool]) -> tuple[float, float]:
+    """(score, threshold) of the best no-answer threshold, as the official script's find_best_thresh.
+
+    Start from answering nothing (every unanswerable question right), then answer the questions in
+    order of rising no-answer score, keeping the threshold where the total peaked.
+    """
+    current = best = float(sum(not h for h in has_answer))
+    threshold = 0.0
+    for i in sorted(range(len(scores)), key=lambda i: na_probs[i]):
+        current += scores[i] if has_answer[i] else (-1 if predictions[i] else 0)
+        if current > best:
+            best, threshold = current, na_probs[i]
+    return best / len(scores), threshold
+
+
+def squad_v2_scores(predictions: Sequence[str], references: Sequence[Sequence[str]],
+                    na_probs: Sequence[float] | None = None, na_prob_thresh: float = 1.0) -> dict[str, float]:
+    """SQuAD v2.0's official evaluation (evaluate-v2.0.py), scores as fractions.
+
+    ``references[i]`` lists question i's answers, empty when it is unanswerable. ``na_probs[i]`` is
+    its no-answer score: above ``na_prob_thresh`` the question counts as answered with "" (the
+    official default: every score 0, threshold 1). Returns ``exact``, ``f1``, ``total``, the same
+    over the answerable (``HasAns_*``) and the unanswerable questions (``NoAns_*``), each present when
+    there are such questions, and, given ``na_probs``, ``best_exact``/``best_f1`` with the thresholds
+    that reach them (``best_exact_thresh``/``best_f1_thresh``).
+    """
+    _check_lengths(predictions, references)
+    given = na_probs is not None
+    na_probs = list(na_probs) if given else [0.0] * len(predictions)
+    _check_lengths(predictions, na_probs)
+    has_answer = [bool(answers) for answers in references]
+    exact_raw, f1_raw = _v2_raw_scores(predictions, references)
+
+    def thresholded(raw: list[float]) -> list[float]:
+        return [float(not has) if p > na_prob_thresh else s for s, p, has in zip(raw, na_probs, has_answer,
+                                                                                 strict=True)]
+
+    exact, f1 = thresholded(exact_raw), thresholded(f1_raw)
+    out: dict[str, float] = {"exact": sum(exact) / len(exact), "f1": sum(f1) / len(f1), "total": len(exact)}
+    for prefix, wanted in (("HasAns", True), ("NoAns", False)):
+        chosen = [i for i, has in enumerate(has_answer) if has == wanted]
+        if chosen:
+            out[f"{prefix}_exact"] = sum(exact[i] for i in chosen) / len(chosen)
+            out[f"{prefix}_f1"] = sum(f1[i] for i in chosen) / len(chosen)
+            out[f"{prefix}_total"] = len(chosen)
+    if given:
+        out["best_exact"], out["best_exact_thresh"] = _best_threshold(predictions, exact_raw, na_probs, has_answer)
+        out["best_f1"], out["best_f1_thresh"] = _best_threshold(predictions, f1_raw, na_probs, has_answer)
+    return out

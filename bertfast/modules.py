@@ -1,9 +1,15 @@
-"""The BERT module tree, with transformers' submodule names so that checkpoints load unchanged.
+"""The BERT module tree, and the packed-token functions that run any tree of its shape.
 
-Every module here works on packed tokens, ``(T, hidden)`` with the padding
-removed, and calls ``bertfast.ops`` for everything but the dense matmuls. A
-``Linear`` whose output goes straight into a fused op is applied without its bias
-(``F.linear(x, weight)``) and the op adds the bias as part of its single pass.
+The functions (``packed_embeddings``, ``packed_layer``, ``packed_encoder``, ...) read submodules by
+transformers' names (``attention.self.query``, ``output.LayerNorm``, ...), so the same code runs
+bertfast's modules below and transformers' own BERT-family modules (``bertfast.accelerate``).
+Activations are packed tokens, ``(T, hidden)`` with the padding removed, and everything but the
+dense matmuls goes through ``bertfast.ops``.
+
+A plain ``nn.Linear`` whose output goes straight into a fused op is applied without its bias
+(``F.linear(x, weight)``) and the op adds the bias in its single pass. Any other module in that
+place (a PEFT LoRA layer, a quantized Linear, a user's wrapper) is called as a module, so that
+whatever it does takes effect.
 """
 
 from __future__ import annotations
@@ -17,7 +23,148 @@ from bertfast import ops
 from bertfast.config import BertConfig
 from bertfast.padding import Packing
 
+# Activation modules the fused bias+GELU op implements, by class name (transformers' ones are
+# matched by name so that this module does not import transformers), and the GELU form of each.
+_GELU_BY_CLASS = {"GELUActivation": "none", "NewGELUActivation": "tanh", "GELUTanh": "tanh"}
 
+
+def gelu_form(activation: nn.Module) -> str | None:
+    """"none" / "tanh" when ``activation`` is a GELU the fused ops implement, else None (run it as a module)."""
+    if type(activation) is nn.GELU:
+        return activation.approximate
+    return _GELU_BY_CLASS.get(type(activation).__name__)
+
+
+def linear_parts(linear: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(x @ W^T, bias) of a plain ``nn.Linear``, for a fused op to add the bias; (linear(x), None) otherwise."""
+    if type(linear) is nn.Linear:
+        return F.linear(x, linear.weight), linear.bias
+    return linear(x), None
+
+
+def _plain_layernorm(norm: nn.Module) -> bool:
+    return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
+
+
+def packed_embeddings(
+    embeddings: nn.Module, input_ids: Tensor | None, position_ids: Tensor, token_type_ids: Tensor,
+    inputs_embeds: Tensor | None, training: bool,
+) -> Tensor:
+    """Packed (T,) ids (or (T, hidden) ``inputs_embeds``) -> dropout(LayerNorm(word + position + type)), (T, hidden)."""
+    words = embeddings.word_embeddings
+    if inputs_embeds is None and type(words) is not nn.Embedding:  # a wrapped embedding: use what it returns
+        inputs_embeds, input_ids = words(input_ids), None
+    norm = embeddings.LayerNorm
+    p = embeddings.dropout.p
+    if not _plain_layernorm(norm):
+        if inputs_embeds is None:
+            inputs_embeds = words(input_ids)
+        x = inputs_embeds + embeddings.position_embeddings(position_ids) + embeddings.token_type_embeddings(
+            token_type_ids)
+        return F.dropout(norm(x), p, training)
+    return ops.embeddings(
+        input_ids, position_ids, token_type_ids, words.weight, embeddings.position_embeddings.weight,
+        embeddings.token_type_embeddings.weight, norm.weight, norm.bias, norm.eps, p, training,
+        inputs_embeds=inputs_embeds, padding_idx=words.padding_idx,
+    )
+
+
+def _fused_qkv_weights(attention: nn.Module, training: bool) -> tuple[Tensor, Tensor]:
+    """q, k and v weights (and biases) concatenated for one matmul.
+
+    With autograd recording, the concatenation is part of the graph. Without it (inference), the
+    result is cached on the module, so a served model pays for it once. The cache is dropped when one
+    of the six tensors is replaced or modified in place (its version counter moves), and by every
+    training-mode forward: fused optimizers update parameters without moving version counters, but
+    any optimizer step follows a training forward.
+    """
+    linears = (attention.query, attention.key, attention.value)
+    tensors = [t for lin in linears for t in (lin.weight, lin.bias)]
+    if training:
+        attention.__dict__.pop("_bertfast_qkv", None)
+    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if training or recorded or torch.compiler.is_compiling():  # a compiled graph holds its own copy
+        return torch.cat(tensors[0::2]), torch.cat(tensors[1::2])
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    cached = attention.__dict__.get("_bertfast_qkv")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.cat(tensors[0::2]), torch.cat(tensors[1::2]))
+        attention.__dict__["_bertfast_qkv"] = cached
+    return cached[1], cached[2]
+
+
+def packed_self_attention(attention: nn.Module, hidden: Tensor, packing: Packing, training: bool) -> Tensor:
+    """Multi-head self-attention of packed tokens, (T, hidden) -> (T, heads * head_dim)."""
+    heads, head_dim = attention.num_attention_heads, attention.attention_head_size
+    linears = (attention.query, attention.key, attention.value)
+    if all(type(lin) is nn.Linear and lin.bias is not None for lin in linears):
+        weight, bias = _fused_qkv_weights(attention, training)
+        qkv = F.linear(hidden, weight, bias)
+    else:  # some projection is not a plain Linear: each one runs as its module
+        qkv = torch.stack([lin(hidden) for lin in linears], dim=1)
+    qkv = qkv.view(-1, 3, heads, head_dim)
+    context = ops.attention(qkv, packing.cu_seqlens, packing.max_seqlen, attention.dropout.p, training)
+    return context.reshape(qkv.shape[0], heads * head_dim)
+
+
+def packed_add_norm(block: nn.Module, x: Tensor, residual: Tensor, training: bool) -> Tensor:
+    """LayerNorm(dropout(dense(x)) + residual) of a block with ``dense``, ``dropout`` and ``LayerNorm``."""
+    y, bias = linear_parts(block.dense, x)
+    norm = block.LayerNorm
+    if _plain_layernorm(norm):
+        return ops.bias_dropout_add_layernorm(y, bias, residual, norm.weight, norm.bias, norm.eps,
+                                              block.dropout.p, training)
+    if bias is not None:
+        y = y + bias
+    return norm(F.dropout(y, block.dropout.p, training) + residual)
+
+
+def packed_intermediate(intermediate: nn.Module, x: Tensor) -> Tensor:
+    """activation(dense(x)): fused bias + GELU, or the module's own activation when it is another one."""
+    y, bias = linear_parts(intermediate.dense, x)
+    form = gelu_form(intermediate.intermediate_act_fn)
+    if form is None:
+        return intermediate.intermediate_act_fn(y if bias is None else y + bias)
+    return ops.bias_gelu(y, bias, form)
+
+
+def packed_layer(layer: nn.Module, hidden: Tensor, packing: Packing, rows: Tensor | None, training: bool) -> Tensor:
+    """One encoder layer. With ``rows``, every token is a key but only those rows go on (the rest is per row)."""
+    attention = layer.attention
+    context = packed_self_attention(attention.self, hidden, packing, training)
+    if rows is not None:
+        context, hidden = context.index_select(0, rows), hidden.index_select(0, rows)
+    attended = packed_add_norm(attention.output, context, hidden, training)
+    return packed_add_norm(layer.output, packed_intermediate(layer.intermediate, attended), attended, training)
+
+
+def packed_encoder(
+    encoder: nn.Module, hidden: Tensor, packing: Packing, training: bool, output_hidden_states: bool = False,
+    last_layer_rows: Tensor | None = None,
+) -> list[Tensor]:
+    """Every layer of ``encoder.layer`` on packed tokens; returns [last] or [embeddings, layer 1, ..., last].
+
+    With ``last_layer_rows`` the last layer computes only those rows (its attention still reads every
+    token as a key), like flash-attention's BERT does for the MLM loss. Gradient checkpointing is on
+    when the encoder's or the layer's ``gradient_checkpointing`` flag is set (bertfast's and
+    transformers' places for it).
+    """
+    states = [hidden]
+    last = len(encoder.layer) - 1
+    recompute = training and torch.is_grad_enabled()
+    for i, layer in enumerate(encoder.layer):
+        rows = last_layer_rows if i == last else None
+        if recompute and (getattr(encoder, "gradient_checkpointing", False)
+                          or getattr(layer, "gradient_checkpointing", False)):
+            hidden = checkpoint(packed_layer, layer, hidden, packing, rows, training, use_reentrant=False)
+        else:
+            hidden = packed_layer(layer, hidden, packing, rows, training)
+        states.append(hidden)
+    return states if output_hidden_states else [hidden]
+
+
+# ------------------------------------------------------------------------ bertfast's module tree
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -27,19 +174,14 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout_p = config.hidden_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
         self, input_ids: Tensor | None, position_ids: Tensor, token_type_ids: Tensor,
         inputs_embeds: Tensor | None = None,
     ) -> Tensor:
         """Packed (T,) ids (or (T, hidden) ``inputs_embeds``) -> (T, hidden)."""
-        return ops.embeddings(
-            input_ids, position_ids, token_type_ids,
-            self.word_embeddings.weight, self.position_embeddings.weight, self.token_type_embeddings.weight,
-            self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, self.dropout_p, self.training,
-            inputs_embeds=inputs_embeds, padding_idx=self.word_embeddings.padding_idx,
-        )
+        return packed_embeddings(self, input_ids, position_ids, token_type_ids, inputs_embeds, self.training)
 
 
 class BertSelfAttention(nn.Module):
@@ -50,15 +192,10 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout_p = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, hidden: Tensor, packing: Packing) -> Tensor:
-        # One matmul for q, k and v; concatenating the weights copies 3 * hidden^2, far below the matmul.
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(hidden, weight, bias).view(-1, 3, self.num_attention_heads, self.attention_head_size)
-        context = ops.attention(qkv, packing.cu_seqlens, packing.max_seqlen, self.dropout_p, self.training)
-        return context.reshape(hidden.shape)  # (T, hidden)
+        return packed_self_attention(self, hidden, packing, self.training)
 
 
 class BertSelfOutput(nn.Module):
@@ -66,13 +203,10 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout_p = config.hidden_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
-        return ops.bias_dropout_add_layernorm(
-            F.linear(hidden, self.dense.weight), self.dense.bias, residual,
-            self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, self.dropout_p, self.training,
-        )
+        return packed_add_norm(self, hidden, residual, self.training)
 
 
 class BertAttention(nn.Module):
@@ -81,22 +215,15 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden: Tensor, packing: Packing, rows: Tensor | None = None) -> Tensor:
-        """With ``rows``, every token is a key but only those rows go on: the rest of the layer is per row."""
-        context = self.self(hidden, packing)
-        if rows is not None:
-            context, hidden = context.index_select(0, rows), hidden.index_select(0, rows)
-        return self.output(context, hidden)
-
 
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.approximate = config.gelu_approximate
+        self.intermediate_act_fn = nn.GELU(approximate=config.gelu_approximate)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return ops.bias_gelu(F.linear(hidden, self.dense.weight), self.dense.bias, self.approximate)
+        return packed_intermediate(self, hidden)
 
 
 class BertOutput(BertSelfOutput):
@@ -115,8 +242,7 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden: Tensor, packing: Packing, rows: Tensor | None = None) -> Tensor:
-        attended = self.attention(hidden, packing, rows)
-        return self.output(self.intermediate(attended), attended)
+        return packed_layer(self, hidden, packing, rows, self.training)
 
 
 class BertEncoder(nn.Module):
@@ -129,21 +255,7 @@ class BertEncoder(nn.Module):
         self, hidden: Tensor, packing: Packing, output_hidden_states: bool = False,
         last_layer_rows: Tensor | None = None,
     ) -> list[Tensor]:
-        """Runs every layer on packed tokens; returns [last] or [embeddings, layer 1, ..., last].
-
-        With ``last_layer_rows`` the last layer computes only those rows (its attention still reads
-        every token as a key), like flash-attention's BERT does for the MLM loss.
-        """
-        states = [hidden]
-        last = len(self.layer) - 1
-        for i, layer in enumerate(self.layer):
-            rows = last_layer_rows if i == last else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, packing, rows, use_reentrant=False)
-            else:
-                hidden = layer(hidden, packing, rows)
-            states.append(hidden)
-        return states if output_hidden_states else [hidden]
+        return packed_encoder(self, hidden, packing, self.training, output_hidden_states, last_layer_rows)
 
 
 class BertPooler(nn.Module):
@@ -161,13 +273,14 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.approximate = config.gelu_approximate
+        self.transform_act_fn = nn.GELU(approximate=config.gelu_approximate)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return ops.bias_gelu_layernorm(
-            F.linear(hidden, self.dense.weight), self.dense.bias,
-            self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, self.approximate,
-        )
+        y, bias = linear_parts(self.dense, hidden)
+        form = gelu_form(self.transform_act_fn)
+        if form is None or not _plain_layernorm(self.LayerNorm):
+            return self.LayerNorm(self.transform_act_fn(y if bias is None else y + bias))
+        return ops.bias_gelu_layernorm(y, bias, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, form)
 
 
 class BertLMPredictionHead(nn.Module):
@@ -187,11 +300,22 @@ class BertLMPredictionHead(nn.Module):
     def loss(self, hidden: Tensor, labels: Tensor, chunk_bytes: int | None = None) -> tuple[Tensor, Tensor]:
         """(mean cross-entropy, number correct) over rows of ``hidden`` whose label is not -100.
 
-        The (rows, vocab) logits are never all built at once: the fused op works in chunks.
+        The (rows, vocab) logits are never all built at once: the fused op works in chunks. A decoder
+        that is not a plain Linear (an adapter, a quantized layer) is called as a module instead.
         """
-        return ops.linear_cross_entropy(
-            self.transform(hidden), self.decoder.weight, self.bias, labels, chunk_bytes=chunk_bytes
-        )
+        transformed = self.transform(hidden)
+        if type(self.decoder) is not nn.Linear:
+            return _module_cross_entropy(self.decoder(transformed), labels)
+        return ops.linear_cross_entropy(transformed, self.decoder.weight, self.bias, labels, chunk_bytes=chunk_bytes)
+
+
+def _module_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean loss, number correct) like ``ops.linear_cross_entropy``, from logits a module produced."""
+    valid = labels != ops.IGNORE_INDEX
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=ops.IGNORE_INDEX, reduction="sum")
+    with torch.no_grad():
+        n_correct = ((logits.argmax(-1) == labels) & valid).sum()
+    return loss / valid.sum().clamp(min=1), n_correct
 
 
 class BertOnlyMLMHead(nn.Module):

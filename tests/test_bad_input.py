@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bertfast
-from bertfast import BertConfig
+from bertfast import BertConfig, BertForTokenClassification, BertModel
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,23 @@ def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="num_labels=2"):
         bertfast.BertForQuestionAnswering(BertConfig(hidden_size=8, num_attention_heads=2, num_labels=3,
                                                      intermediate_size=8, num_hidden_layers=1))
+
+
+def test_inputs_on_another_device_than_the_model_are_named():
+    model = BertModel(BertConfig.from_preset("tiny", vocab_size=50)).to("meta")
+    with pytest.raises(ValueError, match="input_ids is on cpu but the model is on meta"):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_token_classification_labels_of_the_wrong_shape_are_named():
+    model = BertForTokenClassification(BertConfig.from_preset("tiny", vocab_size=50, num_labels=3))
+    with pytest.raises(ValueError, match=r"labels has shape \(6,\), expected \(2, 3\): one label per token"):
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), labels=torch.zeros(6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kwargs", [{"torch_dtype": torch.float16}, {"dtype": "float16"}, {"torch_dtype": "float16"}])
+def test_from_pretrained_honours_torch_dtype(tmp_path, kwargs):
+    BertModel(BertConfig.from_preset("tiny", vocab_size=50)).save_pretrained(tmp_path)
+    assert BertModel.from_pretrained(tmp_path, **kwargs).dtype == torch.float16
+    with pytest.raises(ValueError, match="not a floating-point torch dtype"):
+        BertModel.from_pretrained(tmp_path, dtype="int8")

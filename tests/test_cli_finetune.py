@@ -291,3 +291,28 @@ def test_resume_from_a_damaged_trainer_state_names_the_file(pretrained, tmp_path
                  "--no-progress", "--seq-len", "32", "--epochs", "1", "--batch-size", "8", "--resume"])
     assert code == 2
     assert f"cannot read the trainer state {state}" in capsys.readouterr().err
+
+
+def test_a_csv_with_named_columns_bad_rows_skipped_and_eval_results(pretrained, tmp_path, capsys):
+    rng = random.Random(11)
+    rows = sentiment(rng, 24)
+    train = tmp_path / "reviews.csv"
+    train.write_text("Review,Verdict\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows[:16])
+                     + "ragged row\n" + "fine film,meh\n")
+    dev = tmp_path / "dev.csv"
+    dev.write_text("Review,Verdict\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows[16:]))
+    out = tmp_path / "run"
+    args = ["finetune", "--task", "classification", "--model", str(pretrained), "--train", str(train), "--eval",
+            str(dev), "--output-dir", str(out), "--no-progress", "--seq-len", "32", "--epochs", "1",
+            "--text-column", "Review", "--label-column", "Verdict", "--label-names", "neg", "pos"]
+    assert main(args) == 2
+    assert f"{train}:18: 1 fields, but the header has 2 (Review, Verdict)" in capsys.readouterr().err
+    assert main([*args, "--skip-bad-rows"]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipped 2 bad row(s) (--skip-bad-rows):\n  {train}: 2, the first: {train}:18" in printed
+    assert "16 train / 8 eval examples" in printed
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results == {"epoch": 1, "eval_loss": record["loss"], "eval_accuracy": record["accuracy"],
+                       "eval_f1_macro": record["f1_macro"], "eval_matthews_correlation": record["matthews"],
+                       "eval_f1": record["f1"], "eval_samples": 8}

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from tiny_runs import write_corpus, write_corpus_tokenizer
 
 from bertfast.cli import main
 
@@ -94,28 +95,35 @@ def wait_for(predicate, timeout):
 
 
 @pytest.mark.parametrize(("signum", "expected_code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
-def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum, expected_code):
+def test_a_signal_to_the_process_group_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum, expected_code):
+    """What SLURM, `timeout` and Ctrl-C do: the signal reaches the DataLoader workers too."""
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "bertfast", "pretrain", "--output-dir", str(run),
-               "--max-steps", "100000", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "300",
-               "--save-every", "0", "--eval-every", "0", "--log-every", "1", "--no-progress"]
+    common = ["--output-dir", str(run), "--corpus", write_corpus(tmp_path / "corpus.txt"), "--tokenizer",
+              write_corpus_tokenizer(tmp_path / "vocab"), "--seq-len", "32", "--batch-size", "4",
+              "--eval-every", "0", "--log-every", "1", "--no-progress", "--num-workers", "2"]
+    command = [sys.executable, "-m", "bertfast", "pretrain", *common, "--max-steps", "100000", "--save-every", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
     try:
         started = wait_for(lambda: (run / "metrics.jsonl").is_file() and
                            len((run / "metrics.jsonl").read_text().splitlines()) >= 2, timeout=120)
         assert started, "training did not start"
-        process.send_signal(signum)
+        os.killpg(process.pid, signum)
         output, _ = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == expected_code, output
     assert f"{signal.Signals(signum).name}: stopped after step" in output
+    assert "Traceback" not in output and "killed by signal" not in output
     (checkpoint,) = run.glob("checkpoint-*")
     step = int(checkpoint.name.split("-")[1])
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert state["step"] == step >= 2
-    from bertfast import BertForPreTraining
 
-    model = BertForPreTraining.from_pretrained(checkpoint)
-    assert model.num_parameters() > 0
+    if signum == signal.SIGINT:
+        return  # resuming after SIGTERM shows it; once is enough
+    assert main(["pretrain", *common, "--max-steps", str(step + 2), "--resume", "latest"]) == 0
+    steps = [r["step"] for r in read_records(run) if r["split"] == "train"]
+    assert steps == list(range(1, step + 3))
+    assert (run / "final" / "model.safetensors").is_file()

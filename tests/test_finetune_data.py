@@ -9,11 +9,11 @@ from bertfast.data import train_tokenizer
 from bertfast.finetune import DataError, make_task
 from bertfast.finetune.data import (
     read_classification,
-    read_jsonl,
     read_multiple_choice,
     read_question_answering,
     read_token_classification,
 )
+from bertfast.finetune.formats import read_jsonl
 from bertfast.finetune.tasks import IGNORE, collate
 
 WORDS = "the cat sat on a mat while paris is the capital of france and berlin of germany".split()
@@ -101,8 +101,26 @@ def test_multiple_choice_batches_are_three_dimensional(tmp_path, tokenizer):
     task = make_task("multiple-choice")
     examples = read_multiple_choice(write(tmp_path / "m.jsonl", [
         {"context": "the cat sat", "choices": ["on a mat", "paris"], "label": 1}] * 3))
-    batch = collate(task.encode(examples, tokenizer, seq_len=16), tokenizer.pad_id)
+    features = task.encode(examples, tokenizer, seq_len=16)
+    batch = collate(features, tokenizer.pad_id)
     assert batch["input_ids"].shape[:2] == (3, 2) and batch["labels"].tolist() == [1, 1, 1]
+    records = task.describe(examples, features, [torch.tensor([0.0, 1.0])] * 3)
+    assert records[0]["choice"] == 1 and sum(records[0]["probabilities"]) == pytest.approx(1.0)
+
+
+def test_prediction_records_of_classification_and_regression(tmp_path, tokenizer):
+    examples = read_classification(write(tmp_path / "c.jsonl", [{"text": "the cat", "label": "b"},
+                                                                {"text": "a mat", "label": "a"}]))
+    task = make_task("classification")
+    task.label_config(examples)
+    features = task.encode(examples, tokenizer, seq_len=16)
+    records = task.describe(examples, features, [torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])])
+    assert records[0] == {"label": "a", "probabilities": {"a": pytest.approx(0.8808, abs=1e-4),
+                                                          "b": pytest.approx(0.1192, abs=1e-4)}}
+    assert records[1]["probabilities"] == {"a": 0.5, "b": 0.5}
+    regression = make_task("classification", regression=True)
+    assert regression.describe(examples, features, [torch.tensor([1.5]), torch.tensor([-2.0])]) == [
+        {"score": 1.5}, {"score": -2.0}]
 
 
 def test_question_answering_windows_and_spans(tmp_path, tokenizer):

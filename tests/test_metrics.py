@@ -1,8 +1,10 @@
 """Evaluation metrics against values computed by hand."""
 
 import math
+import random
 
 import pytest
+from seqeval import metrics as seqeval
 
 from bertfast.metrics import (
     accuracy,
@@ -80,3 +82,16 @@ def test_squad_metrics():
     assert squad_f1("in Paris, France", "Paris") == pytest.approx(0.5)
     assert squad_f1("London", "Paris") == 0.0
     assert squad_f1("the", "") == 1.0  # both normalise to empty
+
+
+def test_span_f1_agrees_with_seqeval():
+    rng = random.Random(0)
+    tags = ["O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC"]  # I- after O or another type starts a chunk
+    for _ in range(50):
+        lengths = [rng.randint(1, 8) for _ in range(rng.randint(1, 5))]
+        gold = [rng.choices(tags, k=n) for n in lengths]
+        pred = [[t if rng.random() < 0.7 else rng.choice(tags) for t in g] for g in gold]
+        ours = span_f1(pred, gold)
+        assert ours["precision"] == pytest.approx(seqeval.precision_score(gold, pred, zero_division=0))
+        assert ours["recall"] == pytest.approx(seqeval.recall_score(gold, pred, zero_division=0))
+        assert ours["f1"] == pytest.approx(seqeval.f1_score(gold, pred, zero_division=0))

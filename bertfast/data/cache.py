@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from bertfast.data.corpus import BUILTIN, CorpusStats, EmptyCorpusError, read_documents
 from bertfast.data.tokenizer import WordPieceTokenizer
-from bertfast.io import atomic_write_text
+from bertfast.io import atomic_write_text, write_error
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: sentences split at lowercase and CJK ends, lines split into sentences
 META_FILE = "meta.json"
 _ENCODE_BATCH = 4096  # sentences per call into the (multi-threaded) Rust tokenizer
 
@@ -155,6 +155,12 @@ class ShardWriter:
         return self._sentences[-1]
 
     def _flush(self) -> None:
+        try:
+            self._write_shard()
+        except OSError as e:
+            raise write_error(self.directory, e) from e
+
+    def _write_shard(self) -> None:
         prefix = self.directory / f"shard-{self.shards:05d}"
         tokens = np.concatenate(self._tokens)
         self.counts += np.bincount(tokens, minlength=len(self.counts))

@@ -1,9 +1,16 @@
 """Reading a pretraining corpus: documents made of sentences, from text files, JSONL or the built-in corpus.
 
 * Plain text (any extension but ``.jsonl``/``.json``): one sentence per line, a blank line between
-  documents (the format of BERT's ``create_pretraining_data.py``).
+  documents (the format of BERT's ``create_pretraining_data.py``); a line holding several sentences
+  is split into them. A file of more than ``PSEUDO_DOCUMENT_LINES`` lines without any blank line has
+  no document boundaries: it is cut into pseudo-documents of that many lines, with a warning.
 * JSONL (``.jsonl``/``.json``): one document per line, a JSON object with a ``text`` field; the
-  text is split into sentences with a simple regex splitter.
+  text is split into sentences.
+
+Sentences end at ``.``, ``!``, ``?`` or ``…`` before whitespace, whatever case follows (so lowercase
+text splits too; ``e.g.``, single letters and a few common abbreviations do not end one), and at
+the Chinese and Japanese ends ``。！？；``, which need no space after them. Text without any
+sentence end stays one sentence; the instance builder cuts over-long sentences into segments.
 * ``builtin``: CPython's reference manual topics from ``pydoc_data`` (present wherever Python is),
   one document per section.
 
@@ -26,9 +33,14 @@ from pathlib import Path
 BUILTIN = "builtin"
 JSON_SUFFIXES = (".jsonl", ".json")
 
-# A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) before whitespace
-# and a capital letter, digit or opening quote/bracket.
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]’”]))\s+(?=[\"'(\[“‘A-Z0-9])")
+_CLOSERS = "\"')\\]’”」』）】》"
+# A Latin-script end: . ! ? or … (and closing quotes or brackets) before whitespace; the word before
+# a full stop decides whether it is an abbreviation instead.
+_LATIN_END = re.compile(rf"(\S*?)([.!?…]+)[{_CLOSERS}]*(?=\s)")
+# Chinese/Japanese ends need no space after them.
+_CJK_END = re.compile(rf"[。！？；]+[{_CLOSERS}]*")
+_ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs cf fig figs no vol al approx ca eq ref sec ch".split())
+PSEUDO_DOCUMENT_LINES = 50
 _HEADING_RULE = re.compile(r"^([*=\-~^])\1{2,}$")
 _TABLE_RULE = re.compile(r"^\s*[-=+*~^|]{3,}[-=+*~^|\s]*$")
 # Indented blocks with these marks are code or grammar, not wrapped prose.
@@ -38,7 +50,11 @@ _WARN_LIMIT = 5
 Document = list[str]
 
 
-class EmptyCorpusError(ValueError):
+class CorpusError(ValueError):
+    """The corpus cannot feed the run as asked (no text, or too little for one batch)."""
+
+
+class EmptyCorpusError(CorpusError):
     """The corpus yielded no document with any text."""
 
 
@@ -50,6 +66,7 @@ class CorpusStats:
     documents: int = 0
     sentences: int = 0
     problems: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
     _warned: int = 0
 
     def problem(self, kind: str, where: str) -> None:
@@ -60,12 +77,39 @@ class CorpusStats:
             warnings.warn("corpus: more problems skipped; see the summary", stacklevel=3)
         self._warned += 1
 
+    def note(self, kind: str, where: str, message: str) -> None:
+        """Something kept, but changed or doubtful: warned about (a few times) and counted in the summary."""
+        self.notes[kind] += 1
+        if self.notes[kind] <= _WARN_LIMIT:
+            warnings.warn(f"corpus: {where}: {message}", stacklevel=3)
+
     def summary(self) -> str:
         text = f"{self.files} file(s), {self.documents} documents, {self.sentences} sentences"
+        if self.notes:
+            text += "; " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(self.notes.items()))
         if self.problems:
             text += "; skipped: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in
                                               sorted(self.problems.items()))
         return text
+
+
+def _is_abbreviation(word: str, stops: str) -> bool:
+    if stops != ".":
+        return False
+    word = word.lstrip(_CLOSERS + "(\"'“‘")
+    # "e.g", "U.S", "i.e": letters joined by dots; a single letter (an initial); a listed short form.
+    return len(word) == 1 and word.isalpha() or "." in word and word.replace(".", "").isalpha() \
+        or word.lower() in _ABBREVIATIONS
+
+
+def _sentence_ends(paragraph: str) -> list[int]:
+    """Offsets just past each sentence end of a whitespace-normalised paragraph."""
+    ends = {m.end() for m in _CJK_END.finditer(paragraph)}
+    for m in _LATIN_END.finditer(paragraph):
+        list_marker = m.start() == 0 and m.group(1).isdigit()  # "1. First point"
+        if not (list_marker or _is_abbreviation(m.group(1), m.group(2))):
+            ends.add(m.end())
+    return sorted(e for e in ends if e < len(paragraph))
 
 
 def split_sentences(text: str) -> list[str]:
@@ -73,8 +117,12 @@ def split_sentences(text: str) -> list[str]:
     sentences = []
     for paragraph in re.split(r"\n\s*\n", text):
         paragraph = " ".join(paragraph.split())
-        if paragraph:
-            sentences.extend(s.strip() for s in _SENTENCE_END.split(paragraph) if s.strip())
+        start = 0
+        for end in [*_sentence_ends(paragraph), len(paragraph)]:
+            sentence = paragraph[start:end].strip()
+            if sentence:
+                sentences.append(sentence)
+            start = end
     return sentences
 
 
@@ -111,14 +159,26 @@ def _decoded_lines(path: str, stats: CorpusStats) -> Iterator[str]:
 
 def _text_documents(path: str, stats: CorpusStats) -> Iterator[Document]:
     document: Document = []
+    lines = 0
+    boundaries = False
     for line in _decoded_lines(path, stats):
         line = line.strip()
         if line:
-            document.append(line)
+            document.extend(split_sentences(line))
+            lines += 1
         elif document:
+            boundaries = True
             yield document
             document = []
-    if document:
+    if document and not boundaries and lines > PSEUDO_DOCUMENT_LINES:
+        stats.note("files_without_document_boundaries", path,
+                   f"no blank line between documents in {lines} lines: cut into pseudo-documents of "
+                   f"{PSEUDO_DOCUMENT_LINES} lines")
+        # Sentences stand in for lines here (a line may have held several): pseudo-documents of the same size.
+        per_line = len(document) / lines
+        size = max(1, round(PSEUDO_DOCUMENT_LINES * per_line))
+        yield from (document[i:i + size] for i in range(0, len(document), size))
+    elif document:
         yield document
 
 

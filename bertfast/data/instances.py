@@ -7,9 +7,11 @@ chunk's first sentences up to a random split point, and B is either the rest of 
 "random"). The longer side is then trimmed one token at a time, randomly from the front or the
 back, until the pair fits.
 
-One difference from BERT: a chunk of a single sentence is split inside that sentence when B is
+Two differences from BERT: a chunk of a single sentence is split inside that sentence when B is
 to be the true continuation (BERT always draws a random B there), which keeps the labels 50/50
-when documents have long sentences.
+when documents have long sentences; and a sentence longer than half an instance (a 1 MB line, a
+text without sentence ends) is cut into segments of at most that length that stand in for its
+sentences, so its tokens are spread over many instances instead of truncated away.
 
 A and B are contiguous token ranges (sentences of a document are stored back to back), so an
 instance is seven integers; an epoch's instances are one small int64 array, regenerated from
@@ -45,11 +47,29 @@ def _trim(start: int, end: int, cut: int, rng: np.random.Generator) -> tuple[int
     return start + front, end - (cut - front)
 
 
+def segment_limit(max_seq_len: int) -> int:
+    """The longest sentence kept whole: half of an instance's tokens (rounded up, so two segments fill one)."""
+    return max(1, -(-(max_seq_len - SPECIAL_TOKENS_PER_PAIR) // 2))
+
+
+def segmented_bounds(bounds: np.ndarray, limit: int) -> np.ndarray:
+    """Sentence offsets with every sentence longer than ``limit`` cut into near-equal segments."""
+    lengths = np.diff(bounds)
+    if len(lengths) == 0 or lengths.max() <= limit:
+        return bounds
+    points = [bounds[:1]]
+    for start, length in zip(bounds[:-1], lengths, strict=True):
+        pieces = -(-int(length) // limit)
+        points.append(start + (np.arange(1, pieces + 1) * int(length)) // pieces)
+    return np.concatenate(points)
+
+
 def document_instances(corpus: TokenizedCorpus, doc: int, pool: np.ndarray, max_seq_len: int,
                        short_seq_prob: float, rng: np.random.Generator) -> list[tuple[int, ...]]:
     """The instances of document ``doc``; random B segments come from the other documents of ``pool``."""
     max_tokens = max_seq_len - SPECIAL_TOKENS_PER_PAIR
     shard, bounds = corpus.sentence_bounds(doc)
+    bounds = segmented_bounds(bounds, segment_limit(max_seq_len))
     n_sentences = len(bounds) - 1
     target = max_tokens
     if rng.random() < short_seq_prob:
@@ -72,7 +92,8 @@ def document_instances(corpus: TokenizedCorpus, doc: int, pool: np.ndarray, max_
             else:
                 a_end = int(rng.integers(a_start + 1, chunk_end))
         if random_next:
-            b_shard, b_start, b_end = _random_segment(corpus, doc, pool, target - (a_end - a_start), rng)
+            b_shard, b_start, b_end = _random_segment(corpus, doc, pool, target - (a_end - a_start),
+                                                      segment_limit(max_seq_len), rng)
             # The sentences of the chunk that B did not use start the next chunk.
             i = first + a_sentences - 1
         else:
@@ -89,7 +110,7 @@ def document_instances(corpus: TokenizedCorpus, doc: int, pool: np.ndarray, max_
     return instances
 
 
-def _random_segment(corpus: TokenizedCorpus, doc: int, pool: np.ndarray, length: int,
+def _random_segment(corpus: TokenizedCorpus, doc: int, pool: np.ndarray, length: int, limit: int,
                     rng: np.random.Generator) -> tuple[int, int, int]:
     """Sentences of a random other document of ``pool`` from a random start, until ``length`` tokens."""
     if len(pool) > 1:
@@ -100,6 +121,7 @@ def _random_segment(corpus: TokenizedCorpus, doc: int, pool: np.ndarray, length:
     else:
         other_doc = doc
     shard, bounds = corpus.sentence_bounds(other_doc)
+    bounds = segmented_bounds(bounds, limit)
     start = int(rng.integers(len(bounds) - 1))
     # The first sentence boundary at or beyond the wanted length (or the document end).
     end = int(np.searchsorted(bounds, bounds[start] + max(length, 1), side="left"))
@@ -117,6 +139,13 @@ def create_instances(corpus: TokenizedCorpus, docs: np.ndarray, max_seq_len: int
         rows.extend(document_instances(corpus, int(doc), docs, max_seq_len, short_seq_prob, rng))
     instances = np.asarray(rows, dtype=np.int64).reshape(-1, 7)
     return instances[rng.permutation(len(instances))]
+
+
+def own_document_tokens(instances: np.ndarray) -> int:
+    """Tokens of their own documents the instances hold: A, and B where it is the true continuation."""
+    own_b = instances[:, IS_RANDOM_NEXT] == 0
+    return int((instances[:, A_END] - instances[:, A_START]).sum()
+               + (instances[own_b, B_END] - instances[own_b, B_START]).sum())
 
 
 def instance_tokens(corpus: TokenizedCorpus, row: np.ndarray, cls_id: int, sep_id: int

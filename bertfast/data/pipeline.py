@@ -19,7 +19,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from bertfast.data.cache import TokenizedCorpus
-from bertfast.data.instances import IS_RANDOM_NEXT, create_instances, instance_tokens
+from bertfast.data.corpus import CorpusError
+from bertfast.data.instances import (
+    IS_RANDOM_NEXT,
+    SPECIAL_TOKENS_PER_PAIR,
+    create_instances,
+    instance_tokens,
+    own_document_tokens,
+    segment_limit,
+)
 from bertfast.data.masking import IGNORE_INDEX, MaskingCollator
 from bertfast.data.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
@@ -103,7 +111,7 @@ class PretrainingData:
                                self.tokenizer.sep_id, self.batch_size, self.seed, epoch, self.rank,
                                self.world_size)
         if len(batches) == 0:
-            raise ValueError(
+            raise CorpusError(
                 f"epoch {epoch} has {len(batches.instances)} instances, fewer than one batch of "
                 f"{self.batch_size} x {self.world_size} process(es); use a larger corpus or a smaller batch"
             )
@@ -125,6 +133,27 @@ class PretrainingData:
             batches.append(self.collator(sequences, rows[:, IS_RANDOM_NEXT], rng))
         return batches
 
+    def report(self) -> CorpusReport:
+        """Documents, sentences and tokens of the corpus, and how many of them epoch 0's instances use."""
+        lengths = [np.diff(shard.sentences) for shard in self.corpus.shards]
+        per_doc = [np.diff(shard.documents) for shard in self.corpus.shards]
+        eval_tokens = 0
+        for doc in self.eval_docs:
+            _, bounds = self.corpus.sentence_bounds(int(doc))
+            eval_tokens += int(bounds[-1] - bounds[0])
+        limit = segment_limit(self.max_seq_len)
+        tokens = int(sum(int(x.sum()) for x in lengths))
+        instances = self.epoch_instances(0)
+        return CorpusReport(
+            documents=len(self.corpus), eval_documents=len(self.eval_docs),
+            sentences=int(sum(len(x) for x in lengths)),
+            single_sentence_documents=int(sum(int((x == 1).sum()) for x in per_doc)),
+            long_sentences=int(sum(int((x > self.max_seq_len - SPECIAL_TOKENS_PER_PAIR).sum()) for x in lengths)),
+            segment_tokens=limit,
+            tokens=tokens, train_tokens=tokens - eval_tokens, used_tokens=own_document_tokens(instances),
+            instances=len(instances),
+        )
+
     def most_frequent_token(self) -> int:
         """The most frequent maskable token of the training documents (the MLM accuracy baseline)."""
         counts = self.corpus.counts.copy()
@@ -134,6 +163,48 @@ class PretrainingData:
             counts -= np.bincount(tokens, minlength=len(counts))
         counts[self.collator.special_ids] = -1
         return int(np.argmax(counts))
+
+
+@dataclass
+class CorpusReport:
+    """How much of a corpus reaches training, and what looks wrong with it (shown before training)."""
+
+    documents: int
+    eval_documents: int
+    sentences: int
+    single_sentence_documents: int
+    long_sentences: int  # longer than a whole instance
+    segment_tokens: int
+    tokens: int
+    train_tokens: int
+    used_tokens: int
+    instances: int
+
+    @property
+    def truncated_share(self) -> float:
+        return 1.0 - self.used_tokens / self.train_tokens if self.train_tokens else 0.0
+
+    def lines(self) -> list[str]:
+        return [f"corpus report: {self.documents:,} documents ({self.eval_documents:,} held out), "
+                f"{self.sentences:,} sentences, {self.tokens:,} tokens read; an epoch's {self.instances:,} "
+                f"instances use {self.used_tokens:,} of the {self.train_tokens:,} training tokens "
+                f"({self.truncated_share:.1%} truncated)"]
+
+    def warnings(self) -> list[str]:
+        found = []
+        if self.eval_documents == 0:
+            found.append(f"{self.documents} document(s): no held-out documents, so no evaluation, and NSP has no "
+                         "other document to draw random sentences from; separate documents with blank lines "
+                         "(text) or use one JSONL line per document")
+        if self.documents and self.single_sentence_documents > self.documents / 2:
+            found.append(f"{self.single_sentence_documents:,} of {self.documents:,} documents have one sentence: "
+                         "their NSP pairs are halves of one sentence, not two sentences")
+        if self.long_sentences:
+            found.append(f"{self.long_sentences:,} sentences are longer than a whole instance (no sentence "
+                         f"ends?); they are cut into segments of {self.segment_tokens} tokens at most")
+        if self.truncated_share > 0.2:
+            found.append(f"{self.truncated_share:.0%} of the training tokens are truncated away in every epoch")
+        return found
 
 
 def baseline_accuracy(batches: list[dict[str, Tensor]], token: int) -> tuple[int, int]:

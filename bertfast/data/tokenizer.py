@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from bertfast.io import atomic_write_text
+from bertfast.io import CheckpointError, atomic_write_text
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -42,6 +42,10 @@ def _normalizer_lowercases(tokenizer: Tokenizer) -> bool:
     spec = json.loads(tokenizer.to_str()).get("normalizer") or {}
     parts = spec.get("normalizers", [spec])
     return any(p.get("type") == "Lowercase" or p.get("lowercase") for p in parts if isinstance(p, dict))
+
+
+class TokenizerError(CheckpointError):
+    """A tokenizer file that cannot be read or lacks what BERT needs."""
 
 
 class WordPieceTokenizer:
@@ -136,9 +140,15 @@ def load_tokenizer(path: str | os.PathLike, lowercase: bool | None = None) -> Wo
         path = found
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
-    if path.suffix == ".json":
-        tokenizer = Tokenizer.from_file(str(path))
-        return WordPieceTokenizer(tokenizer, _normalizer_lowercases(tokenizer))
-    lowercase = True if lowercase is None else lowercase
-    tokenizer = Tokenizer(models.WordPiece.from_file(str(path), unk_token=UNK))
-    return WordPieceTokenizer(_bert_pipeline(tokenizer, lowercase), lowercase)
+    try:
+        if path.suffix == ".json":
+            tokenizer = Tokenizer.from_file(str(path))
+            return WordPieceTokenizer(tokenizer, _normalizer_lowercases(tokenizer))
+        lowercase = True if lowercase is None else lowercase
+        tokenizer = Tokenizer(models.WordPiece.from_file(str(path), unk_token=UNK))
+        return WordPieceTokenizer(_bert_pipeline(tokenizer, lowercase), lowercase)
+    except ValueError as e:
+        raise TokenizerError(f"tokenizer file {path}: {e}") from e
+    except Exception as e:  # the Rust library raises plain Exceptions ("expected value at line 1 column 1")
+        kind = "tokenizer.json" if path.suffix == ".json" else "vocabulary"
+        raise TokenizerError(f"tokenizer file {path} is not a valid {kind}: {e}") from e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -13,9 +14,16 @@ from torch import Tensor, nn
 
 from bertfast.config import BertConfig
 from bertfast.io import SAFE_WEIGHTS_NAME, CheckpointError, load_state_dict, save_safetensors
-from bertfast.modules import BertEmbeddings, BertEncoder, BertLMPredictionHead, BertPooler
+from bertfast.modules import (
+    BertEmbeddings,
+    BertEncoder,
+    BertLMPredictionHead,
+    BertPooler,
+    packed_embeddings,
+    packed_encoder,
+)
 from bertfast.outputs import BaseModelOutputWithPooling, ModelOutput
-from bertfast.padding import Packing
+from bertfast.padding import Packing, gather_rows, kept_positions
 
 logger = logging.getLogger("bertfast")
 
@@ -40,14 +48,25 @@ class Encoded:
     pooled: Tensor | None  # (batch, hidden)
     rows: Tensor | None = None  # the packed rows that ``hidden`` holds, ascending; None = all T
 
+    def row_of(self, packed_rows: Tensor) -> Tensor:
+        """Where the given packed rows (which must have been computed) are in ``hidden``."""
+        return packed_rows if self.rows is None else torch.searchsorted(self.rows, packed_rows)
+
     def select(self, packed_rows: Tensor) -> Tensor:
         """Last-layer outputs of the given packed rows (which must have been computed)."""
-        if self.rows is None:
-            return self.hidden.index_select(0, packed_rows)
-        return self.hidden.index_select(0, torch.searchsorted(self.rows, packed_rows))
+        return self.hidden.index_select(0, self.row_of(packed_rows))
 
     def padded_states(self) -> tuple[Tensor, ...] | None:
         return None if self.states is None else tuple(self.packing.unpack(s) for s in self.states)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype (use e.g. 'float16' or 'bfloat16')")
+    return resolved
 
 
 def _legacy_rename(key: str) -> str:
@@ -59,14 +78,47 @@ def _legacy_rename(key: str) -> str:
     return key
 
 
-class BertPreTrainedModel(nn.Module):
+def _model_base() -> type[nn.Module]:
+    """transformers' ``PreTrainedModel`` when transformers is installed, else ``nn.Module``.
+
+    Trainer, PEFT and pipelines recognise a model by ``isinstance(model, PreTrainedModel)`` (Trainer's
+    ``save_model`` writes only bare weights, no config.json, for anything else), so bertfast's models
+    are PreTrainedModels where that class exists. They borrow nothing else from it: initialisation,
+    configs, checkpoints and every method a client calls are bertfast's own (below), and the
+    nn.Module methods that PreTrainedModel overrides with hooks for quantizers are reset to
+    nn.Module's. Without transformers, bertfast stands alone.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        class Standalone(nn.Module):
+            def __init__(self, config: Any) -> None:
+                super().__init__()
+                self.config = config
+
+        return Standalone
+    from transformers import PreTrainedModel
+
+    class TransformersCompatible(PreTrainedModel):
+        to, cuda, half, float, train, eval = (nn.Module.to, nn.Module.cuda, nn.Module.half, nn.Module.float,
+                                              nn.Module.train, nn.Module.eval)
+
+        def __init__(self, config: Any) -> None:
+            nn.Module.__init__(self)  # PreTrainedModel.__init__ requires transformers' config class
+            self.config = config
+            self.name_or_path = ""
+
+    return TransformersCompatible
+
+
+class BertPreTrainedModel(_model_base()):
     """Weight initialisation, ``from_pretrained`` / ``save_pretrained`` and shared input handling."""
 
     base_model_prefix = "bert"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _keys_to_ignore_on_save = None
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
 
     # ----------------------------------------------------------------- init
     def post_init(self) -> None:
@@ -101,8 +153,55 @@ class BertPreTrainedModel(nn.Module):
         base = getattr(self, self.base_model_prefix, self)
         return base.embeddings.word_embeddings
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        base = getattr(self, self.base_model_prefix, self)
+        base.embeddings.word_embeddings = value
+        self.tie_weights()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The MLM decoder (tied to the word embeddings), or None for models without an MLM head."""
+        head = getattr(getattr(self, "cls", None), "predictions", None)
+        return None if head is None else head.decoder
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Grow or shrink the vocabulary (as transformers does): kept rows are copied, new rows start at
+        the mean of the old ones (or random with ``mean_resizing=False``), the MLM bias follows."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None:
+            new_num_tokens = old.num_embeddings
+        if pad_to_multiple_of is not None:
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens <= 0:
+            raise ValueError(f"new_num_tokens must be positive, got {new_num_tokens}")
+        if new_num_tokens == old.num_embeddings:
+            return old
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=old.padding_idx,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        kept = min(new_num_tokens, old.num_embeddings)
+        with torch.no_grad():
+            if mean_resizing:
+                new.weight.copy_(old.weight.mean(dim=0, keepdim=True).expand_as(new.weight))
+            else:
+                nn.init.normal_(new.weight, std=self.config.initializer_range)
+            new.weight[:kept] = old.weight[:kept]
+        head = getattr(getattr(self, "cls", None), "predictions", None)
+        if head is not None:
+            bias = torch.zeros(new_num_tokens, device=head.bias.device, dtype=head.bias.dtype)
+            bias[:kept] = head.bias.detach()[:kept]
+            head.bias = nn.Parameter(bias)
+            head.decoder.out_features = new_num_tokens
+        self.config.vocab_size = new_num_tokens
+        self.set_input_embeddings(new)
+        return new
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each encoder layer in backward instead of keeping its activations."""
+        """Recompute each encoder layer in backward instead of keeping its activations.
+
+        ``gradient_checkpointing_kwargs`` is accepted for transformers' Trainer; bertfast always uses
+        non-reentrant checkpointing (it replays the dropout masks and works with frozen inputs).
+        """
         for module in self.modules():
             if isinstance(module, BertEncoder):
                 module.gradient_checkpointing = True
@@ -113,6 +212,10 @@ class BertPreTrainedModel(nn.Module):
                 module.gradient_checkpointing = False
 
     @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules() if isinstance(m, BertEncoder))
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -120,16 +223,43 @@ class BertPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once each (tied ones too), as transformers counts them."""
+        unique = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for module in self.modules():
+                if isinstance(module, nn.Embedding):
+                    unique.pop(id(module.weight), None)
+        return sum(p.numel() for p in unique.values() if p.requires_grad or not only_trainable)
+
+    def floating_point_ops(self, inputs: dict[str, Any], exclude_embeddings: bool = True) -> int:
+        """6 x tokens x parameters: transformers' estimate of a training step's FLOPs (Trainer logs it)."""
+        ids = inputs.get(self.main_input_name)
+        tokens = ids.numel() if isinstance(ids, Tensor) else 0
+        return 6 * tokens * self.num_parameters(exclude_embeddings=exclude_embeddings)
+
+    def can_generate(self) -> bool:
+        return False
 
     # ---------------------------------------------------------- checkpoints
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors, loadable by transformers' class of the same name."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None,
+        is_main_process: bool = True, safe_serialization: bool = True, **kwargs: Any,
+    ) -> None:
+        """Write config.json + model.safetensors, loadable by transformers' class of the same name.
+
+        The same call as transformers' (Trainer passes ``state_dict`` and ``is_main_process``). Weights
+        are always safetensors: ``safe_serialization=False`` (a pickle) is refused.
+        """
+        if not safe_serialization:
+            raise ValueError("bertfast writes safetensors only; safe_serialization=False is not supported")
+        if not is_main_process:
+            return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
-        state = {k: v for k, v in self.state_dict().items() if k not in TIED_KEYS}
+        state = self.state_dict() if state_dict is None else state_dict
+        state = {k: v for k, v in state.items() if k not in TIED_KEYS}
         save_safetensors(state, directory / SAFE_WEIGHTS_NAME)
         self.config.save_pretrained(directory)
 
@@ -141,16 +271,24 @@ class BertPreTrainedModel(nn.Module):
         strict: bool = False,
         dtype: torch.dtype | None = None,
         output_loading_info: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
         **config_overrides: Any,
     ) -> M | tuple[M, dict[str, list[str]]]:
         """Load a transformers-format checkpoint directory (config.json + safetensors / bin / shards).
 
         ``config_overrides`` change config fields (``num_labels=3``). Weights whose shape does not fit
         the config raise :class:`CheckpointError`; missing and unexpected weights are logged (or raise
-        with ``strict=True``) and returned with ``output_loading_info=True``.
+        with ``strict=True``) and returned with ``output_loading_info=True``. ``dtype`` (or its older
+        transformers name ``torch_dtype``) is a torch dtype or its name ("float16", "bfloat16", ...).
         """
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+        dtype = dtype if dtype is not None else torch_dtype
         if config is None:
             config = BertConfig.from_pretrained(path)
+        if dtype == "auto":  # the dtype the checkpoint says it was saved in
+            dtype = config.extra.get("dtype", config.extra.get("torch_dtype"))
+        dtype = _resolve_dtype(dtype)
         if config_overrides:
             values = config.to_dict()
             if "num_labels" in config_overrides and "id2label" not in config_overrides:
@@ -224,12 +362,159 @@ class BertPreTrainedModel(nn.Module):
 
 
 def _check_range(name: str, values: Tensor, high: int, what: str) -> None:
-    if values.numel() == 0:
+    """Raise ValueError naming ``name`` when a value is outside [0, high) (one read-back)."""
+    if torch.compiler.is_compiling() or values.numel() == 0:
         return
     low_seen, high_seen = (int(v) for v in torch.stack([values.min(), values.max()]).tolist())
     if low_seen < 0 or high_seen >= high:
         bad = low_seen if low_seen < 0 else high_seen
         raise ValueError(f"{name} holds {bad}, outside [0, {high}) ({what})")
+
+
+def _check_values(attention_mask: Tensor | None, ranged: list[tuple[str, Tensor, int, str]]) -> bool:
+    """Check that the mask holds only 0/1 and each id tensor is in range, with one host read-back for all.
+
+    Only real positions are checked. Returns whether the mask keeps every position (packing is then a
+    reshape). Under torch.compile
+    nothing is read back: out-of-range ids then fail in the embedding lookup instead.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    stats = []
+    if attention_mask is not None:
+        stats += [((attention_mask != 0) & (attention_mask != 1)).any(), (attention_mask != 0).all()]
+    for _, values, _, _ in ranged:
+        if attention_mask is not None:  # padded positions may hold anything
+            values = torch.where(attention_mask != 0, values, 0)
+        empty = values.numel() == 0
+        stats += [values.new_zeros(()) if empty else values.min(), values.new_zeros(()) if empty else values.max()]
+    seen = torch.stack([t.long() for t in stats]).tolist()
+    full = True
+    if attention_mask is not None:
+        if seen[0]:
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        full, seen = bool(seen[1]), seen[2:]
+    for (name, _, high, what), low_seen, high_seen in zip(ranged, seen[0::2], seen[1::2], strict=True):
+        if low_seen < 0 or high_seen >= high:
+            bad = low_seen if low_seen < 0 else high_seen
+            raise ValueError(f"{name} holds {bad}, outside [0, {high}) ({what})")
+    return full
+
+
+def pack_inputs(
+    config: Any, input_ids: Tensor | None, attention_mask: Tensor | None, token_type_ids: Tensor | None,
+    position_ids: Tensor | None, inputs_embeds: Tensor | None,
+) -> tuple[Packing, dict[str, Tensor | None]]:
+    """Check a BERT model's inputs and turn them into packed (T,) tensors, naming whatever is wrong.
+
+    ``config`` is any config with BERT's fields (bertfast's, or transformers' BERT-family configs).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        shape = tuple(input_ids.shape)
+        device = input_ids.device
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be (batch, seq_len, {config.hidden_size}), "
+                f"got shape {tuple(inputs_embeds.shape)}"
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+        device = inputs_embeds.device
+    batch, seqlen = shape
+
+    if attention_mask is not None and tuple(attention_mask.shape) != shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs have shape {shape}; "
+            "bertfast takes a 2-D (batch, seq_len) mask of 1 (token) and 0 (padding)"
+        )
+    if position_ids is None:
+        if seqlen > config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seqlen} exceeds max_position_embeddings "
+                f"({config.max_position_embeddings}); truncate the input"
+            )
+        position_ids = torch.arange(seqlen, device=device)
+    if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seqlen or (
+            position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape}")
+    if token_type_ids is None:
+        token_type_ids = torch.zeros(shape, dtype=torch.long, device=device)
+    elif tuple(token_type_ids.shape) != shape:
+        raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {shape}")
+    position_ids = position_ids.expand(shape)
+
+    ranged = [("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size"),
+              ("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings")]
+    if input_ids is not None:
+        ranged.insert(0, ("input_ids", input_ids, config.vocab_size, "vocab_size"))
+    every_position = _check_values(attention_mask, ranged)
+    if attention_mask is None or every_position:
+        packing = Packing.from_mask(None, shape, device)
+    else:
+        packing = Packing.from_mask(attention_mask)
+    packed = {
+        "input_ids": packing.pack(input_ids) if input_ids is not None else None,
+        "position_ids": packing.pack(position_ids),
+        "token_type_ids": packing.pack(token_type_ids),
+        "inputs_embeds": packing.pack(inputs_embeds) if inputs_embeds is not None else None,
+    }
+    return packing, packed
+
+
+def first_token_mask(packing: Packing, attention_mask: Tensor | None) -> Tensor:
+    """(batch, seq_len) bool: each row's first real token."""
+    if attention_mask is None or packing.indices is None:
+        positions = torch.arange(packing.seqlen, device=packing.cu_seqlens.device)
+        return (positions == 0).expand(packing.batch, packing.seqlen)
+    keep = attention_mask.bool()
+    return keep & (keep.cumsum(dim=1) == 1)
+
+
+def encode(
+    base: nn.Module,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    inputs_embeds: Tensor | None = None,
+    output_hidden_states: bool = False,
+    needed: Tensor | None = None,
+    pool_first_token: bool = True,
+) -> Encoded:
+    """Run a BERT-shaped base model (``embeddings``, ``encoder``, ``config``) on packed tokens.
+
+    The result stays packed. ``needed`` (batch, seq_len) bool marks the only positions whose output
+    the caller will read (and each row's first token when ``pool_first_token``): the last layer then
+    computes just those.
+    """
+    weight = base.embeddings.word_embeddings.weight
+    for name, tensor in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                         ("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                         ("position_ids", position_ids)):
+        if tensor is not None and tensor.device != weight.device:
+            raise ValueError(f"{name} is on {tensor.device} but the model is on {weight.device}; "
+                             f"move the inputs with .to({str(weight.device)!r})")
+    packing, packed = pack_inputs(base.config, input_ids, attention_mask, token_type_ids, position_ids,
+                                  inputs_embeds)
+    training = base.training
+    hidden = packed_embeddings(base.embeddings, packed["input_ids"], packed["position_ids"],
+                               packed["token_type_ids"], packed["inputs_embeds"], training)
+    rows = None
+    if needed is not None and tuple(needed.shape) != (packing.batch, packing.seqlen):
+        raise ValueError(f"labels has shape {tuple(needed.shape)}, expected {(packing.batch, packing.seqlen)}")
+    if needed is not None and not output_hidden_states:
+        keep = needed.bool()
+        if pool_first_token:
+            keep = keep | first_token_mask(packing, attention_mask)
+        rows = kept_positions(packing.pack(keep))
+    states = packed_encoder(base.encoder, hidden, packing, training, output_hidden_states, last_layer_rows=rows)
+    return Encoded(packing, states[-1], states if output_hidden_states else None, None, rows)
 
 
 class BertModel(BertPreTrainedModel):
@@ -241,69 +526,6 @@ class BertModel(BertPreTrainedModel):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.post_init()
-
-    def _pack_inputs(
-        self, input_ids: Tensor | None, attention_mask: Tensor | None, token_type_ids: Tensor | None,
-        position_ids: Tensor | None, inputs_embeds: Tensor | None,
-    ) -> tuple[Packing, dict[str, Tensor | None]]:
-        """Check the inputs and turn them into packed (T,) tensors, naming whatever is wrong."""
-        config = self.config
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-            if input_ids.dtype.is_floating_point:
-                raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-            shape = tuple(input_ids.shape)
-            device = input_ids.device
-        else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-                raise ValueError(
-                    f"inputs_embeds must be (batch, seq_len, {config.hidden_size}), "
-                    f"got shape {tuple(inputs_embeds.shape)}"
-                )
-            shape = tuple(inputs_embeds.shape[:2])
-            device = inputs_embeds.device
-        batch, seqlen = shape
-
-        if attention_mask is None:
-            attention_mask = torch.ones(shape, dtype=torch.bool, device=device)
-        elif tuple(attention_mask.shape) != shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs have shape {shape}; "
-                "bertfast takes a 2-D (batch, seq_len) mask of 1 (token) and 0 (padding)"
-            )
-        elif ((attention_mask != 0) & (attention_mask != 1)).any():
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-
-        if position_ids is None:
-            if seqlen > config.max_position_embeddings:
-                raise ValueError(
-                    f"sequence length {seqlen} exceeds max_position_embeddings "
-                    f"({config.max_position_embeddings}); truncate the input"
-                )
-            position_ids = torch.arange(seqlen, device=device).expand(shape)
-        elif position_ids.shape[-1] != seqlen or position_ids.dim() != 2:
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape}")
-        if token_type_ids is None:
-            token_type_ids = torch.zeros(shape, dtype=torch.long, device=device)
-        elif tuple(token_type_ids.shape) != shape:
-            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {shape}")
-
-        packing = Packing.from_mask(attention_mask)
-        packed = {
-            "input_ids": packing.pack(input_ids) if input_ids is not None else None,
-            "position_ids": packing.pack(position_ids.expand(shape)),
-            "token_type_ids": packing.pack(token_type_ids),
-            "inputs_embeds": packing.pack(inputs_embeds) if inputs_embeds is not None else None,
-        }
-        if packed["input_ids"] is not None:
-            _check_range("input_ids", packed["input_ids"], config.vocab_size, "vocab_size")
-        _check_range("token_type_ids", packed["token_type_ids"], config.type_vocab_size, "type_vocab_size")
-        _check_range("position_ids", packed["position_ids"], config.max_position_embeddings,
-                     "max_position_embeddings")
-        return packing, packed
 
     def encode(
         self,
@@ -319,28 +541,13 @@ class BertModel(BertPreTrainedModel):
 
         ``needed`` (batch, seq_len) bool marks the only positions whose output the caller will read
         (besides each row's first token, for the pooler): the last layer then computes just those.
+        The pooler reads each row's first real token; an all-padding row pools zeros.
         """
-        packing, packed = self._pack_inputs(input_ids, attention_mask, token_type_ids, position_ids,
-                                            inputs_embeds)
-        hidden = self.embeddings(packed["input_ids"], packed["position_ids"], packed["token_type_ids"],
-                                 packed["inputs_embeds"])
-        lengths = packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]
-        rows = None
-        if needed is not None and tuple(needed.shape) != (packing.batch, packing.seqlen):
-            raise ValueError(f"labels has shape {tuple(needed.shape)}, expected {(packing.batch, packing.seqlen)}")
-        if needed is not None and not output_hidden_states:
-            keep = packing.pack(needed.bool())
-            if self.pooler is not None and packing.total:
-                keep[packing.first_token_rows()[lengths > 0]] = True
-            rows = torch.nonzero(keep).flatten()
-        states = self.encoder(hidden, packing, output_hidden_states, last_layer_rows=rows)
-        encoded = Encoded(packing, states[-1], states if output_hidden_states else None, None, rows)
+        encoded = encode(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                         output_hidden_states, needed, pool_first_token=self.pooler is not None)
         if self.pooler is not None:
-            first = hidden.new_zeros(packing.batch, hidden.shape[-1], dtype=encoded.hidden.dtype)
-            if packing.total:
-                cls_rows = encoded.select(packing.first_token_rows())
-                first = torch.where((lengths > 0)[:, None], cls_rows, first)  # an all-padding row pools zeros
-            encoded.pooled = self.pooler(first)
+            first = encoded.row_of(encoded.packing.first_token_rows())
+            encoded.pooled = self.pooler(gather_rows(encoded.hidden, first))
         return encoded
 
     def forward(

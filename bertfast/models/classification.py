@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bertfast import ops
 from bertfast.config import BertConfig
 from bertfast.models.base import BertModel, BertPreTrainedModel, check_no_attentions
 from bertfast.outputs import (
@@ -103,11 +104,14 @@ class BertForTokenClassification(BertPreTrainedModel):
             logits=encoded.packing.unpack(packed_logits), hidden_states=encoded.padded_states()
         )
         if labels is not None:
+            expected = (encoded.packing.batch, encoded.packing.seqlen)
+            if tuple(labels.shape) != expected:
+                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {expected}: one label per token")
             packed_labels = encoded.packing.pack(labels)
-            if (packed_labels != -100).any():
-                out.loss = F.cross_entropy(packed_logits.float(), packed_labels)
-            else:  # no labelled token: 0, not NaN
-                out.loss = packed_logits.sum() * 0.0
+            # The mean over labelled tokens; with none it is 0, not NaN (and no branch on the data).
+            total = F.cross_entropy(packed_logits.float(), packed_labels, ignore_index=ops.IGNORE_INDEX,
+                                    reduction="sum")
+            out.loss = total / (packed_labels != ops.IGNORE_INDEX).sum().clamp(min=1)
         return self._finish(out, return_dict)
 
 

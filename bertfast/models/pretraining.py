@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bertfast import ops
 from bertfast.config import BertConfig
 from bertfast.models.base import BertModel, BertPreTrainedModel, Encoded, _check_range, check_no_attentions
 from bertfast.modules import BertOnlyMLMHead, BertOnlyNSPHead, BertPreTrainingHeads
 from bertfast.outputs import BertForPreTrainingOutput, MaskedLMOutput, NextSentencePredictorOutput
+from bertfast.padding import kept_positions
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = ops.IGNORE_INDEX
 
 
 def _masked_lm(
@@ -33,7 +35,7 @@ def _masked_lm(
             f"{(encoded.packing.batch, encoded.packing.seqlen)}"
         )
     packed_labels = encoded.packing.pack(labels)
-    rows = torch.nonzero(packed_labels != IGNORE_INDEX).flatten()
+    rows = kept_positions(packed_labels != IGNORE_INDEX)
     chosen = packed_labels.index_select(0, rows)
     _check_range("labels", chosen, vocab_size, "vocab_size; use -100 for positions without a label")
     loss, n_correct = head.loss(encoded.select(rows), chosen)

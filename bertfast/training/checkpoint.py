@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertfast.io import CheckpointError, atomic_write
+from bertfast.io import CheckpointError, WriteError, atomic_write, write_error
 
 STATE_FILE = "trainer_state.pt"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -90,7 +90,10 @@ def write_checkpoint(directory: Path, write_model: Any, state: dict[str, Any] | 
     """
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise write_error(directory, e) from e
     try:
         write_model(tmp)
         if state is not None:
@@ -102,16 +105,25 @@ def write_checkpoint(directory: Path, write_model: Any, state: dict[str, Any] | 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+    except WriteError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(directory, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def load_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The trainer state of a checkpoint directory; a truncated or foreign file is a CheckpointError."""
+def load_state(directory: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state of a checkpoint directory; a truncated or foreign file is a CheckpointError.
+
+    ``mmap`` maps the tensors instead of reading them (for a look at the saved options alone).
+    """
     path = Path(directory) / STATE_FILE
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:

@@ -7,13 +7,13 @@ them, with ``-`` or ``_`` in names. Precedence: defaults < config file < command
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from bertfast.config import PRESETS
+from bertfast.io import read_json_file
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -63,6 +63,8 @@ class PretrainConfig:
     activation_checkpointing: bool = option(False, "recompute encoder layers in backward to save memory")
     max_nonfinite_steps: int = option(5, "stop after this many consecutive steps skipped for a "
                                     "non-finite loss")
+    dist_timeout: float = option(600.0, "seconds a process waits for the others in a collective operation "
+                                 "before it stops and names the ones it waited for (several processes only)")
     seed: int = option(0, "seed of the model init, data order, masks and dropout")
     device: str = option("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
     # Output
@@ -70,6 +72,8 @@ class PretrainConfig:
                            metavar="DIR")
     resume: str | None = option(None, "continue from a checkpoint directory, or 'latest' in OUTPUT_DIR "
                               "(starts fresh when there is none)", metavar="PATH|latest")
+    overwrite: bool = option(False, "replace the run in OUTPUT_DIR (its checkpoints, final model and metrics are "
+                             "deleted first); without it, or --resume, a directory holding a run is refused")
     save_every: int = option(500, "save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(3, "how many checkpoint-STEP directories to keep (0: all)")
     eval_every: int = option(100, "evaluate on the held-out documents every N steps (0: only at the end)")
@@ -87,7 +91,8 @@ class PretrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(
                     f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        positive = ("vocab_size", "max_steps", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps")
+        positive = ("vocab_size", "max_steps", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps",
+                    "dist_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -96,12 +101,24 @@ class PretrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.vocab_size <= 5:
+            raise ValueError(f"vocab_size must exceed BERT's 5 special tokens, got {self.vocab_size}")
         if self.seq_len < 8:
             raise ValueError(f"seq_len must be at least 8, got {self.seq_len}")
+        for name in ("mask_prob", "mask_token_prob", "random_token_prob", "short_seq_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mask_prob == 0.0:
+            raise ValueError("mask_prob must be above 0: with no masked token there is no MLM loss")
+        if self.mask_token_prob + self.random_token_prob > 1.0:
+            raise ValueError(f"mask_token_prob + random_token_prob must be at most 1, got "
+                             f"{self.mask_token_prob} + {self.random_token_prob}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.corpus:
             raise ValueError("corpus must name at least one source")
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite replaces the run in OUTPUT_DIR; --resume continues it: pass one")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,13 +164,22 @@ def coerce_option(name: str, kind: str, value: Any) -> Any:
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The options in a YAML (.yaml/.yml) or JSON file, as a dict."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     else:
-        values = json.loads(text)
+        values = read_json_file(path)
     if values is None:
         return {}
     if not isinstance(values, dict):

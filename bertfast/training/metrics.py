@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bertfast.io import atomic_write
+from bertfast.io import atomic_write, write_error
 
 
 class MetricsLog:
@@ -22,8 +22,11 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(self.path, e) from e
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

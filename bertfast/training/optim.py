@@ -102,3 +102,12 @@ def linear_schedule(optimizer: Optimizer, warmup_steps: int, total_steps: int) -
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return LambdaLR(optimizer, factor)
+
+
+def retarget_schedule(scheduler: LambdaLR, peak_lr: float) -> None:
+    """Give a (loaded) schedule a new peak lr: every group's lr follows at the current step."""
+    scheduler.base_lrs = [peak_lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = peak_lr
+        group["lr"] = peak_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -49,12 +49,11 @@ from bertfast.data import (
     train_tokenizer,
 )
 from bertfast.data.cache import sources_fingerprint
-from bertfast.io import atomic_write_text, load_state_dict
+from bertfast.io import CheckpointError, atomic_write_text, load_state_dict
 from bertfast.models import BertForPreTraining
 from bertfast.training.checkpoint import (
     capture_rng,
     checkpoint_name,
-    list_checkpoints,
     load_state,
     prune_checkpoints,
     resolve_resume,
@@ -64,32 +63,49 @@ from bertfast.training.checkpoint import (
 from bertfast.training.config import PretrainConfig
 from bertfast.training.distributed import (
     DistEnv,
+    DistributedStall,
     all_reduce,
     barrier,
     broadcast_from_main,
     gather_to_main,
     init_distributed,
+    is_collective_failure,
+    report_progress,
     shutdown,
+    stall_message,
 )
+from bertfast.training.guard import NonFiniteGuard, check_finite_model
 from bertfast.training.metrics import MetricsLog, plot_metrics, read_metrics
-from bertfast.training.optim import build_optimizer, linear_schedule
+from bertfast.training.optim import build_optimizer, linear_schedule, retarget_schedule
+from bertfast.training.precision import resolve_precision
+from bertfast.training.resume_policy import resume_changes
+from bertfast.training.rundir import PRETRAIN_FILES, RunDirectory
+from bertfast.training.signals import STOP_SIGNALS, ignore_stop_signals, start_workers
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 # Per-micro-batch sums kept for the train records: their order in the window tensor.
 _SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "sequences", "tokens",
          "micro_batches")
-# Options whose change between a checkpoint and the resumed run changes the data stream.
-_DATA_OPTIONS = ("corpus", "seed", "batch_size", "grad_accum", "seq_len", "short_seq_prob", "eval_fraction",
-                 "mask_prob", "mask_token_prob", "random_token_prob", "whole_word_mask")
-_AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pretrain(config: PretrainConfig) -> int:
     """Run pretraining as ``config`` says (in each process under torchrun); returns the exit code."""
-    env, device = init_distributed(config.device)
+    env, device = init_distributed(config.device, config.dist_timeout)
+    run_dir = None
     try:
+        if env.is_main:
+            cache = [Path(config.cache_dir)] if config.cache_dir else []
+            out = Path(config.output_dir)
+            run_dir = RunDirectory.open(out, PRETRAIN_FILES, resume=bool(config.resume), overwrite=config.overwrite,
+                                        subdirectories=[out / "cache", out / "tokenizer", *cache], say=tqdm.write)
         return Pretrainer(config, env, device).train()
+    except RuntimeError as e:
+        if env.enabled and is_collective_failure(e):
+            raise DistributedStall(stall_message(env, e)) from e
+        raise
     finally:
+        if run_dir is not None:
+            run_dir.release()
         shutdown(env)
 
 
@@ -127,11 +143,7 @@ class Pretrainer:
         self.stop_signal: int | None = None
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        precision = config.precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        self.precision = precision
-        self.amp_dtype = _AMP_DTYPES[precision]
+        self.precision, self.amp_dtype = resolve_precision(config.precision, device)
         for seeded in (random.seed, np.random.seed, torch.manual_seed):
             seeded(config.seed + env.rank)
 
@@ -139,14 +151,16 @@ class Pretrainer:
         self.resume_from = broadcast_from_main(str(resume) if resume else None, env)
         if config.resume and not self.resume_from:
             self.say(f"no checkpoint in {self.out} yet: starting from scratch")
-        elif not config.resume and list_checkpoints(self.out):
-            self.say(f"note: {self.out} holds checkpoints of an earlier run; "
-                     "pass --resume latest to continue it")
+        self.paths = resolve_paths(config.corpus)
+        self.sources = sources_fingerprint(self.paths)
+        self.resume_state = self._check_resume(Path(self.resume_from)) if self.resume_from else None
 
+        report_progress(env, "preparing the data (tokenizer, token cache)")
         self._prepare_data()
         self._prepare_model()
         self.step = self.epoch = self.batch_index = 0
-        self.consecutive_nonfinite = self.skipped_steps = 0
+        self.guard = NonFiniteGuard(config.max_nonfinite_steps, "try a lower --lr, more --warmup-steps or "
+                                                                 "--precision bf16/fp32")
         self.tokens_seen = 0
         self.elapsed_before = 0.0
         self.window = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
@@ -165,9 +179,31 @@ class Pretrainer:
         if self.env.is_main:
             tqdm.write(message)
 
+    def _check_resume(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's trainer state, once its options are checked against this run's (before any work)."""
+        state = load_state(path)
+        saved = state["config"]
+        applied, data = resume_changes(saved, self.config.to_dict(), str(path),
+                                       saved_sources=state.get("corpus_sources"), sources=self.sources)
+        positions = BertConfig.from_pretrained(path).max_position_embeddings
+        if self.config.seq_len > positions:
+            raise CheckpointError(f"--seq-len {self.config.seq_len} exceeds the checkpoint's "
+                                  f"max_position_embeddings ({positions}) in {path}")
+        if applied:
+            self.say(f"resume: applying changed options: {', '.join(applied)}")
+            if any(option.startswith(("--max-steps", "--warmup-steps", "--lr")) for option in applied):
+                self.say(f"resume: the lr schedule is recomputed: warmup to {self.config.lr:g} over "
+                         f"{self.config.warmup_steps} steps, linear decay to 0 at step {self.config.max_steps}")
+        if state["world_size"] != self.env.world_size:
+            data.append("number of processes")
+        if data and self.env.is_main:
+            warnings.warn(f"resuming with a different {', '.join(data)} than {path.name} was saved with: "
+                          "the data stream will not continue the original run exactly", stacklevel=3)
+        return state
+
     def _prepare_data(self) -> None:
         cfg, env = self.config, self.env
-        paths = resolve_paths(cfg.corpus)
+        paths = self.paths
         if self.resume_from:
             self.tokenizer = load_tokenizer(self.resume_from)
         else:
@@ -193,8 +229,15 @@ class Pretrainer:
         hits, total = baseline_accuracy(self.eval_batches, self.baseline_token)
         counts = all_reduce(torch.tensor([hits, total], dtype=torch.float64, device=self.device), env)
         self.baseline_acc = counts[0].item() / counts[1].item() if counts[1] > 0 else None
+        self.data.epoch(0)  # a corpus too small for one batch is an error now, not after the model
+        report = self.data.report()
         self.say(f"data: {len(self.data.train_docs)} train / {len(self.data.eval_docs)} held-out documents, "
-                 f"{len(self.data.epoch_instances(0))} instances per epoch of {cfg.seq_len} tokens at most")
+                 f"{report.instances} instances per epoch of {cfg.seq_len} tokens at most")
+        for line in report.lines():
+            self.say(line)
+        if env.is_main:
+            for warning in report.warnings():
+                warnings.warn(f"corpus: {warning}", stacklevel=2)
 
     def _prepare_model(self) -> None:
         cfg = self.config
@@ -208,6 +251,7 @@ class Pretrainer:
         if self.resume_from:
             self.model.load_checkpoint_state(load_state_dict(self.resume_from), strict=True,
                                              source=self.resume_from)
+            check_finite_model(self.model, f"the checkpoint {self.resume_from}", CheckpointError)
         self.model.to(self.device).train()
         if cfg.activation_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -225,20 +269,13 @@ class Pretrainer:
 
     # ------------------------------------------------------------ checkpoints
     def _load_checkpoint(self, path: Path) -> None:
-        state = load_state(path)
-        saved = state["config"]
-        changed = [k for k in _DATA_OPTIONS if saved.get(k) != getattr(self.config, k)]
-        if state["world_size"] != self.env.world_size:
-            changed.append("number of processes")
-        if changed:
-            warnings.warn(f"resuming with a different {', '.join(changed)} than {path.name} was saved with: "
-                          "the data stream will not continue the original run exactly", stacklevel=2)
+        state = self.resume_state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        retarget_schedule(self.scheduler, self.config.lr)  # the loaded state carries the old peak lr
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
-        self.consecutive_nonfinite = state["consecutive_nonfinite"]
-        self.skipped_steps = state["skipped_steps"]
+        self.guard.consecutive, self.guard.skipped = state["consecutive_nonfinite"], state["skipped_steps"]
         self.tokens_seen = state["tokens_seen"]
         self.elapsed_before = state["elapsed_s"]
         if len(state["ranks"]) == self.env.world_size:
@@ -252,14 +289,16 @@ class Pretrainer:
         self.tokenizer.save(directory)
 
     def save_checkpoint(self) -> None:
+        report_progress(self.env, f"saving {checkpoint_name(self.step)}")
         per_rank = gather_to_main({"rng": capture_rng(), "window": self.window.cpu()}, self.env)
         if self.env.is_main:
             state = {
                 "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "ranks": per_rank, "world_size": self.env.world_size,
-                "consecutive_nonfinite": self.consecutive_nonfinite, "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.guard.consecutive, "skipped_steps": self.guard.skipped,
                 "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(), "config": self.config.to_dict(),
+                "corpus_sources": self.sources,
             }
             write_checkpoint(self.out / checkpoint_name(self.step), self._write_model, state)
             prune_checkpoints(self.out, self.config.keep_checkpoints)
@@ -282,8 +321,8 @@ class Pretrainer:
             loader = DataLoader(batches, batch_size=None, sampler=range(self.batch_index, len(batches)),
                                 num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
                                 # Its own generator: creating a loader must not draw from the global RNG.
-                                generator=torch.Generator())
-            for batch in loader:
+                                generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
+            for batch in start_workers(loader):
                 self.batch_index += 1
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self.epoch, self.batch_index = self.epoch + 1, 0
@@ -303,6 +342,7 @@ class Pretrainer:
 
     def train_step(self, batches: Iterator[dict[str, Tensor]]) -> bool:
         """One optimizer step; False when it was skipped for a non-finite loss (or gradient norm)."""
+        report_progress(self.env, f"training step {self.step + 1}")
         sums = sum(self._micro_step(next(batches), k == self.config.grad_accum - 1)
                    for k in range(self.config.grad_accum))
         finite = all_reduce(torch.isfinite(sums[:3]).all().to(torch.float64).reshape(1), self.env,
@@ -324,13 +364,11 @@ class Pretrainer:
             self.step += 1
             self.window += sums
             self.live_tokens += sums[_SUMS.index("tokens")].item()
-            self.consecutive_nonfinite = 0
+            self.guard.ok()
         else:
-            self.consecutive_nonfinite += 1
-            self.skipped_steps += 1
+            self.guard.skip()
             self.say(f"step {self.step + 1}: non-finite {what} (loss {sums[0].item()}); update skipped "
-                     f"({self.consecutive_nonfinite} in a row, "
-                     f"stopping at {self.config.max_nonfinite_steps})")
+                     f"({self.guard.consecutive} in a row, stopping at {self.guard.max_consecutive})")
         self.optimizer.zero_grad(set_to_none=True)
         return finite
 
@@ -364,6 +402,7 @@ class Pretrainer:
     def evaluate(self) -> dict[str, Any] | None:
         """Loss and accuracies on the held-out batches (all ranks), as a ``"split": "eval"`` record."""
         self.last_eval = self.step
+        report_progress(self.env, f"evaluating at step {self.step}")
         model = self.model
         model.eval()
         sums = torch.zeros(6, dtype=torch.float64, device=self.device)
@@ -402,7 +441,7 @@ class Pretrainer:
     def train(self) -> int:
         cfg = self.config
         previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             try:
                 previous[signum] = signal.signal(signum, self._on_signal)
             except ValueError:  # not the main thread: leave signals alone
@@ -416,9 +455,8 @@ class Pretrainer:
         try:
             while self.step < cfg.max_steps:
                 if not self.train_step(batches):
-                    if self.consecutive_nonfinite >= cfg.max_nonfinite_steps:
-                        self.say(f"stopping: {self.consecutive_nonfinite} consecutive steps had a non-finite "
-                                 "loss; try a lower --lr, more --warmup-steps or --precision bf16/fp32")
+                    if self.guard.exhausted:
+                        self.say(self.guard.stop_message())
                         code = EXIT_FAILED
                         break
                     continue

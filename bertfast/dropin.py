@@ -1,0 +1,240 @@
+"""The drop-in: transformers' BERT-family models run on bertfast's packed, fused encoder.
+
+``accelerate(model)`` rebinds the ``forward`` of every supported base model inside ``model`` (a
+``BertModel``, ``RobertaModel``, ... on its own, under a task head, in a PEFT or
+sentence-transformers wrapper, or in a user's module) to bertfast's encoder, reading the same
+submodules. Nothing else changes: the parameters are the same objects, the state dict, the class
+and the heads are transformers' own. ``patch_transformers()`` does the same at the class level, so
+every model of those classes runs accelerated, whoever builds it.
+
+A call that the packed path cannot honour runs transformers' own forward instead (see
+``fallback_reason``), so the answer is always transformers' answer. One difference is by design:
+the encoder's outputs at padded positions are zeros (bertfast never computes padding), where
+transformers returns the values its attention happens to give those positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bertfast.models.base import encode
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformers model family whose base model bertfast runs: where its class lives, and its positions."""
+
+    module: str
+    base_class: str
+    positions_after_padding: bool  # RoBERTa-style: position ids start at padding_idx + 1 and skip padding
+
+
+# model_type -> family. One registry for accelerate() and patch_transformers().
+FAMILIES: dict[str, Family] = {
+    "bert": Family("transformers.models.bert.modeling_bert", "BertModel", False),
+    "roberta": Family("transformers.models.roberta.modeling_roberta", "RobertaModel", True),
+    "xlm-roberta": Family("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaModel", True),
+    "camembert": Family("transformers.models.camembert.modeling_camembert", "CamembertModel", True),
+}
+
+# Arguments the packed path understands; any other keyword sends the call to transformers' forward.
+_HANDLED = {"self", "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+            "output_hidden_states", "output_attentions", "return_dict", "head_mask", "encoder_hidden_states",
+            "encoder_attention_mask", "cache", "past_key_values", "use_cache", "kwargs"}
+
+_ORIGINAL_FORWARD: dict[type, Callable] = {}  # classes patched by patch_transformers()
+
+
+@functools.cache
+def _family_classes() -> dict[type, Family]:
+    classes = {}
+    for family in FAMILIES.values():
+        try:
+            module = importlib.import_module(family.module)
+        except ImportError:
+            continue
+        classes[getattr(module, family.base_class)] = family
+    return classes
+
+
+def _family_of(module: nn.Module) -> Family | None:
+    for cls in type(module).__mro__:
+        family = _family_classes().get(cls)
+        if family is not None:
+            return family
+    return None
+
+
+def _unsupported_config(config: Any) -> str | None:
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "is_decoder / add_cross_attention (causal or cross-attention)"
+    position_type = getattr(config, "position_embedding_type", "absolute")
+    if position_type not in (None, "absolute"):
+        return f"position_embedding_type={position_type!r}"
+    return None
+
+
+def fallback_reason(model: nn.Module, arguments: dict[str, Any]) -> str | None:
+    """Why this call must run transformers' own forward, or None when the packed path computes it."""
+    config = model.config
+    extra = arguments.get("kwargs") or {}
+    merged = {**arguments, **extra}
+    unknown = sorted(set(extra) - _HANDLED)
+    if unknown:
+        return f"arguments {unknown}"
+    if merged.get("output_attentions", getattr(config, "output_attentions", False)):
+        return "output_attentions=True (the fused attention never materialises the probabilities)"
+    if merged.get("head_mask") is not None:
+        return "head_mask"
+    mask = merged.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        return f"a {mask.dim()}-D attention_mask"
+    for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values"):
+        if merged.get(name) is not None:
+            return name
+    if merged.get("use_cache"):
+        return "use_cache=True"
+    reason = _unsupported_config(config)
+    if reason is not None:
+        return reason
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return "tracing or ONNX export"
+    return None
+
+
+def _roberta_positions(model: nn.Module, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+    """transformers' RoBERTa position ids: real tokens count from padding_idx + 1, padding stays padding_idx."""
+    padding_idx = model.embeddings.padding_idx
+    if input_ids is not None:
+        real = input_ids.ne(padding_idx).int()
+        return (torch.cumsum(real, dim=1).int() * real).long() + padding_idx
+    seqlen = inputs_embeds.shape[1]
+    return torch.arange(padding_idx + 1, seqlen + padding_idx + 1, device=inputs_embeds.device)[None]
+
+
+def _packed_forward(model: nn.Module, family: Family, arguments: dict[str, Any]) -> Any:
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+    merged = {**arguments, **(arguments.get("kwargs") or {})}
+    config = model.config
+    input_ids, inputs_embeds = merged.get("input_ids"), merged.get("inputs_embeds")
+    position_ids = merged.get("position_ids")
+    if position_ids is None and family.positions_after_padding:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        position_ids = _roberta_positions(model, input_ids, inputs_embeds)
+    output_hidden_states = merged.get("output_hidden_states")
+    if output_hidden_states is None:
+        output_hidden_states = getattr(config, "output_hidden_states", False)
+    encoded = encode(model, input_ids, merged.get("attention_mask"), merged.get("token_type_ids"), position_ids,
+                     inputs_embeds, bool(output_hidden_states))
+    last = encoded.packing.unpack(encoded.hidden)
+    output = BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=last,
+        pooler_output=model.pooler(last) if model.pooler is not None else None,
+        hidden_states=encoded.padded_states(),
+    )
+    return_dict = merged.get("return_dict")
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    return output if return_dict else output.to_tuple()
+
+
+def _accelerated(original: Callable, family: Family) -> Callable:
+    """A forward that runs the packed path, or ``original`` when the call asks for what it cannot do."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            arguments = signature.bind(self, *args, **kwargs).arguments
+        except TypeError:  # transformers raises its own error for a call it does not accept
+            return original(self, *args, **kwargs)
+        if fallback_reason(self, arguments) is not None:
+            return original(self, *args, **kwargs)
+        return _packed_forward(self, family, arguments)
+
+    forward._bertfast_accelerated = True
+    return forward
+
+
+def is_accelerated(model: nn.Module) -> bool:
+    """Whether ``model`` is a base model whose forward runs bertfast (by accelerate or patch_transformers)."""
+    return getattr(model.forward, "_bertfast_accelerated", False)
+
+
+def _class_forward(cls: type) -> Callable:
+    for klass in cls.__mro__:
+        if klass in _ORIGINAL_FORWARD:
+            return _ORIGINAL_FORWARD[klass]
+        if "forward" in klass.__dict__:
+            return klass.__dict__["forward"]
+    raise TypeError(f"{cls.__name__} has no forward")
+
+
+def _supported_names() -> str:
+    return ", ".join(f"{f.base_class} (and its heads)" for f in FAMILIES.values())
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Run every supported transformers base model inside ``model`` on bertfast, in place; returns ``model``.
+
+    ``model`` is a transformers BERT, RoBERTa, XLM-RoBERTa or CamemBERT model (base or any head), or
+    any module holding them (a SentenceTransformer, a PeftModel, a user's model). Parameters, state
+    dict keys, classes and forward signatures stay as they were, so an optimizer built before the
+    call keeps working and ``save_pretrained`` writes the same checkpoint. bertfast's own models are
+    returned as they are. Calling it twice is harmless.
+    """
+    from bertfast.models.base import BertPreTrainedModel
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bertfast.accelerate takes a torch.nn.Module, got {type(model).__name__}")
+    found = False
+    for module in model.modules():
+        if isinstance(module, BertPreTrainedModel):
+            found = True
+            continue
+        family = _family_of(module)
+        if family is None:
+            continue
+        reason = _unsupported_config(module.config)
+        if reason is not None:
+            raise ValueError(f"bertfast.accelerate: {type(module).__name__} with {reason} is not supported")
+        found = True
+        if not is_accelerated(module):
+            module.forward = types.MethodType(_accelerated(_class_forward(type(module)), family), module)
+    if not found:
+        raise TypeError(
+            f"bertfast.accelerate: {type(model).__name__} is not, and does not contain, a supported model; "
+            f"supported: {_supported_names()}"
+        )
+    return model
+
+
+def patch_transformers() -> None:
+    """From now on, every transformers BERT / RoBERTa / XLM-RoBERTa / CamemBERT model runs on bertfast.
+
+    Patches the base classes' ``forward``, so models built by ``AutoModel*``, ``pipeline``,
+    sentence-transformers or a Trainer script are accelerated (and existing ones too). Calling it
+    twice is harmless; :func:`unpatch_transformers` undoes it.
+    """
+    for cls, family in _family_classes().items():
+        if cls not in _ORIGINAL_FORWARD:
+            _ORIGINAL_FORWARD[cls] = cls.__dict__["forward"]
+            cls.forward = _accelerated(_ORIGINAL_FORWARD[cls], family)
+
+
+def unpatch_transformers() -> None:
+    """Undo :func:`patch_transformers` (models accelerated one by one with :func:`accelerate` stay so)."""
+    for cls, original in list(_ORIGINAL_FORWARD.items()):
+        cls.forward = original
+        del _ORIGINAL_FORWARD[cls]
