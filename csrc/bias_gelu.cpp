@@ -12,9 +12,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "fast_math.h"
 #include "ops.h"
 
 namespace bertfast {
@@ -25,7 +25,7 @@ constexpr float kInvSqrt2 = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 
 // erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (|erf(4)| rounds to 1 in float); max error ~4e-7.
-inline float fast_erf(float x) {
+BERTFAST_INLINE float fast_erf(float x) {
   x = x > 4.0f ? 4.0f : (x < -4.0f ? -4.0f : x);
   const float x2 = x * x;
   float p = -2.72614225801306e-10f;
@@ -43,42 +43,21 @@ inline float fast_erf(float x) {
   return x * p / q;
 }
 
-// exp(x) for x <= 0 (all the backward needs): 2^n * e^r with |r| <= ln2/2, Cephes polynomial.
-inline float fast_exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  // Round x * log2(e) to the nearest integer n without a branch: adding 1.5 * 2^23 pushes the
-  // fraction out of the float's mantissa.
-  constexpr float kRound = 12582912.0f;
-  const float fn = (x * 1.44269504088896341f + kRound) - kRound;
-  const int32_t n = static_cast<int32_t>(fn);
-  const float r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  const float r2 = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r2 + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+// Compiled per instruction set (BERTFAST_CLONES): the polynomials are most of the cost.
+BERTFAST_CLONES
+void gelu_row(const float* xr, const float* b, float* yr, int64_t hidden) {
+#pragma omp simd
+  for (int64_t c = 0; c < hidden; ++c) {
+    const float u = xr[c] + b[c];
+    yr[c] = 0.5f * u * (1.0f + fast_erf(u * kInvSqrt2));
+  }
 }
 
 }  // namespace
 
 void bias_gelu_forward(const float* x, const float* b, float* y, int64_t rows, int64_t hidden) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * hidden;
-    float* yr = y + r * hidden;
-#pragma omp simd
-    for (int64_t c = 0; c < hidden; ++c) {
-      const float u = xr[c] + b[c];
-      yr[c] = 0.5f * u * (1.0f + fast_erf(u * kInvSqrt2));
-    }
-  }
+#pragma omp parallel for schedule(static) if (rows * hidden > 32768)
+  for (int64_t r = 0; r < rows; ++r) gelu_row(x + r * hidden, b, y + r * hidden, hidden);
 }
 
 void bias_gelu_backward(const float* dy, const float* x, const float* b, float* dx, float* db, int64_t rows,

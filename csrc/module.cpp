@@ -4,7 +4,10 @@
 // extension is built against pybind11 alone (no torch headers, no CUDA).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <algorithm>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -13,6 +16,7 @@
 
 namespace py = pybind11;
 using F32 = py::array_t<float, py::array::c_style>;
+using I32 = py::array_t<int32_t, py::array::c_style>;
 
 namespace {
 
@@ -81,6 +85,56 @@ py::array_t<uint32_t> dropout_bits(uint64_t seed, const py::array_t<int64_t, py:
   return bits;
 }
 
+F32 packed_attention(const F32& qkv, const I32& cu_seqlens, int64_t max_seqlen, float scale) {
+  if (qkv.ndim() != 4 || qkv.shape(1) != 3) throw std::invalid_argument("qkv must be (tokens, 3, heads, head_dim)");
+  if (cu_seqlens.ndim() != 1 || cu_seqlens.shape(0) < 1) {
+    throw std::invalid_argument("cu_seqlens must be 1-D with batch + 1 offsets");
+  }
+  const int64_t total = qkv.shape(0), heads = qkv.shape(2), head_dim = qkv.shape(3);
+  const int64_t batch = cu_seqlens.shape(0) - 1;
+  const int32_t* cu = cu_seqlens.data();
+  if (cu[0] != 0 || cu[batch] != total) {
+    throw std::invalid_argument("cu_seqlens must start at 0 and end at the token count " + std::to_string(total) +
+                                ", got " + std::to_string(cu[0]) + " and " + std::to_string(cu[batch]));
+  }
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = static_cast<int64_t>(cu[b + 1]) - cu[b];
+    if (len < 0) throw std::invalid_argument("cu_seqlens must be nondecreasing");
+    longest = std::max(longest, len);
+  }
+  if (longest > max_seqlen) {
+    throw std::invalid_argument("a sequence of " + std::to_string(longest) + " tokens is longer than max_seqlen " +
+                                std::to_string(max_seqlen));
+  }
+  F32 out({total, heads, head_dim});
+  {
+    py::gil_scoped_release release;
+    bertfast::packed_attention_forward(qkv.data(), cu, out.mutable_data(), batch, heads, head_dim, longest, scale);
+  }
+  return out;
+}
+
+F32 add_layernorm(const F32& x, const std::optional<F32>& bias, const F32& residual, const F32& ln_weight,
+                  const F32& ln_bias, float eps) {
+  if (ln_weight.ndim() != 1 || ln_bias.ndim() != 1 || ln_bias.shape(0) != ln_weight.shape(0)) {
+    throw std::invalid_argument("ln_weight and ln_bias must be 1-D of the same size");
+  }
+  const int64_t hidden = ln_weight.shape(0);
+  const int64_t rows = rows_of(x, hidden, "x");
+  if (rows_of(residual, hidden, "residual") != rows) throw std::invalid_argument("x and residual differ in rows");
+  if (bias && (bias->ndim() != 1 || bias->shape(0) != hidden)) {
+    throw std::invalid_argument("bias must be (" + std::to_string(hidden) + ",)");
+  }
+  F32 y({rows, hidden});
+  {
+    py::gil_scoped_release release;
+    bertfast::add_layernorm_forward(x.data(), bias ? bias->data() : nullptr, residual.data(), ln_weight.data(),
+                                    ln_bias.data(), y.mutable_data(), rows, hidden, eps);
+  }
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -94,4 +148,9 @@ PYBIND11_MODULE(_C, m) {
         "y[r, c] = x[r, c] * scale where the counter hash of (seed, row_ids[r], c) >> 1 >= threshold, else 0");
   m.def("dropout_bits", &dropout_bits, py::arg("seed"), py::arg("rows"), py::arg("n_cols"),
         "the 32-bit hashes of elements (row, col), col < n_cols, that dropout compares with its threshold");
+  m.def("packed_attention", &packed_attention, py::arg("qkv"), py::arg("cu_seqlens"), py::arg("max_seqlen"),
+        py::arg("scale"),
+        "(T, heads, head_dim) attention of packed (T, 3, heads, head_dim) qkv, each sequence to itself, fp32");
+  m.def("add_layernorm", &add_layernorm, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("ln_weight"),
+        py::arg("ln_bias"), py::arg("eps"), "LayerNorm(x + bias + residual) over the rows of x; bias may be None");
 }

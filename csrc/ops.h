@@ -16,4 +16,13 @@ void dropout_apply(const float* x, float* y, int64_t rows, int64_t cols, const i
 // The 32-bit hash of element (row, col) that dropout shifts and compares with its threshold (for tests).
 uint32_t dropout_bits(uint64_t seed, int64_t row, int64_t col);
 
+// Attention of packed sequences (see attention.cpp): qkv (T, 3, heads, head_dim) -> out (T, heads, head_dim);
+// cu_seqlens (batch + 1,) with cu_seqlens[batch] = T, nondecreasing; longest >= every sequence's length.
+void packed_attention_forward(const float* qkv, const int32_t* cu_seqlens, float* out, int64_t batch,
+                              int64_t heads, int64_t head_dim, int64_t longest, float scale);
+
+// y = LayerNorm(x + bias + residual) over rows of hidden; bias may be null (see add_layernorm.cpp).
+void add_layernorm_forward(const float* x, const float* bias, const float* residual, const float* ln_weight,
+                           const float* ln_bias, float* y, int64_t rows, int64_t hidden, float eps);
+
 }  // namespace bertfast

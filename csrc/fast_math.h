@@ -1,0 +1,43 @@
+// Branch-free float math that vectorises (libm's scalar calls would not), shared by the kernels.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+// A function marked BERTFAST_CLONES is compiled for AVX-512, AVX2 and baseline x86-64, and the loader
+// picks the one for the CPU it runs on; what it calls should be BERTFAST_INLINE so that each clone
+// vectorises it for its own target. (The build targets baseline x86-64, for portable binaries.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BERTFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define BERTFAST_INLINE inline __attribute__((always_inline))
+#else
+#define BERTFAST_CLONES
+#define BERTFAST_INLINE inline
+#endif
+
+namespace bertfast {
+
+// exp(x) for x <= 0: 2^n * e^r with |r| <= ln2/2, Cephes polynomial; within a few 1e-7 relative of
+// libm, and 0-ish (e^-87) below -87.
+BERTFAST_INLINE float fast_exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // Round x * log2(e) to the nearest integer n without a branch: adding 1.5 * 2^23 pushes the
+  // fraction out of the float's mantissa.
+  constexpr float kRound = 12582912.0f;
+  const float fn = (x * 1.44269504088896341f + kRound) - kRound;
+  const int32_t n = static_cast<int32_t>(fn);
+  const float r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  const float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+}  // namespace bertfast
