@@ -27,6 +27,14 @@ int64_t rows_of(const F32& a, int64_t hidden, const char* name) {
   return a.shape(0);
 }
 
+// Rows of a C-contiguous array whose last dimension is hidden (any leading dimensions).
+int64_t rows_of_any(const F32& a, int64_t hidden, const char* name) {
+  if (a.ndim() < 1 || a.shape(a.ndim() - 1) != hidden) {
+    throw std::invalid_argument(std::string(name) + " must end in a dimension of " + std::to_string(hidden));
+  }
+  return hidden == 0 ? 0 : static_cast<int64_t>(a.size()) / hidden;
+}
+
 void check_bias(const F32& b) {
   if (b.ndim() != 1) throw std::invalid_argument("bias must be 1-D");
 }
@@ -85,7 +93,7 @@ py::array_t<uint32_t> dropout_bits(uint64_t seed, const py::array_t<int64_t, py:
   return bits;
 }
 
-F32 packed_attention(const F32& qkv, const I32& cu_seqlens, int64_t max_seqlen, float scale) {
+void packed_attention(const F32& qkv, const I32& cu_seqlens, int64_t max_seqlen, float scale, F32& out) {
   if (qkv.ndim() != 4 || qkv.shape(1) != 3) throw std::invalid_argument("qkv must be (tokens, 3, heads, head_dim)");
   if (cu_seqlens.ndim() != 1 || cu_seqlens.shape(0) < 1) {
     throw std::invalid_argument("cu_seqlens must be 1-D with batch + 1 offsets");
@@ -107,32 +115,32 @@ F32 packed_attention(const F32& qkv, const I32& cu_seqlens, int64_t max_seqlen, 
     throw std::invalid_argument("a sequence of " + std::to_string(longest) + " tokens is longer than max_seqlen " +
                                 std::to_string(max_seqlen));
   }
-  F32 out({total, heads, head_dim});
+  if (out.ndim() != 3 || out.shape(0) != total || out.shape(1) != heads || out.shape(2) != head_dim) {
+    throw std::invalid_argument("out must be (tokens, heads, head_dim)");
+  }
   {
     py::gil_scoped_release release;
     bertfast::packed_attention_forward(qkv.data(), cu, out.mutable_data(), batch, heads, head_dim, longest, scale);
   }
-  return out;
 }
 
-F32 add_layernorm(const F32& x, const std::optional<F32>& bias, const F32& residual, const F32& ln_weight,
-                  const F32& ln_bias, float eps) {
+void add_layernorm(const F32& x, const std::optional<F32>& bias, const F32& residual, const F32& ln_weight,
+                   const F32& ln_bias, float eps, F32& y) {
   if (ln_weight.ndim() != 1 || ln_bias.ndim() != 1 || ln_bias.shape(0) != ln_weight.shape(0)) {
     throw std::invalid_argument("ln_weight and ln_bias must be 1-D of the same size");
   }
   const int64_t hidden = ln_weight.shape(0);
-  const int64_t rows = rows_of(x, hidden, "x");
-  if (rows_of(residual, hidden, "residual") != rows) throw std::invalid_argument("x and residual differ in rows");
+  const int64_t rows = rows_of_any(x, hidden, "x");
+  if (rows_of_any(residual, hidden, "residual") != rows) throw std::invalid_argument("x and residual differ in rows");
   if (bias && (bias->ndim() != 1 || bias->shape(0) != hidden)) {
     throw std::invalid_argument("bias must be (" + std::to_string(hidden) + ",)");
   }
-  F32 y({rows, hidden});
+  if (rows_of_any(y, hidden, "y") != rows) throw std::invalid_argument("x and y differ in rows");
   {
     py::gil_scoped_release release;
     bertfast::add_layernorm_forward(x.data(), bias ? bias->data() : nullptr, residual.data(), ln_weight.data(),
                                     ln_bias.data(), y.mutable_data(), rows, hidden, eps);
   }
-  return y;
 }
 
 }  // namespace
@@ -148,9 +156,12 @@ PYBIND11_MODULE(_C, m) {
         "y[r, c] = x[r, c] * scale where the counter hash of (seed, row_ids[r], c) >> 1 >= threshold, else 0");
   m.def("dropout_bits", &dropout_bits, py::arg("seed"), py::arg("rows"), py::arg("n_cols"),
         "the 32-bit hashes of elements (row, col), col < n_cols, that dropout compares with its threshold");
+  // These two write into a caller's buffer (a torch tensor's NumPy view): cheaper per call than
+  // returning a new array for torch.from_numpy.
   m.def("packed_attention", &packed_attention, py::arg("qkv"), py::arg("cu_seqlens"), py::arg("max_seqlen"),
-        py::arg("scale"),
-        "(T, heads, head_dim) attention of packed (T, 3, heads, head_dim) qkv, each sequence to itself, fp32");
+        py::arg("scale"), py::arg("out").noconvert(),
+        "out (T, heads, head_dim) = attention of packed (T, 3, heads, head_dim) qkv, each sequence to itself, fp32");
   m.def("add_layernorm", &add_layernorm, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("ln_weight"),
-        py::arg("ln_bias"), py::arg("eps"), "LayerNorm(x + bias + residual) over the rows of x; bias may be None");
+        py::arg("ln_bias"), py::arg("eps"), py::arg("out").noconvert(),
+        "out = LayerNorm(x + bias + residual) over the rows of x; bias may be None");
 }

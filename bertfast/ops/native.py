@@ -156,11 +156,11 @@ def _add_layernorm_fake(x: Tensor, bias: Tensor | None, residual: Tensor, ln_wei
 
 def _add_layernorm_kernel(x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                           eps: float) -> Tensor:
-    hidden = x.shape[-1]
-    b = None if bias is None else bias.contiguous().numpy()
-    rows = (t.reshape(-1, hidden).contiguous().numpy() for t in (x, residual))
-    y = _C.add_layernorm(next(rows), b, next(rows), ln_weight.contiguous().numpy(), ln_bias.contiguous().numpy(), eps)
-    return torch.from_numpy(y).view(x.shape)
+    # NumPy views of any layout: the binding makes C-contiguous copies only of those that are not.
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _C.add_layernorm(x.numpy(), None if bias is None else bias.numpy(), residual.numpy(), ln_weight.numpy(),
+                     ln_bias.numpy(), eps, y.numpy())
+    return y
 
 
 _add_layernorm_op = custom_op("native_add_layernorm", _add_layernorm_fake, device_types="cpu")(_add_layernorm_kernel)
@@ -172,9 +172,9 @@ def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: flo
 
 def _attention_kernel(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
     """(T, heads, head_dim) attention of packed (T, 3, heads, head_dim) ``qkv``; no gradient."""
-    out = _C.packed_attention(qkv.contiguous().numpy(), cu_seqlens.to(torch.int32).contiguous().numpy(),
-                              max_seqlen, scale)
-    return torch.from_numpy(out)
+    out = qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
+    _C.packed_attention(qkv.numpy(), cu_seqlens.to(torch.int32).numpy(), max_seqlen, scale, out.numpy())
+    return out
 
 
 _attention_op = custom_op("native_attention", _attention_fake, device_types="cpu")(_attention_kernel)
