@@ -22,14 +22,15 @@ namespace bertfast {
 
 namespace {
 
-constexpr int kBlock = 4;   // queries per block
+constexpr int kBlock = 8;   // queries per block
 constexpr int64_t kLanes = 16;  // keys (and head-dim columns) per register tile
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// Per (sequence, head) buffers: K^T (head_dim, keys) and V (len, dims) zero-padded to whole tiles,
+// Per (sequence, head) buffers: a block of queries, K^T (head_dim, keys) and V (len, dims) zero-padded to whole tiles,
 // and kBlock rows of scores.
 struct Scratch {
+  float* q;  // (head_dim, kBlock): a block's scaled queries, transposed
   float* kt;
   float* v;
   float* s;
@@ -43,14 +44,16 @@ template <int R>
 BERTFAST_INLINE void attend_block(const float* qkv, float* out, int64_t start, int64_t len, int64_t i0, int64_t h,
                                   int64_t heads, int64_t head_dim, float scale, const Scratch& w) {
   const int64_t token_stride = 3 * heads * head_dim;
-  const float* q[R];
-  for (int r = 0; r < R; ++r) q[r] = qkv + (start + i0 + r) * token_stride + h * head_dim;
+  for (int r = 0; r < R; ++r) {
+    const float* q = qkv + (start + i0 + r) * token_stride + h * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) w.q[d * R + r] = q[d] * scale;
+  }
   for (int64_t j0 = 0; j0 < w.keys; j0 += kLanes) {
     float acc[R][kLanes] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
       const float* k = w.kt + d * w.keys + j0;
       for (int r = 0; r < R; ++r) {
-        const float qd = q[r][d] * scale;
+        const float qd = w.q[d * R + r];
 #pragma omp simd
         for (int64_t c = 0; c < kLanes; ++c) acc[r][c] += qd * k[c];
       }
@@ -107,6 +110,10 @@ void attend_head(const float* qkv, float* out, int64_t start, int64_t len, int64
   }
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) attend_block<kBlock>(qkv, out, start, len, i, h, heads, head_dim, scale, w);
+  if (i + kBlock / 2 <= len) {
+    attend_block<kBlock / 2>(qkv, out, start, len, i, h, heads, head_dim, scale, w);
+    i += kBlock / 2;
+  }
   for (; i < len; ++i) attend_block<1>(qkv, out, start, len, i, h, heads, head_dim, scale, w);
 }
 
@@ -120,9 +127,9 @@ void packed_attention_forward(const float* qkv, const int32_t* cu_seqlens, float
 #pragma omp parallel if (work > 65536 && tasks > 1)
   {
     const int64_t keys = round_up(longest), dims = round_up(head_dim);
-    std::vector<float> kt(static_cast<size_t>(head_dim * keys)), v(static_cast<size_t>(keys * dims)),
-        s(static_cast<size_t>(kBlock * keys));
-    const Scratch scratch{kt.data(), v.data(), s.data(), keys, dims};
+    std::vector<float> q(static_cast<size_t>(head_dim * kBlock)), kt(static_cast<size_t>(head_dim * keys)),
+        v(static_cast<size_t>(keys * dims)), s(static_cast<size_t>(kBlock * keys));
+    const Scratch scratch{q.data(), kt.data(), v.data(), s.data(), keys, dims};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / heads;
