@@ -7,8 +7,8 @@ Forward, per row of H values (fp32 inside)::
     mean = sum(h) / H;  rstd = 1 / sqrt(sum((h - mean)^2) / H + eps)
     y = (h - mean) * rstd * gamma + beta
 
-The forward stores y and (mean, rstd) per row. The dropout mask is never stored: Philox
-(seed, element index) regenerates it, and the backward recomputes h from x, bias and
+The forward stores y and (mean, rstd) per row. The dropout mask is never stored: the counter
+hash of (seed, row, column) regenerates it, and the backward recomputes h from x, bias and
 residual (which autograd keeps alive anyway) instead of writing h out. Backward::
 
     dresidual = dh = LayerNorm backward of dy (see ``layernorm_common``)
@@ -50,7 +50,7 @@ from bertfast.ops.library import kernel_op
 @triton.jit
 def _bdal_fwd_kernel(
     x_ptr, bias_ptr, res_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, seed_ptr,
-    H, eps, p, scale,
+    H, eps, threshold, scale,
     BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -60,7 +60,7 @@ def _bdal_fwd_kernel(
     u = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     u += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        u = tl.where(dropout_keep(tl.load(seed_ptr), offsets, p), u * scale, 0.0)
+        u = tl.where(dropout_keep(tl.load(seed_ptr), row, cols, threshold), u * scale, 0.0)
     h = u + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     y, mean, rstd = layernorm_row(h, cols, mask, H, eps, w_ptr, b_ptr)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -72,7 +72,7 @@ def _bdal_fwd_kernel(
 def _bdal_bwd_kernel(
     dy_ptr, x_ptr, bias_ptr, res_ptr, w_ptr, mean_ptr, rstd_ptr, seed_ptr,
     dres_ptr, dx_ptr, partial_ptr,
-    n_rows, H, p, scale,
+    n_rows, H, threshold, scale,
     BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DX: tl.constexpr,
 ):
     # Program g walks rows g, g + G, ...; partials: (3, G, H) = dgamma, dbeta, dbias.
@@ -91,7 +91,7 @@ def _bdal_bwd_kernel(
         offsets = tl.cast(row, tl.int64) * H + cols
         u = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + bias
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offsets, p)
+            keep = dropout_keep(seed, row, cols, threshold)
             u = tl.where(keep, u * scale, 0.0)
         h = u + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
@@ -139,7 +139,8 @@ def _forward_op(
     block, num_warps = row_config(hidden)
     wrap_triton(_bdal_fwd_kernel)[(rows,)](
         x2d, bias_or_zeros(bias, x), res2d, ln_weight.contiguous(), ln_bias.contiguous(), y, mean, rstd, seed,
-        hidden, eps, p, dropout.scale(p), BLOCK=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
+        hidden, eps, dropout.threshold(p), dropout.scale(p), BLOCK=block, HAS_DROPOUT=seed is not None,
+        num_warps=num_warps,
     )
     return y.view(x.shape), mean, rstd
 
@@ -170,7 +171,7 @@ def _backward_op(
     block, num_warps = row_config(hidden)
     wrap_triton(_bdal_bwd_kernel)[(programs,)](
         dy.reshape(-1, hidden).contiguous(), x2d, b, res2d, ln_weight.contiguous(), mean, rstd, seed, dres, dx,
-        partials, rows, hidden, p, dropout.scale(p),
+        partials, rows, hidden, dropout.threshold(p), dropout.scale(p),
         BLOCK=block, HAS_DROPOUT=seed is not None, STORE_DX=store_dx, num_warps=num_warps,
     )
     dw, db, dbias = (reduce_partials(sums) for sums in partials)  # separate tensors: op outputs may not alias
@@ -217,13 +218,13 @@ def aot_specs() -> list[AotSpec]:
         fwd_sig = {
             "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}",
             "y_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64",
-            "H": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32", "BLOCK": "constexpr",
+            "H": "i32", "eps": "fp32", "threshold": "i32", "scale": "fp32", "BLOCK": "constexpr",
             "HAS_DROPOUT": "constexpr",
         }
         bwd_sig = {
             "dy_ptr": f"*{dt}", "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}",
             "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64", "dres_ptr": f"*{dt}",
-            "dx_ptr": f"*{act}", "partial_ptr": "*fp32", "n_rows": "i32", "H": "i32", "p": "fp32",
+            "dx_ptr": f"*{act}", "partial_ptr": "*fp32", "n_rows": "i32", "H": "i32", "threshold": "i32",
             "scale": "fp32", "BLOCK": "constexpr", "HAS_DROPOUT": "constexpr", "STORE_DX": "constexpr",
         }
         for drop in (True, False):

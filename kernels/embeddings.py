@@ -6,7 +6,7 @@ Forward, per token (fp32 inside)::
     y = dropout((h - mean) * rstd * gamma + beta)         # keep with prob 1 - p, kept * 1 / (1 - p)
 
 The forward stores y and (mean, rstd) per token; the backward gathers h again (the tables
-stay alive as parameters) and regenerates the Philox dropout mask from the seed. Backward::
+stay alive as parameters) and regenerates the dropout mask (a counter hash of the seed) from the seed. Backward::
 
     dh = LayerNorm backward of (dropout-mask(dy) / (1 - p))
     dgamma = sum_t dy' * x_hat;  dbeta = sum_t dy'    (per-program fp32 partials)
@@ -66,7 +66,7 @@ def _gather_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr,
 @triton.jit
 def _emb_fwd_kernel(
     ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, w_ptr, b_ptr,
-    y_ptr, mean_ptr, rstd_ptr, seed_ptr, H, eps, p, scale,
+    y_ptr, mean_ptr, rstd_ptr, seed_ptr, H, eps, threshold, scale,
     BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr, FROM_EMBEDS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -77,7 +77,7 @@ def _emb_fwd_kernel(
     y, mean, rstd = layernorm_row(h, cols, mask, H, eps, w_ptr, b_ptr)
     offsets = row * H + cols
     if HAS_DROPOUT:
-        y = tl.where(dropout_keep(tl.load(seed_ptr), offsets, p), y * scale, 0.0)
+        y = tl.where(dropout_keep(tl.load(seed_ptr), row, cols, threshold), y * scale, 0.0)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
@@ -86,7 +86,7 @@ def _emb_fwd_kernel(
 @triton.jit
 def _emb_bwd_kernel(
     dy_ptr, ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, w_ptr,
-    mean_ptr, rstd_ptr, seed_ptr, dh_ptr, partial_ptr, n_rows, H, p, scale,
+    mean_ptr, rstd_ptr, seed_ptr, dh_ptr, partial_ptr, n_rows, H, threshold, scale,
     BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr, FROM_EMBEDS: tl.constexpr,
 ):
     # Program g walks tokens g, g + G, ...; partials: (2, G, H) = dgamma, dbeta.
@@ -108,7 +108,7 @@ def _emb_bwd_kernel(
         offsets = row * H + cols
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            dy = tl.where(dropout_keep(seed, offsets, p), dy * scale, 0.0)
+            dy = tl.where(dropout_keep(seed, row, cols, threshold), dy * scale, 0.0)
         dh = layernorm_row_grad(x_hat, dy, w, rstd, H)
         tl.store(dh_ptr + offsets, dh.to(dh_ptr.dtype.element_ty), mask=mask)
         dw += dy * x_hat
@@ -233,7 +233,7 @@ def _forward_op(
     wrap_triton(_emb_fwd_kernel)[(rows,)](
         ids, position_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(), words_c,
         position_weight.contiguous(), type_weight.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(),
-        y, mean, rstd, seed, hidden, eps, p, dropout.scale(p),
+        y, mean, rstd, seed, hidden, eps, dropout.threshold(p), dropout.scale(p),
         BLOCK=block, HAS_DROPOUT=seed is not None, FROM_EMBEDS=from_embeds, num_warps=num_warps,
     )
     return y.view(*position_ids.shape, hidden), mean, rstd
@@ -267,7 +267,8 @@ def _backward_op(
     block, num_warps = row_config(hidden)
     wrap_triton(_emb_bwd_kernel)[(programs,)](
         dy.reshape(rows, hidden).contiguous(), ids, pos_ids, type_ids, words_c, pos_w, type_w,
-        ln_weight.contiguous(), mean, rstd, seed, dh, partials, rows, hidden, p, dropout.scale(p),
+        ln_weight.contiguous(), mean, rstd, seed, dh, partials, rows, hidden, dropout.threshold(p),
+        dropout.scale(p),
         BLOCK=block, HAS_DROPOUT=seed is not None, FROM_EMBEDS=from_embeds, num_warps=_bwd_warps(num_warps),
     )
     dw, db = (reduce_partials(sums) for sums in partials)  # separate tensors: op outputs may not alias
@@ -350,13 +351,13 @@ def aot_specs() -> list[AotSpec]:
         constants = {"BLOCK": block, "HAS_DROPOUT": True, "FROM_EMBEDS": False}
         fwd_sig = {
             **ids, **tables, "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32",
-            "rstd_ptr": "*fp32", "seed_ptr": "*i64", "H": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32",
+            "rstd_ptr": "*fp32", "seed_ptr": "*i64", "H": "i32", "eps": "fp32", "threshold": "i32", "scale": "fp32",
             **flags,
         }
         bwd_sig = {
             "dy_ptr": f"*{dt}", **ids, **tables, "w_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
             "seed_ptr": "*i64", "dh_ptr": f"*{dt}", "partial_ptr": "*fp32", "n_rows": "i32", "H": "i32",
-            "p": "fp32", "scale": "fp32", **flags,
+            "threshold": "i32", "scale": "fp32", **flags,
         }
         scatter = {"ROWS": _SEGMENT_ROWS, "BLOCK": block}
         sum_sig = {

@@ -5,7 +5,8 @@
   dbias) without atomics. The backward kernels run a bounded number of programs that each
   walk a strided set of rows and keep their own fp32 partial sums in registers; a second,
   small reduction adds up the ``(programs, hidden)`` partials. Deterministic for a device.
-* ``gelu`` / ``gelu_grad``, ``dropout_keep``, ``layernorm_row`` / ``layernorm_row_grad`` and
+* ``gelu`` / ``gelu_grad``, ``dropout_keep`` (the counter-hash mask of every backend),
+  ``layernorm_row`` / ``layernorm_row_grad`` and
   ``store_ln_partials``: @triton.jit helpers inlined by the kernels.
 * LayerNorm backward of one row, given x_hat = (h - mean) * rstd and dy::
 
@@ -123,9 +124,25 @@ def gelu_grad(u, APPROX_TANH: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, offsets, p):
-    """Philox mask: element ``offsets`` of the tensor is kept with probability 1 - p."""
-    return tl.rand(seed, offsets) >= p
+def mix32(x):
+    """lowbias32, on uint32 values (wrapping products, logical shifts)."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def dropout_keep(seed, row, cols, threshold):
+    """Whether elements (row, cols) survive dropout: the rule of ``bertfast.ops.dropout.keep_mask`` (and of
+    the native kernel), bit for bit. ``row`` and ``cols`` broadcast against each other; ``threshold`` is
+    ``bertfast.ops.dropout.threshold(p)``."""
+    k0 = mix32(seed.to(tl.uint32) ^ 0x9E3779B9)
+    k1 = mix32((seed >> 32).to(tl.uint32) ^ 0x7F4A7C15)
+    bits = mix32(mix32(tl.cast(cols, tl.uint32) ^ k0) + (tl.cast(row, tl.uint32) ^ k1))
+    return (bits >> 1).to(tl.int32) >= threshold
 
 
 @triton.jit
