@@ -29,6 +29,7 @@ from torch import Tensor
 
 from bertfast.kernels.aot import AotSpec
 from bertfast.ops.library import TRITON_INTERPRETED, custom_op, kernel_op
+from bertfast.ops.reference import IGNORE_INDEX
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 CHUNK_BYTES_ENV = "BERTFAST_CE_CHUNK_BYTES"
@@ -303,7 +304,7 @@ def _define(name: str, xent: str, fp32_work_copy: bool, define: Callable) -> Cal
     forward.register_autograd(autograd_backward, setup_context=setup_context)
 
     def linear_cross_entropy(
-        x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int = -100,
+        x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int = IGNORE_INDEX,
         label_smoothing: float = 0.0, reduction: str = "mean", chunk_bytes: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         if reduction not in REDUCTIONS:

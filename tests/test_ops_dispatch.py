@@ -6,8 +6,8 @@ import contextlib
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from numerics import assert_relative_rule
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bertfast import ops
 from bertfast.ops import dispatch, reference

@@ -50,9 +50,8 @@ from torch import Tensor
 
 from bertfast.ops import dispatch, dropout, reference
 from bertfast.ops.dispatch import BACKENDS, forced_backend, implementation, use_backend
+from bertfast.ops.reference import IGNORE_INDEX
 from bertfast.padding import Packing
-
-IGNORE_INDEX = -100  # the label of positions that no loss is computed for, as in PyTorch and transformers
 
 
 def _register_backends() -> None:

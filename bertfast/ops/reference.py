@@ -21,6 +21,8 @@ from torch import Tensor
 
 from bertfast.ops import dropout
 
+IGNORE_INDEX = -100  # the label of positions that no loss is computed for, as in PyTorch and transformers
+
 
 def embeddings(
     input_ids: Tensor | None,
@@ -175,7 +177,7 @@ def linear_cross_entropy(
     weight: Tensor,
     bias: Tensor | None,
     labels: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     chunk_bytes: int | None = None,
