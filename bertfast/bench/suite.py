@@ -12,6 +12,7 @@ import gc
 import importlib
 import importlib.util
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -82,6 +83,8 @@ class Group:
     def built(self) -> dict[str, Entry | str]:
         try:
             entries = self.build()
+        except ModuleNotFoundError as e:
+            return {name: f"needs {e.name}, which is not installed" for name in self.baselines}
         except Exception as e:  # a baseline's model or tensors cannot be made here: every baseline says why
             return {name: f"failed: {_first_line(e)}" for name in self.baselines}
         return {name: entries.get(name, "not available here") for name in self.baselines}
@@ -158,6 +161,7 @@ def run_group(family: str, group: Group, ctx: Context, clock: Clock, log: Callab
                            group.dtype, status, stats, group.statistic, group.work.get(mode), group.unit,
                            group.subject, {**group.info, **(info or {})})
 
+    logged = 0
     for mode in group.modes:
         runnable: dict[str, Callable[[], object]] = {}
         for name, entry in entries.items():
@@ -182,9 +186,10 @@ def run_group(family: str, group: Group, ctx: Context, clock: Clock, log: Callab
                 if entry.probe is not None and mode == group.modes[-1]:
                     extra.update(entry.probe())
                 out.append(measurement(name, mode, "ok", stats[name], extra))
-    for m in out:
-        shown = f"{m.ms:10.3f} ms" if m.ms is not None else m.status
-        log(f"  {group.kernel} {group.shape} {m.mode:8s} {m.baseline:32s} {shown}")
+        for m in out[logged:]:
+            shown = f"{m.ms:10.3f} ms" if m.ms is not None else m.status
+            log(f"  {group.kernel} {group.shape} {m.mode:8s} {m.baseline:32s} {shown}")
+        logged = len(out)
     gc.collect()
     return out
 
@@ -195,8 +200,10 @@ def run_family(name: str, ctx: Context, log: Callable[[str], None] = print) -> d
     clock = Clock(ctx.device)
     load_before = load_average()
     log(f"== {name}")
+    start = time.perf_counter()
     measurements: list[Measurement] = []
     for group in module.groups(ctx):
         measurements += run_group(name, group, ctx, clock, log)
     return {"family": name, "title": module.TITLE, "notes": module.NOTES, "load_average_start": load_before,
-            "load_average_end": load_average(), "measurements": measurements}
+            "load_average_end": load_average(), "seconds": time.perf_counter() - start,
+            "measurements": measurements}

@@ -362,11 +362,14 @@ def _entries(spec: ModelSpec, shape: Shape, precisions: tuple[str, ...], ctx: Co
 
 
 def _plan(ctx: Context, flops: float) -> Plan:
-    """Blocks of at least ~0.2 s at ~100 GFLOP/s, at most 20 calls; 5 rounds (quick: 2 of one call)."""
+    """Blocks of at least ~0.2 s at ~100 GFLOP/s, at most 20 calls, in 5 rounds; calls estimated over a
+    second get 3 rounds and no warm-up beyond the first call (quick: 2 rounds of one call)."""
     if ctx.quick:
         return Plan(0, 1, 2)
-    reps = int(min(20, max(1, 0.2 / (flops / 100e9))))
-    return Plan(warmup=1, reps=reps, rounds=ctx.plan.rounds if ctx.rounds_given else 5)
+    estimate = flops / 100e9
+    reps = int(min(20, max(1, 0.2 / estimate)))
+    rounds = ctx.plan.rounds if ctx.rounds_given else (5 if estimate < 1 else 3)
+    return Plan(warmup=1 if estimate < 1 else 0, reps=reps, rounds=rounds)
 
 
 def _group(spec: ModelSpec | str, shape: Shape, ctx: Context) -> Group:

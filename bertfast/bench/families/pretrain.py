@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -54,8 +55,6 @@ def _group(preset: str, batch_size: int, seq_len: int, precision: str, ctx: Cont
     work: dict[str, float] = {}
 
     def build() -> dict[str, Entry | str]:
-        import transformers
-
         from bertfast import BertForPreTraining
         from bertfast.training import PretrainConfig, Pretrainer
         from bertfast.training.distributed import DistEnv
@@ -89,9 +88,13 @@ def _group(preset: str, batch_size: int, seq_len: int, precision: str, ctx: Cont
         if ctx.compile:
             steps["bertfast, torch backend + torch.compile"] = _model_step(
                 torch.compile(fresh_model()), batches, dtype, ctx.device, "torch")
-        fresh_model().save_pretrained(workdir.name + "/weights")
-        theirs = transformers.BertForPreTraining.from_pretrained(workdir.name + "/weights", attn_implementation="sdpa")
-        steps["transformers (sdpa)"] = _model_step(theirs.to(ctx.device).train(), batches, dtype, ctx.device)
+        if importlib.util.find_spec("transformers") is not None:
+            import transformers
+
+            fresh_model().save_pretrained(workdir.name + "/weights")
+            theirs = transformers.BertForPreTraining.from_pretrained(workdir.name + "/weights",
+                                                                     attn_implementation="sdpa")
+            steps["transformers (sdpa)"] = _model_step(theirs.to(ctx.device).train(), batches, dtype, ctx.device)
         position = [0]
 
         def data_step() -> None:
@@ -99,7 +102,8 @@ def _group(preset: str, batch_size: int, seq_len: int, precision: str, ctx: Cont
             position[0] += 1
 
         steps["data pipeline only"] = data_step
-        return {name: Entry({"step": fn}) for name, fn in steps.items()}
+        entries: dict[str, Entry | str] = {name: Entry({"step": fn}) for name, fn in steps.items()}
+        return {"transformers (sdpa)": "needs transformers, which is not installed", **entries}
 
     group = Group("pretraining step", f"{preset}, batch {batch_size} x <={seq_len}, {precision}", batch_size,
                   "batch size", names, build, ("step",), work, "tokens/s", precision, "bertfast pretrain step",
