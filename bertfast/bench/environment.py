@@ -13,6 +13,8 @@ import torch
 
 from bertfast.bench.timing import Clock, Plan
 
+ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "TRITON_INTERPRET",
+            "BERTFAST_BACKEND", "CUDA_VISIBLE_DEVICES")  # settings that change what a run measures
 PACKAGES = ("bertfast", "torch", "triton", "transformers", "onnxruntime", "liger-kernel", "flash-attn", "numpy")
 
 
@@ -79,6 +81,7 @@ def describe(device: torch.device) -> dict:
         "versions": versions(),
         "commit": git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "environment_variables": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -80,7 +80,9 @@ def header_lines(title: str, record: dict, family: dict) -> list[str]:
     plan = record["settings"]["plan"]
     lines = [f"# {title}", "",
              f"{env['device_name']}{threads}; {load}; {env['date']}, commit {env['commit'] or 'unknown'}; "
-             f"torch {env['versions']['torch']}" + (" (Triton in the interpreter)" if env["triton_interpret"] else ""),
+             f"torch {env['versions']['torch']}" + (" (Triton in the interpreter)" if env["triton_interpret"] else "")
+             + "".join(f"; {k}={v}" for k, v in env.get("environment_variables", {}).items()
+                       if k not in ("TRITON_INTERPRET",)),
              ""]
     if env["device"] == "cuda":
         lines += ["Times: CUDA events with an L2 flush before each call, ~25 ms of warm-up and ~100 ms of calls "
