@@ -88,6 +88,8 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     assert "unknown benchmark family 'no-such-family'" in capsys.readouterr().err
     assert cli.main(["bench", "model", "--quick", "--compare", "nothing", "--saved-dir", str(tmp_path)]) == 2
     assert "no saved run 'nothing'" in capsys.readouterr().err
+    assert cli.main(["bench", "model", "--quick", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
     (tmp_path / "broken.json").write_text("{}")
     assert cli.main(["bench", "model", "--quick", "--compare", str(tmp_path / "broken.json")]) == 2
     assert "is not a saved run" in capsys.readouterr().err

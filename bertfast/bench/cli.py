@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time the torch.compile baselines (default: yes, except --quick on a CPU)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per measurement (default: 3; quick: 2)")
+    parser.add_argument("--render", type=Path, metavar="DIR",
+                        help="measure nothing: write the reports and plots of DIR/run.json again")
     parser.add_argument("--reps", type=int, help="timed calls per round on a CPU (default: 5; quick: 1)")
 
 
@@ -73,13 +75,23 @@ def run(args: argparse.Namespace) -> int:
 
     from bertfast.bench import report
     from bertfast.bench.environment import describe, load_average, measure_peaks
-    from bertfast.bench.suite import Context, family_module, run_family
+    from bertfast.bench.suite import Context, run_family
     from bertfast.bench.timing import Plan
 
+    if args.render is not None:
+        record = report.load_run(args.render / "run.json")
+        report.write_reports(record, args.render)
+        print(f"wrote the reports and plots of {args.render / 'run.json'} again")
+        return 0
     families = args.families or list(FAMILIES)
     for name in families:
         if name not in FAMILIES:
             raise ValueError(f"unknown benchmark family {name!r}; choose from {', '.join(FAMILIES)}")
+    for flag, value in (("--rounds", args.rounds), ("--reps", args.reps), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, not {value}")
+    if args.threshold < 0:
+        raise ValueError(f"--threshold must not be negative, not {args.threshold}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -110,12 +122,7 @@ def run(args: argparse.Namespace) -> int:
     record_text = json.dumps(record, indent=1) + "\n"
     report.write_atomic(out_dir / "run.json", record_text)
     record = report.load_run(out_dir / "run.json")
-    for name in families:
-        family = record["families"][name]
-        summary = getattr(family_module(name), "summary", None)
-        extra = summary(record, family) if summary else None
-        report.write_atomic(out_dir / f"{name}.md", report.family_markdown(record, family, extra))
-        report.family_plot(family, out_dir / f"{name}.png")
+    report.write_reports(record, out_dir)
     print(f"wrote {out_dir}/run.json and a report (.md) and plot (.png) per family")
     if args.save:
         report.write_atomic(args.saved_dir / f"{args.save}.json", record_text)

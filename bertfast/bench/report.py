@@ -125,12 +125,33 @@ def family_markdown(record: dict, family: dict, extra: list[str] | None = None) 
                 cells.append(f"{100 * fraction:.1f}%" if fraction is not None else "-")
             cells.append(f"{m.ms / base:.2f}x" if base and m.ms else "-")
             notes = [] if m.status == "ok" else [m.status]
-            notes += [f"{k} {_fmt(v) if isinstance(v, float) else v}" for k, v in m.info.items()
-                      if k not in HIDDEN_INFO]
+            notes += [f"{k} {_info_value(k, v)}" for k, v in m.info.items() if k not in HIDDEN_INFO]
+            if m.stats and m.statistic == "best_round":
+                rounds = len(m.stats.round_ms)
+                notes.append(f"{rounds} rounds x {m.stats.samples // rounds} calls")
             cells.append("; ".join(notes).replace("|", "/"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _info_value(key: str, value: object) -> str:
+    if key == "cos_min" and isinstance(value, float):
+        return f"{value:.5f}"
+    return _fmt(value) if isinstance(value, float) else str(value)
+
+
+def write_reports(record: dict, out_dir: Path) -> None:
+    """``<family>.md`` and ``<family>.png`` for every family of a run, with the families' current notes."""
+    from bertfast.bench.suite import family_module
+
+    for name, family in record["families"].items():
+        module = family_module(name)
+        family = {**family, "title": module.TITLE, "notes": module.NOTES}
+        summary = getattr(module, "summary", None)
+        extra = summary(record, family) if summary else None
+        write_atomic(out_dir / f"{name}.md", family_markdown(record, family, extra))
+        family_plot(family, out_dir / f"{name}.png")
 
 
 # ------------------------------------------------------------------------------------------------ plots

@@ -61,6 +61,7 @@ class Entry:
     info: dict = field(default_factory=dict)
     probe: Callable[[], dict] | None = None
     mode_info: dict[str, dict] = field(default_factory=dict)
+    work: dict[str, float] | None = None  # per mode, where this baseline does other work than the group's
 
 
 @dataclass
@@ -158,9 +159,11 @@ def run_group(family: str, group: Group, ctx: Context, clock: Clock, log: Callab
 
     def measurement(baseline: str, mode: str, status: str, stats: Stats | None = None,
                     info: dict | None = None) -> Measurement:
+        entry = entries.get(baseline)
+        own = entry.work if isinstance(entry, Entry) and entry.work else {}
         return Measurement(family, group.kernel, group.shape, group.size, group.size_label, baseline, mode,
-                           group.dtype, status, stats, group.statistic, group.work.get(mode), group.unit,
-                           group.subject, {**group.info, **(info or {})})
+                           group.dtype, status, stats, group.statistic, own.get(mode, group.work.get(mode)),
+                           group.unit, group.subject, {**group.info, **(info or {})})
 
     logged = 0
     for mode in group.modes:
