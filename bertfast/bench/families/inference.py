@@ -12,11 +12,10 @@ attention) is exported with ``torch.onnx.export`` and fused by ``onnxruntime.tra
 for ``model_type="bert"`` (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization);
 its int8 model is ``onnxruntime.quantization.quantize_dynamic`` of that.
 
-The precision hooks (:func:`bertfast_variant`, :func:`transformers_variant`) are where a native
-bertfast bf16 or int8 path plugs in: each returns the module to call and the context to call it in.
-Today bertfast's bf16 is autocast, and its int8 is ``torch.ao``'s dynamic quantization, which fails:
-bertfast's layers pass their Linear weights to fused ops (the QKV weights concatenated), and a
-dynamically quantized Linear has no weight tensor to pass.
+The precision hooks (:func:`bertfast_variant`, :func:`transformers_variant`) say how each peer runs
+at a precision: each returns the module to call and the context to call it in. bertfast on a CPU uses
+its own path, ``bertfast.inference.for_cpu_inference`` (a bf16 model; int8 Linear layers); transformers
+runs bf16 under autocast and int8 as ``torch.ao``'s dynamic quantization of its Linear layers.
 """
 
 from __future__ import annotations
@@ -126,7 +125,12 @@ Variant = tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]
 
 
 def bertfast_variant(model: nn.Module, precision: str) -> Variant:
-    """bertfast at ``precision``: bf16 under autocast, int8 by ``torch.ao`` dynamic quantization of the Linears."""
+    """bertfast at ``precision``: on a CPU its own path (``bertfast.inference.for_cpu_inference``: a bf16
+    model, or Int8Linear layers), elsewhere bf16 under autocast."""
+    if precision != "fp32" and next(model.parameters()).device.type == "cpu":
+        from bertfast.inference import for_cpu_inference
+
+        return for_cpu_inference(copy.deepcopy(model), precision), contextlib.nullcontext
     return _generic_variant(model, precision)
 
 
