@@ -300,6 +300,9 @@ _loaded: dict[str, Peers] = {}
 def _peers(spec: ModelSpec, device: torch.device) -> Peers:
     if spec.name not in _loaded:
         _loaded.clear()  # one model at a time in memory
+        # Each model compiles afresh: transformers' forward shared across models would otherwise reach
+        # dynamo's recompile limit and fall back to eager without a word.
+        torch._dynamo.reset()
         _loaded[spec.name] = Peers(spec, device)
     return _loaded[spec.name]
 
