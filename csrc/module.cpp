@@ -54,21 +54,30 @@ py::tuple bias_gelu_backward(const F32& dy, const F32& x, const F32& b) {
   return py::make_tuple(dx, db);
 }
 
-F32 dropout(const F32& x, uint64_t seed, uint64_t threshold, float scale) {
-  if (threshold > (uint64_t{1} << 32)) throw std::invalid_argument("threshold must be at most 2^32");
-  F32 y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+F32 dropout(const F32& x, const py::array_t<int64_t, py::array::c_style>& row_ids, uint64_t seed,
+            uint32_t threshold, float scale) {
+  if (x.ndim() != 2) throw std::invalid_argument("dropout takes a (rows, cols) array");
+  if (row_ids.ndim() != 1 || row_ids.shape(0) != x.shape(0)) {
+    throw std::invalid_argument("row_ids must hold one id per row of x");
+  }
+  if (threshold > 0x7fffffffU) throw std::invalid_argument("threshold must be below 2^31");
+  F32 y({x.shape(0), x.shape(1)});
   {
     py::gil_scoped_release release;
-    bertfast::dropout_apply(x.data(), y.mutable_data(), x.size(), seed, threshold, scale);
+    bertfast::dropout_apply(x.data(), y.mutable_data(), x.shape(0), x.shape(1), row_ids.data(), seed, threshold,
+                            scale);
   }
   return y;
 }
 
-py::array_t<uint32_t> dropout_bits(uint64_t seed, int64_t start, int64_t n) {
-  if (start < 0 || n < 0) throw std::invalid_argument("start and n must be >= 0");
-  py::array_t<uint32_t> bits(n);
+py::array_t<uint32_t> dropout_bits(uint64_t seed, const py::array_t<int64_t, py::array::c_style>& rows,
+                                   int64_t n_cols) {
+  if (rows.ndim() != 1 || n_cols < 0) throw std::invalid_argument("rows must be 1-D and n_cols >= 0");
+  py::array_t<uint32_t> bits({rows.shape(0), static_cast<py::ssize_t>(n_cols)});
   uint32_t* out = bits.mutable_data();
-  for (int64_t i = 0; i < n; ++i) out[i] = bertfast::dropout_bits(seed, start + i);
+  for (py::ssize_t r = 0; r < rows.shape(0); ++r) {
+    for (int64_t c = 0; c < n_cols; ++c) out[r * n_cols + c] = bertfast::dropout_bits(seed, rows.data()[r], c);
+  }
   return bits;
 }
 
@@ -80,8 +89,9 @@ PYBIND11_MODULE(_C, m) {
         "y = gelu(x + bias), exact erf GELU, float32");
   m.def("bias_gelu_backward", &bias_gelu_backward, py::arg("dy"), py::arg("x"), py::arg("bias"),
         "(dx, dbias) of y = gelu(x + bias)");
-  m.def("dropout", &dropout, py::arg("x"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
-        "y = x * scale where the counter-based hash of (seed, element index) >= threshold, else 0");
-  m.def("dropout_bits", &dropout_bits, py::arg("seed"), py::arg("start"), py::arg("n"),
-        "the 32-bit hashes of elements start..start+n-1 that dropout compares with its threshold");
+  m.def("dropout", &dropout, py::arg("x"), py::arg("row_ids"), py::arg("seed"), py::arg("threshold"),
+        py::arg("scale"),
+        "y[r, c] = x[r, c] * scale where the counter hash of (seed, row_ids[r], c) >> 1 >= threshold, else 0");
+  m.def("dropout_bits", &dropout_bits, py::arg("seed"), py::arg("rows"), py::arg("n_cols"),
+        "the 32-bit hashes of elements (row, col), col < n_cols, that dropout compares with its threshold");
 }

@@ -9,11 +9,10 @@ read or computed):
 
 The softmax runs in base 2: scores are multiplied by ``scale * log2(e)`` once and
 exponentiated with ``exp2``. Dropout keeps P_ij with probability 1 - p and scales
-it by 1 / (1 - p); the keep decision is Philox(seed; key j, query i, b * heads + h),
-so it is regenerated in backward and never stored (``dropout_keep_mask``
-reproduces it). The seed is drawn from torch's default (CPU) generator in forward:
-``torch.manual_seed`` makes runs reproducible and activation checkpointing, which
-restores that generator, replays the same mask.
+it by 1 / (1 - p); the keep decision is the shared counter hash of (seed, row
+(packed query token) * heads + head, column = key position in the sequence), the
+rule of every backend (``bertfast.ops.dropout``), so it is regenerated in backward
+and never stored (``dropout_keep_mask`` reproduces it).
 
 Backward (``delta = rowsum(dO * O)``, computed by a preprocess kernel):
 
@@ -53,16 +52,15 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from bertfast.ops import dropout
-from bertfast.ops.library import TRITON_INTERPRETED, kernel_op
+from bertfast.ops.library import TRITON_INTERPRETED, kernel_op, wrap_triton
 
-from .aot import AotSpec
+from .aot import AotSpec, meta, record, spec
+from .layernorm_common import DTYPES, dropout_keep_keyed, dropout_key
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PHILOX_ROUNDS = 7  # Philox4x32-7 passes BigCrush; flash-attention uses 7 rounds too
 MAX_HEAD_DIM = 128
 # Read once: BERTFAST_ATTENTION_DETERMINISTIC=0 lets backward add dQ with atomics (see above).
 DETERMINISTIC_DEFAULT = os.environ.get("BERTFAST_ATTENTION_DETERMINISTIC", "1").strip().lower() not in (
@@ -77,17 +75,14 @@ _DQ_RECOMPUTE = tl.constexpr(DQ_RECOMPUTE)
 
 
 @triton.jit
-def _dropout_keep(seed, bh, q_idx, k_idx, drop_threshold, N_ROUNDS: tl.constexpr):
-    """True where probability (query q_idx, key k_idx) of head-sequence bh survives dropout.
+def _dropout_keep(key, seq_start, h, n_heads, q_idx, k_idx, drop_threshold):
+    """True where probability (query q_idx, key k_idx) of head h of the sequence at seq_start survives.
 
-    q_idx and k_idx broadcast against each other (a row and a column of indices).
-    The top 24 bits of Philox(seed; k, q, bh, 0) are compared with p * 2**24.
+    ``key``: ``dropout_key(seed)``. q_idx and k_idx (positions in the sequence) broadcast against each
+    other. The element is row (seq_start + q) * heads + h, column k of the shared dropout rule.
     """
-    c0 = (k_idx + q_idx * 0).to(tl.uint32)
-    c1 = (q_idx + k_idx * 0).to(tl.uint32)
-    zero = c0 * 0
-    r, _, _, _ = tl.philox(seed, c0, c1, zero + bh.to(tl.uint32), zero, N_ROUNDS)
-    return (r >> 8).to(tl.int32) >= drop_threshold
+    k0, k1 = key
+    return dropout_keep_keyed(k0, k1, (seq_start + q_idx) * n_heads + h, k_idx, drop_threshold)
 
 
 @triton.jit
@@ -108,7 +103,7 @@ def _attn_fwd(
     total, n_heads, max_seqlen,
     qk_scale, out_scale, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr, ALIGNED: tl.constexpr,
+    DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # One program per (query block, sequence, head); query blocks of one head are adjacent, for L2 reuse of K/V.
     pid = tl.program_id(0)
@@ -138,7 +133,7 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if DROPOUT:
-        seed = tl.load(Seed)
+        key = dropout_key(tl.load(Seed))
     for start_n in range(0, seqlen, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < seqlen
@@ -153,8 +148,8 @@ def _attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], drop_threshold, N_ROUNDS),
-                         p, 0.0)
+            p = tl.where(_dropout_keep(key, seq_start, h, n_heads, offs_m[:, None], cols[None, :],
+                                       drop_threshold), p, 0.0)
         v = tl.load(_tile(V, cols, stride_t, offs_d, ALIGNED), mask=kv_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
@@ -192,7 +187,7 @@ def _attn_bwd(
     qk_scale, sm_scale, drop_scale, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
-    DQ_MODE: tl.constexpr, DROPOUT: tl.constexpr, N_ROUNDS: tl.constexpr, ALIGNED: tl.constexpr,
+    DQ_MODE: tl.constexpr, DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # One program per (key block, sequence, head): dK, dV of its keys; in DQ_RECOMPUTE mode also dQ of the
     # query block with the same index (BLOCK_M2 = BLOCK_N1).
@@ -225,7 +220,7 @@ def _attn_bwd(
     dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
     if DROPOUT:
-        seed = tl.load(Seed)
+        key = dropout_key(tl.load(Seed))
     offs_m1 = tl.arange(0, BLOCK_M1)
     # Transposed tiles (keys x queries) keep dK, dV in the MMA output layout. Query rows past the end load
     # q = dO = 0 and lse = +inf, so their P and dS are exactly 0; key rows past the end are never stored.
@@ -240,7 +235,7 @@ def _attn_bwd(
         pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
         dpT = tl.dot(v, tl.trans(do))
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[None, :], cols[:, None], drop_threshold, N_ROUNDS)
+            keep = _dropout_keep(key, seq_start, h, n_heads, rows[None, :], cols[:, None], drop_threshold)
             pdT = tl.where(keep, pT * drop_scale, 0.0)
             dpT = tl.where(keep, dpT * drop_scale, 0.0)
         else:
@@ -278,7 +273,7 @@ def _attn_bwd(
             p = tl.exp2(tl.dot(q, tl.trans(k2)) * qk_scale - lse2[:, None])
             dp = tl.dot(do, tl.trans(v2))
             if DROPOUT:
-                keep = _dropout_keep(seed, bh, rows[:, None], cols2[None, :], drop_threshold, N_ROUNDS)
+                keep = _dropout_keep(key, seq_start, h, n_heads, rows[:, None], cols2[None, :], drop_threshold)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k2.dtype), k2, dq)
@@ -289,7 +284,7 @@ def _attn_bwd(
 @triton.jit(do_not_specialize=["max_seqlen"])
 def _dropout_mask_kernel(
     Mask, CuSeqlens, Seed, n_heads, max_seqlen, drop_threshold,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Writes the keep mask of one (query block, sequence, head) into a (batch, heads, S, S) uint8 tensor.
     pid = tl.program_id(0)
@@ -302,10 +297,10 @@ def _dropout_mask_kernel(
         return
     rows = start_m + tl.arange(0, BLOCK_M)
     Mask += bh.to(tl.int64) * max_seqlen * max_seqlen
-    seed = tl.load(Seed)
+    key = dropout_key(tl.load(Seed))
     for start_n in range(0, seqlen, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], drop_threshold, N_ROUNDS)
+        keep = _dropout_keep(key, seq_start, bh % n_heads, n_heads, rows[:, None], cols[None, :], drop_threshold)
         tl.store(Mask + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.uint8),
                  mask=(rows < seqlen)[:, None] & (cols < seqlen)[None, :])
 
@@ -336,8 +331,10 @@ SHORT_SEQLEN = 128  # BERT pretraining phase 1; phase 2 and fine-tuning use up t
 # table -> (block_d, max_seqlen <= SHORT_SEQLEN) -> (forward, backward); ``table_for`` says which table a
 # GPU uses and the ahead-of-time check compiles each table for the architectures that use it. The sm_80
 # entries stay under 99 KB of shared memory, so that table also serves sm_86/sm_89 and unknown parts.
-# 128-row tiles take 8 warps (with 4, Philox and the dK/dV accumulators spill); the dK/dV loop steps 16
-# query rows at a time where 32 left no register headroom.
+# 128-row tiles take 8 warps (with 4, the dK/dV accumulators and the dropout mask spilled, when the mask
+# was Philox); the dK/dV loop steps 16 query rows at a time where 32 left no register headroom. With the
+# counter-hash mask, sm_80's 64-row forward at head_dim 128 spills with 4 warps (ptxas keeps it to 168
+# registers): it takes 8 (128 registers, no spill; the same tiles and stages, not yet re-timed on a GPU).
 # Short sequences take 64-row query blocks (fewer wasted rows in ragged batches) and one 128-key block per
 # program in backward, so that dQ is complete inside the loop (DQ_STORE); head_dim 128 halves that block.
 CONFIGS: dict[str, dict[tuple[int, bool], tuple[FwdConfig, BwdConfig]]] = {
@@ -346,7 +343,7 @@ CONFIGS: dict[str, dict[tuple[int, bool], tuple[FwdConfig, BwdConfig]]] = {
         (32, False): (FwdConfig(128, 64, 8, 3), BwdConfig(32, 128, 32, 8, 2)),
         (64, True): (FwdConfig(64, 64, 4, 3), BwdConfig(16, 128, 32, 8, 2)),
         (64, False): (FwdConfig(128, 64, 8, 3), BwdConfig(16, 128, 32, 8, 2)),
-        (128, True): (FwdConfig(64, 32, 4, 2), BwdConfig(16, 64, 32, 8, 2)),
+        (128, True): (FwdConfig(64, 32, 8, 2), BwdConfig(16, 64, 32, 8, 2)),
         (128, False): (FwdConfig(128, 32, 8, 2), BwdConfig(16, 64, 32, 8, 2)),
     },
     "sm_90": {  # 228 KB of shared memory: a wider, deeper forward for short sequences at head_dim 128
@@ -388,10 +385,6 @@ def _dq_mode(max_seqlen: int, cfg: BwdConfig, deterministic: bool) -> int:
     return DQ_RECOMPUTE if deterministic else DQ_ATOMIC
 
 
-def _dropout_threshold(dropout_p: float) -> int:
-    return min(round(dropout_p * (1 << 24)), 1 << 24)
-
-
 def _aligned(*tensors: Tensor) -> bool:
     """Whether every tile row of these (tokens, heads, head_dim) tensors starts on a 16-byte boundary.
 
@@ -425,9 +418,9 @@ def _forward(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dro
         q, k, v, out, lse, cu_seqlens, seed,
         qkv.stride(0), qkv.stride(2), out.stride(0), out.stride(1),
         total, heads, max_seqlen,
-        scale * LOG2E, dropout.scale(dropout_p), _dropout_threshold(dropout_p),
+        scale * LOG2E, dropout.scale(dropout_p), dropout.threshold(dropout_p),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DROPOUT=seed is not None, N_ROUNDS=PHILOX_ROUNDS, ALIGNED=_aligned(q, k, v, out),
+        DROPOUT=seed is not None, ALIGNED=_aligned(q, k, v, out),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -456,9 +449,9 @@ def _backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: T
         qkv.stride(0), qkv.stride(2), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
         dk.stride(0), dk.stride(1),
         total, heads, max_seqlen,
-        scale * LOG2E, scale, dropout.scale(dropout_p), _dropout_threshold(dropout_p),
+        scale * LOG2E, scale, dropout.scale(dropout_p), dropout.threshold(dropout_p),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_N2=cfg.block_n2,
-        DQ_MODE=mode, DROPOUT=seed is not None, N_ROUNDS=PHILOX_ROUNDS,
+        DQ_MODE=mode, DROPOUT=seed is not None,
         ALIGNED=_aligned(q, k, v, dout, dq, dk, dv), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if mode == DQ_ATOMIC:
@@ -582,9 +575,9 @@ def dropout_keep_mask(seed: Tensor, cu_seqlens: Tensor, heads: int, max_seqlen: 
     batch = cu_seqlens.numel() - 1
     mask = torch.zeros(batch, heads, max_seqlen, max_seqlen, device=cu_seqlens.device, dtype=torch.uint8)
     block = 32
-    _dropout_mask_kernel[(triton.cdiv(max_seqlen, block) * batch * heads,)](
-        mask, cu_seqlens.to(torch.int32), seed, heads, max_seqlen, _dropout_threshold(dropout_p),
-        BLOCK_M=block, BLOCK_N=block, N_ROUNDS=PHILOX_ROUNDS,
+    wrap_triton(_dropout_mask_kernel)[(triton.cdiv(max_seqlen, block) * batch * heads,)](
+        mask, cu_seqlens.to(torch.int32), seed, heads, max_seqlen, dropout.threshold(dropout_p),
+        BLOCK_M=block, BLOCK_N=block,
     )
     return mask.bool()
 
@@ -617,62 +610,32 @@ def aot_specs() -> list[AotSpec]:
     tables: dict[tuple, set[str]] = {}
     for table, entries in CONFIGS.items():
         for (block_d, short), (fwd, bwd) in entries.items():
-            for dtype in ("fp16", "bf16"):
+            for dtype in (torch.float16, torch.bfloat16):
                 tables.setdefault((fwd, bwd, block_d, short, dtype), set()).add(table)
     specs: dict[str, AotSpec] = {}
     for (fwd, bwd, block_d, short, dtype), used_in in tables.items():
         used_by = _UsedBy(used_in)
-        common = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "N_ROUNDS": PHILOX_ROUNDS, "ALIGNED": True}
-        for drop in (False, True):
-            tag = f"D={block_d},{dtype}" + (",dropout" if drop else "")
-            # Without dropout the launcher passes Seed=None, which Triton makes a constexpr.
-            seed_type = {"Seed": "*i64" if drop else "constexpr"}
-            seed_value = {} if drop else {"Seed": None}
+        qkv, out, dout = meta(8, 3, 2, block_d, dtype=dtype), meta(8, 2, block_d, dtype=dtype), meta(8, 2, block_d,
+                                                                                                     dtype=dtype)
+        cu_seqlens, lse = meta(3, dtype=torch.int32), meta(2, 8)
+        dtype_name = DTYPES[dtype]
+        for seed, p in ((None, 0.0), (meta(dtype=torch.int64), 0.1)):
+            tag = f"D={block_d},{dtype_name}" + (",dropout" if seed is not None else "")
+            (launch,) = record(_forward, qkv, cu_seqlens, SHORT_SEQLEN if short else 512, 0.125, p, seed, fwd)
             name = f"attn_fwd[{tag},M={fwd.block_m},N={fwd.block_n},w={fwd.num_warps},s={fwd.num_stages}]"
-            _add(specs, AotSpec(
-                name, _attn_fwd,
-                {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}", "Lse": "*fp32",
-                 "CuSeqlens": "*i32", **seed_type, "stride_t": "i32", "stride_h": "i32", "stride_ot": "i32",
-                 "stride_oh": "i32", "total": "i32", "n_heads": "i32", "max_seqlen": "i32",
-                 "qk_scale": "fp32", "out_scale": "fp32", "drop_threshold": "i32",
-                 **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DROPOUT",
-                                  "N_ROUNDS", "ALIGNED"), "constexpr")},
-                {**common, "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n, "DROPOUT": drop, **seed_value},
-                fwd.num_warps, fwd.num_stages, capabilities=used_by,
-            ))
+            _add(specs, spec(name, launch, capabilities=used_by))
             for mode in _dq_modes(bwd, short):
-                dq_type = "fp32" if mode == DQ_ATOMIC else dtype
+                # The smallest bound that reaches the mode: one key block (store), or one key more.
+                max_seqlen = bwd.block_n1 + (mode != DQ_STORE)
+                delta, launch = record(_backward, dout, qkv, out, lse, cu_seqlens, max_seqlen, 0.125, p, seed, bwd,
+                                       mode != DQ_ATOMIC)
                 name = (f"attn_bwd[{tag},dq={('store', 'atomic', 'recompute')[mode]},M1={bwd.block_m1},"
                         f"N1={bwd.block_n1},N2={bwd.block_n2},w={bwd.num_warps},s={bwd.num_stages}]")
-                _add(specs, AotSpec(
-                    name, _attn_bwd,
-                    {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "DO": f"*{dtype}", "Lse": "*fp32",
-                     "Delta": "*fp32", "DQ": f"*{dq_type}", "DK": f"*{dtype}", "DV": f"*{dtype}",
-                     "CuSeqlens": "*i32", **seed_type,
-                     **dict.fromkeys(("stride_t", "stride_h", "stride_dot", "stride_doh", "stride_dqt",
-                                      "stride_dqh", "stride_dkt", "stride_dkh", "total", "n_heads",
-                                      "max_seqlen"), "i32"),
-                     "qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32", "drop_threshold": "i32",
-                     **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M1", "BLOCK_N1", "BLOCK_N2", "DQ_MODE",
-                                      "DROPOUT", "N_ROUNDS", "ALIGNED"), "constexpr")},
-                    {**common, "BLOCK_M1": bwd.block_m1, "BLOCK_N1": bwd.block_n1, "BLOCK_N2": bwd.block_n2,
-                     "DQ_MODE": mode, "DROPOUT": drop, **seed_value},
-                    bwd.num_warps, bwd.num_stages, capabilities=used_by,
-                ))
-        name = f"attn_bwd_delta[D={block_d},{dtype}]"
-        specs[name] = AotSpec(
-            name, _attn_bwd_delta,
-            {"Out": f"*{dtype}", "DO": f"*{dtype}", "Delta": "*fp32",
-             **dict.fromkeys(("stride_ot", "stride_oh", "stride_dot", "stride_doh", "total"), "i32"),
-             **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_T", "ALIGNED"), "constexpr")},
-            {"HEAD_DIM": block_d, "BLOCK_D": block_d, "BLOCK_T": DELTA_BLOCK_T, "ALIGNED": True},
-        )
-    specs["dropout_mask"] = AotSpec(
-        "dropout_mask", _dropout_mask_kernel,
-        {"Mask": "*u8", "CuSeqlens": "*i32", "Seed": "*i64", "n_heads": "i32", "max_seqlen": "i32",
-         "drop_threshold": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "N_ROUNDS": "constexpr"},
-        {"BLOCK_M": 32, "BLOCK_N": 32, "N_ROUNDS": PHILOX_ROUNDS}, tuned=False,
-    )
+                _add(specs, spec(name, launch, capabilities=used_by))
+                specs[f"attn_bwd_delta[D={block_d},{dtype_name}]"] = spec(
+                    f"attn_bwd_delta[D={block_d},{dtype_name}]", delta)
+    (launch,) = record(dropout_keep_mask, meta(dtype=torch.int64), meta(3, dtype=torch.int32), 2, 64, 0.1)
+    specs["dropout_mask"] = spec("dropout_mask", launch, tuned=False)
     return list(specs.values())
 
 

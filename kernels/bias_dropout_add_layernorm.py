@@ -7,8 +7,8 @@ Forward, per row of H values (fp32 inside)::
     mean = sum(h) / H;  rstd = 1 / sqrt(sum((h - mean)^2) / H + eps)
     y = (h - mean) * rstd * gamma + beta
 
-The forward stores y and (mean, rstd) per row. The dropout mask is never stored: Philox
-(seed, element index) regenerates it, and the backward recomputes h from x, bias and
+The forward stores y and (mean, rstd) per row. The dropout mask is never stored: the counter
+hash of (seed, row, column) regenerates it, and the backward recomputes h from x, bias and
 residual (which autograd keeps alive anyway) instead of writing h out. Backward::
 
     dresidual = dh = LayerNorm backward of dy (see ``layernorm_common``)
@@ -24,15 +24,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from bertfast.kernels.aot import AotSpec
+from bertfast.kernels.aot import AotSpec, meta, record, spec
 from bertfast.kernels.layernorm_common import (
     MAX_HIDDEN,
-    aot_row_configs,
+    aot_rows,
     bias_or_zeros,
     dropout_keep,
-    dtype_tag,
     kernels_run,
     layernorm_row,
     layernorm_row_grad,
@@ -41,16 +39,17 @@ from bertfast.kernels.layernorm_common import (
     reduce_partials,
     row_config,
     row_outputs,
+    row_tag,
     store_ln_partials,
 )
 from bertfast.ops import dropout
-from bertfast.ops.library import kernel_op
+from bertfast.ops.library import kernel_op, wrap_triton
 
 
 @triton.jit
 def _bdal_fwd_kernel(
     x_ptr, bias_ptr, res_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, seed_ptr,
-    H, eps, p, scale,
+    H, eps, threshold, scale,
     BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -60,7 +59,7 @@ def _bdal_fwd_kernel(
     u = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     u += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        u = tl.where(dropout_keep(tl.load(seed_ptr), offsets, p), u * scale, 0.0)
+        u = tl.where(dropout_keep(tl.load(seed_ptr), row, cols, threshold), u * scale, 0.0)
     h = u + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     y, mean, rstd = layernorm_row(h, cols, mask, H, eps, w_ptr, b_ptr)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -72,7 +71,7 @@ def _bdal_fwd_kernel(
 def _bdal_bwd_kernel(
     dy_ptr, x_ptr, bias_ptr, res_ptr, w_ptr, mean_ptr, rstd_ptr, seed_ptr,
     dres_ptr, dx_ptr, partial_ptr,
-    n_rows, H, p, scale,
+    n_rows, H, threshold, scale,
     BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DX: tl.constexpr,
 ):
     # Program g walks rows g, g + G, ...; partials: (3, G, H) = dgamma, dbeta, dbias.
@@ -91,7 +90,7 @@ def _bdal_bwd_kernel(
         offsets = tl.cast(row, tl.int64) * H + cols
         u = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + bias
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offsets, p)
+            keep = dropout_keep(seed, row, cols, threshold)
             u = tl.where(keep, u * scale, 0.0)
         h = u + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
@@ -126,8 +125,7 @@ def _forward_fake(x, bias, residual, ln_weight, ln_bias, seed, eps, p):
     return y, x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
-@kernel_op("bias_dropout_add_layernorm_triton", _forward_fake)
-def _forward_op(
+def _launch_forward(
     x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor, seed: Tensor | None,
     eps: float, p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,9 +137,13 @@ def _forward_op(
     block, num_warps = row_config(hidden)
     wrap_triton(_bdal_fwd_kernel)[(rows,)](
         x2d, bias_or_zeros(bias, x), res2d, ln_weight.contiguous(), ln_bias.contiguous(), y, mean, rstd, seed,
-        hidden, eps, p, dropout.scale(p), BLOCK=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
+        hidden, eps, dropout.threshold(p), dropout.scale(p), BLOCK=block, HAS_DROPOUT=seed is not None,
+        num_warps=num_warps,
     )
     return y.view(x.shape), mean, rstd
+
+
+_forward_op = kernel_op("bias_dropout_add_layernorm_triton", _forward_fake)(_launch_forward)
 
 
 def _backward_fake(dy, x, bias, residual, ln_weight, mean, rstd, seed, p):
@@ -152,8 +154,7 @@ def _backward_fake(dy, x, bias, residual, ln_weight, mean, rstd, seed, p):
     return dx, dbias, torch.empty_like(residual), w, torch.empty_like(w)
 
 
-@kernel_op("bias_dropout_add_layernorm_triton_backward", _backward_fake)
-def _backward_op(
+def _launch_backward(
     dy: Tensor, x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, mean: Tensor, rstd: Tensor,
     seed: Tensor | None, p: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -170,11 +171,14 @@ def _backward_op(
     block, num_warps = row_config(hidden)
     wrap_triton(_bdal_bwd_kernel)[(programs,)](
         dy.reshape(-1, hidden).contiguous(), x2d, b, res2d, ln_weight.contiguous(), mean, rstd, seed, dres, dx,
-        partials, rows, hidden, p, dropout.scale(p),
+        partials, rows, hidden, dropout.threshold(p), dropout.scale(p),
         BLOCK=block, HAS_DROPOUT=seed is not None, STORE_DX=store_dx, num_warps=num_warps,
     )
     dw, db, dbias = (reduce_partials(sums) for sums in partials)  # separate tensors: op outputs may not alias
     return (dx.view(x.shape) if store_dx else x.new_empty(0)), dbias.to(b.dtype), dres.view(residual.shape), dw, db
+
+
+_backward_op = kernel_op("bias_dropout_add_layernorm_triton_backward", _backward_fake)(_launch_backward)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -212,32 +216,14 @@ def bias_dropout_add_layernorm(
 
 def aot_specs() -> list[AotSpec]:
     specs = []
-    for block, num_warps, act, dt, tuned in aot_row_configs():
-        tag = f"BLOCK={block},{dtype_tag(act, dt)}"
-        fwd_sig = {
-            "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}",
-            "y_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64",
-            "H": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32", "BLOCK": "constexpr",
-            "HAS_DROPOUT": "constexpr",
-        }
-        bwd_sig = {
-            "dy_ptr": f"*{dt}", "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}",
-            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64", "dres_ptr": f"*{dt}",
-            "dx_ptr": f"*{act}", "partial_ptr": "*fp32", "n_rows": "i32", "H": "i32", "p": "fp32",
-            "scale": "fp32", "BLOCK": "constexpr", "HAS_DROPOUT": "constexpr", "STORE_DX": "constexpr",
-        }
-        for drop in (True, False):
-            kind = "dropout" if drop else "eval"
-            # Without dropout the launcher passes seed_ptr=None, which Triton makes a constexpr.
-            seed = {} if drop else {"seed_ptr": "constexpr"}
-            seed_value = {} if drop else {"seed_ptr": None}
-            specs.append(AotSpec(
-                f"bdal_fwd[{tag},{kind}]", _bdal_fwd_kernel, {**fwd_sig, **seed},
-                {"BLOCK": block, "HAS_DROPOUT": drop, **seed_value}, num_warps=num_warps, tuned=tuned,
-            ))
-            specs.append(AotSpec(
-                f"bdal_bwd[{tag},{kind}]", _bdal_bwd_kernel, {**bwd_sig, **seed},
-                {"BLOCK": block, "HAS_DROPOUT": drop, "STORE_DX": drop or act != dt, **seed_value},
-                num_warps=num_warps, tuned=tuned,
-            ))
+    for hidden, act, dt, tuned in aot_rows():
+        tag = row_tag(hidden, act, dt)
+        x, bias, res, w, b = meta(4, hidden, dtype=act), *(meta(*shape, dtype=dt) for shape in (
+            (hidden,), (4, hidden), (hidden,), (hidden,)))
+        mean, rstd = meta(4), meta(4)
+        for seed, p, kind in ((meta(dtype=torch.int64), 0.1, "dropout"), (None, 0.0, "eval")):
+            (fwd,) = record(_launch_forward, x, bias, res, w, b, seed, 1e-12, p)
+            (bwd,) = record(_launch_backward, meta(4, hidden, dtype=dt), x, bias, res, w, mean, rstd, seed, p)
+            specs += [spec(f"bdal_fwd[{tag},{kind}]", fwd, tuned=tuned), spec(f"bdal_bwd[{tag},{kind}]", bwd,
+                                                                              tuned=tuned)]
     return specs

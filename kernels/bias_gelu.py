@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from bertfast.kernels.aot import AotSpec
+from bertfast.kernels.aot import AotSpec, meta, record, spec
 from bertfast.kernels.layernorm_common import (
+    DTYPES,
     bias_or_zeros,
     dtype_tag,
     gelu,
@@ -29,7 +29,7 @@ from bertfast.kernels.layernorm_common import (
     partial_programs,
     reduce_partials,
 )
-from bertfast.ops.library import kernel_op
+from bertfast.ops.library import kernel_op, wrap_triton
 
 _TILE = 2048  # elements per program: 16 per thread with 4 warps
 _NUM_WARPS = 4
@@ -160,24 +160,14 @@ def bias_gelu(x: Tensor, bias: Tensor | None, approximate: str = "none") -> Tens
 
 
 def aot_specs() -> list[AotSpec]:
-    block_m, block_n = _tile_config(3072)
+    """At N = 3072 (BERT's intermediate size): every dtype, autocast's bf16 x with an fp32 bias, tanh once."""
     specs = []
-    # (x dtype, bias and output dtype, tanh): every dtype, autocast's bf16 x with an fp32 bias, tanh once.
-    for act, dtype, approx in [("fp32", "fp32", False), ("bf16", "bf16", False), ("fp16", "fp16", False),
-                               ("bf16", "fp32", False), ("bf16", "bf16", True)]:
-        constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "APPROX_TANH": approx}
-        tag = f"N=3072,{dtype_tag(act, dtype)}" + (",tanh" if approx else "")
-        common = {"M": "i32", "N": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                  "APPROX_TANH": "constexpr"}
-        specs.append(AotSpec(
-            f"bias_gelu_fwd[{tag}]", _bias_gelu_fwd_kernel,
-            {"x_ptr": f"*{act}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", **common},
-            constants, num_warps=_NUM_WARPS,
-        ))
-        specs.append(AotSpec(
-            f"bias_gelu_bwd[{tag}]", _bias_gelu_bwd_kernel,
-            {"dy_ptr": f"*{dtype}", "x_ptr": f"*{act}", "bias_ptr": f"*{dtype}", "dx_ptr": f"*{act}",
-             "dbias_partial_ptr": "*fp32", **common},
-            constants, num_warps=_NUM_WARPS,
-        ))
+    for act, dtype, approx in [(torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, False),
+                               (torch.float16, torch.float16, False), (torch.bfloat16, torch.float32, False),
+                               (torch.bfloat16, torch.bfloat16, True)]:
+        tag = f"N=3072,{dtype_tag(DTYPES[act], DTYPES[dtype])}" + (",tanh" if approx else "")
+        x, bias = meta(8, 3072, dtype=act), meta(3072, dtype=dtype)
+        (fwd,) = record(bias_gelu_forward, x, bias, dtype, approx)
+        (bwd,) = record(bias_gelu_backward, meta(8, 3072, dtype=dtype), x, bias, approx)
+        specs += [spec(f"bias_gelu_fwd[{tag}]", fwd), spec(f"bias_gelu_bwd[{tag}]", bwd)]
     return specs

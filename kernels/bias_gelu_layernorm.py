@@ -20,14 +20,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from bertfast.kernels.aot import AotSpec
+from bertfast.kernels.aot import AotSpec, meta, record, spec
 from bertfast.kernels.layernorm_common import (
     MAX_HIDDEN,
-    aot_row_configs,
+    aot_rows,
     bias_or_zeros,
-    dtype_tag,
     gelu,
     gelu_grad,
     kernels_run,
@@ -38,9 +36,10 @@ from bertfast.kernels.layernorm_common import (
     reduce_partials,
     row_config,
     row_outputs,
+    row_tag,
     store_ln_partials,
 )
-from bertfast.ops.library import kernel_op
+from bertfast.ops.library import kernel_op, wrap_triton
 
 
 @triton.jit
@@ -101,8 +100,7 @@ def _forward_fake(x, bias, ln_weight, ln_bias, eps, approximate):
     return y, x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
-@kernel_op("bias_gelu_layernorm_triton", _forward_fake)
-def _forward_op(
+def _launch_forward(
     x: Tensor, bias: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float, approximate: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd)."""
@@ -118,6 +116,9 @@ def _forward_op(
     return y.view(x.shape), mean, rstd
 
 
+_forward_op = kernel_op("bias_gelu_layernorm_triton", _forward_fake)(_launch_forward)
+
+
 def _backward_fake(dy, x, bias, ln_weight, mean, rstd, approximate):
     hidden = x.shape[-1]
     dbias = x.new_empty(hidden, dtype=x.dtype if bias is None else bias.dtype)
@@ -125,8 +126,7 @@ def _backward_fake(dy, x, bias, ln_weight, mean, rstd, approximate):
     return torch.empty_like(x), dbias, w, torch.empty_like(w)
 
 
-@kernel_op("bias_gelu_layernorm_triton_backward", _backward_fake)
-def _backward_op(
+def _launch_backward(
     dy: Tensor, x: Tensor, bias: Tensor | None, ln_weight: Tensor, mean: Tensor, rstd: Tensor, approximate: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dbias, fp32 dgamma, fp32 dbeta)."""
@@ -144,6 +144,9 @@ def _backward_op(
     )
     dw, db, dbias = (reduce_partials(sums) for sums in partials)  # separate tensors: op outputs may not alias
     return dx.view(x.shape), dbias.to(b.dtype), dw, db
+
+
+_backward_op = kernel_op("bias_gelu_layernorm_triton_backward", _backward_fake)(_launch_backward)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -176,21 +179,10 @@ def bias_gelu_layernorm(
 
 def aot_specs() -> list[AotSpec]:
     specs = []
-    for block, num_warps, act, dt, tuned in aot_row_configs():
-        constants = {"BLOCK": block, "APPROX_TANH": False}
-        fwd_sig = {
-            "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
-            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "H": "i32", "eps": "fp32",
-            "BLOCK": "constexpr", "APPROX_TANH": "constexpr",
-        }
-        bwd_sig = {
-            "dy_ptr": f"*{dt}", "x_ptr": f"*{act}", "bias_ptr": f"*{dt}", "w_ptr": f"*{dt}",
-            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": f"*{act}", "partial_ptr": "*fp32",
-            "n_rows": "i32", "H": "i32", "BLOCK": "constexpr", "APPROX_TANH": "constexpr",
-        }
-        tag = f"BLOCK={block},{dtype_tag(act, dt)}"
-        specs.append(AotSpec(f"bgl_fwd[{tag}]", _bgl_fwd_kernel, fwd_sig, constants, num_warps=num_warps,
-                             tuned=tuned))
-        specs.append(AotSpec(f"bgl_bwd[{tag}]", _bgl_bwd_kernel, bwd_sig, constants, num_warps=num_warps,
-                             tuned=tuned))
+    for hidden, act, dt, tuned in aot_rows():
+        tag = row_tag(hidden, act, dt)
+        x, bias, w, b = meta(4, hidden, dtype=act), *(meta(hidden, dtype=dt) for _ in range(3))
+        (fwd,) = record(_launch_forward, x, bias, w, b, 1e-12, "none")
+        (bwd,) = record(_launch_backward, meta(4, hidden, dtype=dt), x, bias, w, meta(4), meta(4), "none")
+        specs += [spec(f"bgl_fwd[{tag}]", fwd, tuned=tuned), spec(f"bgl_bwd[{tag}]", bwd, tuned=tuned)]
     return specs

@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bertfast.kernels.aot import AotSpec
-from bertfast.ops.library import TRITON_INTERPRETED, custom_op, kernel_op
+from bertfast.kernels.aot import AotSpec, meta, record, spec
+from bertfast.ops.library import TRITON_INTERPRETED, custom_op, kernel_op, wrap_triton
+from bertfast.ops.reference import IGNORE_INDEX
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 CHUNK_BYTES_ENV = "BERTFAST_CE_CHUNK_BYTES"
@@ -112,7 +113,7 @@ def _softmax_xent_triton(
 ) -> Tensor:
     rows, vocab = logits.shape
     block, num_warps = _block_config(vocab)
-    _softmax_xent_kernel[(rows,)](
+    wrap_triton(_softmax_xent_kernel)[(rows,)](
         logits, labels, scale, 1 if scale.numel() > 1 else 0, loss_out, correct_out,
         vocab, ignore_index, smoothing, BLOCK_V=block, num_warps=num_warps,
     )
@@ -303,7 +304,7 @@ def _define(name: str, xent: str, fp32_work_copy: bool, define: Callable) -> Cal
     forward.register_autograd(autograd_backward, setup_context=setup_context)
 
     def linear_cross_entropy(
-        x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int = -100,
+        x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int = IGNORE_INDEX,
         label_smoothing: float = 0.0, reduction: str = "mean", chunk_bytes: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         if reduction not in REDUCTIONS:
@@ -359,18 +360,9 @@ def supports_chunked(*tensors: Tensor | None) -> bool:
 
 def aot_specs() -> list[AotSpec]:
     specs = []
-    for dtype in _DTYPES:
-        for block in _BLOCKS:
-            _, num_warps = _block_config(block)
-            specs.append(AotSpec(
-                name=f"softmax_xent[BLOCK_V={block},{dtype}]",
-                fn=_softmax_xent_kernel,
-                signature={
-                    "logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "scale_ptr": "*fp32",
-                    "scale_stride": "i32", "loss_ptr": "*fp32", "correct_ptr": "*i32", "V": "i32",
-                    "ignore_index": "i32", "smoothing": "fp32", "BLOCK_V": "constexpr",
-                },
-                constants={"BLOCK_V": block},
-                num_warps=num_warps,
-            ))
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for block in _BLOCKS:  # a vocabulary of BLOCK_V reaches each block size
+            (launch,) = record(_softmax_xent_triton, meta(4, block, dtype=dtype), meta(4, dtype=torch.int64), meta(1),
+                               IGNORE_INDEX, 0.0, meta(4), meta(4, dtype=torch.int32))
+            specs.append(spec(f"softmax_xent[BLOCK_V={block},{name}]", launch))
     return specs

@@ -6,7 +6,7 @@ Forward, per token (fp32 inside)::
     y = dropout((h - mean) * rstd * gamma + beta)         # keep with prob 1 - p, kept * 1 / (1 - p)
 
 The forward stores y and (mean, rstd) per token; the backward gathers h again (the tables
-stay alive as parameters) and regenerates the Philox dropout mask from the seed. Backward::
+stay alive as parameters) and regenerates the dropout mask (a counter hash of the seed) from the seed. Backward::
 
     dh = LayerNorm backward of (dropout-mask(dy) / (1 - p))
     dgamma = sum_t dy' * x_hat;  dbeta = sum_t dy'    (per-program fp32 partials)
@@ -25,12 +25,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from bertfast.kernels.aot import AotSpec
+from bertfast.kernels.aot import AotSpec, meta, record, spec
 from bertfast.kernels.layernorm_common import (
     MAX_HIDDEN,
-    aot_row_configs,
+    aot_rows,
     dropout_keep,
     kernels_run,
     layernorm_row,
@@ -40,9 +39,10 @@ from bertfast.kernels.layernorm_common import (
     reduce_partials,
     row_config,
     row_outputs,
+    row_tag,
 )
 from bertfast.ops import dropout
-from bertfast.ops.library import kernel_op
+from bertfast.ops.library import kernel_op, wrap_triton
 
 _SEGMENT_ROWS = 32  # sorted tokens per program of the gradient scatter
 
@@ -66,7 +66,7 @@ def _gather_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr,
 @triton.jit
 def _emb_fwd_kernel(
     ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, w_ptr, b_ptr,
-    y_ptr, mean_ptr, rstd_ptr, seed_ptr, H, eps, p, scale,
+    y_ptr, mean_ptr, rstd_ptr, seed_ptr, H, eps, threshold, scale,
     BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr, FROM_EMBEDS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -77,7 +77,7 @@ def _emb_fwd_kernel(
     y, mean, rstd = layernorm_row(h, cols, mask, H, eps, w_ptr, b_ptr)
     offsets = row * H + cols
     if HAS_DROPOUT:
-        y = tl.where(dropout_keep(tl.load(seed_ptr), offsets, p), y * scale, 0.0)
+        y = tl.where(dropout_keep(tl.load(seed_ptr), row, cols, threshold), y * scale, 0.0)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
@@ -86,7 +86,7 @@ def _emb_fwd_kernel(
 @triton.jit
 def _emb_bwd_kernel(
     dy_ptr, ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, w_ptr,
-    mean_ptr, rstd_ptr, seed_ptr, dh_ptr, partial_ptr, n_rows, H, p, scale,
+    mean_ptr, rstd_ptr, seed_ptr, dh_ptr, partial_ptr, n_rows, H, threshold, scale,
     BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr, FROM_EMBEDS: tl.constexpr,
 ):
     # Program g walks tokens g, g + G, ...; partials: (2, G, H) = dgamma, dbeta.
@@ -108,7 +108,7 @@ def _emb_bwd_kernel(
         offsets = row * H + cols
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            dy = tl.where(dropout_keep(seed, offsets, p), dy * scale, 0.0)
+            dy = tl.where(dropout_keep(seed, row, cols, threshold), dy * scale, 0.0)
         dh = layernorm_row_grad(x_hat, dy, w, rstd, H)
         tl.store(dh_ptr + offsets, dh.to(dh_ptr.dtype.element_ty), mask=mask)
         dw += dy * x_hat
@@ -213,8 +213,7 @@ def _forward_fake(input_ids, position_ids, token_type_ids, words, position_weigh
     return y, words.new_empty(rows, dtype=torch.float32), words.new_empty(rows, dtype=torch.float32)
 
 
-@kernel_op("embeddings_triton", _forward_fake)
-def _forward_op(
+def _launch_forward(
     input_ids: Tensor | None, position_ids: Tensor, token_type_ids: Tensor, words: Tensor, position_weight: Tensor,
     type_weight: Tensor, ln_weight: Tensor, ln_bias: Tensor, seed: Tensor | None, eps: float, p: float,
     padding_idx: int,
@@ -233,10 +232,13 @@ def _forward_op(
     wrap_triton(_emb_fwd_kernel)[(rows,)](
         ids, position_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(), words_c,
         position_weight.contiguous(), type_weight.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(),
-        y, mean, rstd, seed, hidden, eps, p, dropout.scale(p),
+        y, mean, rstd, seed, hidden, eps, dropout.threshold(p), dropout.scale(p),
         BLOCK=block, HAS_DROPOUT=seed is not None, FROM_EMBEDS=from_embeds, num_warps=num_warps,
     )
     return y.view(*position_ids.shape, hidden), mean, rstd
+
+
+_forward_op = kernel_op("embeddings_triton", _forward_fake)(_launch_forward)
 
 
 def _backward_fake(dy, input_ids, position_ids, token_type_ids, words, position_weight, type_weight, ln_weight,
@@ -248,8 +250,7 @@ def _backward_fake(dy, input_ids, position_ids, token_type_ids, words, position_
     return *grads, w, torch.empty_like(w)
 
 
-@kernel_op("embeddings_triton_backward", _backward_fake)
-def _backward_op(
+def _launch_backward(
     dy: Tensor, input_ids: Tensor | None, position_ids: Tensor, token_type_ids: Tensor, words: Tensor,
     position_weight: Tensor, type_weight: Tensor, ln_weight: Tensor, mean: Tensor, rstd: Tensor,
     seed: Tensor | None, p: float, padding_idx: int, tables_needed: list[bool],
@@ -267,7 +268,8 @@ def _backward_op(
     block, num_warps = row_config(hidden)
     wrap_triton(_emb_bwd_kernel)[(programs,)](
         dy.reshape(rows, hidden).contiguous(), ids, pos_ids, type_ids, words_c, pos_w, type_w,
-        ln_weight.contiguous(), mean, rstd, seed, dh, partials, rows, hidden, p, dropout.scale(p),
+        ln_weight.contiguous(), mean, rstd, seed, dh, partials, rows, hidden, dropout.threshold(p),
+        dropout.scale(p),
         BLOCK=block, HAS_DROPOUT=seed is not None, FROM_EMBEDS=from_embeds, num_warps=_bwd_warps(num_warps),
     )
     dw, db = (reduce_partials(sums) for sums in partials)  # separate tensors: op outputs may not alias
@@ -283,6 +285,9 @@ def _backward_op(
     if need_type:
         d_type = scatter_rows(dh, type_ids, type_w.shape[0], type_w.dtype)
     return d_words, d_pos, d_type, dw, db
+
+
+_backward_op = kernel_op("embeddings_triton_backward", _backward_fake)(_launch_backward)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -338,42 +343,22 @@ def embeddings(
     )[0]
 
 
+_KERNEL_NAMES = {_emb_fwd_kernel: "emb_fwd", _emb_bwd_kernel: "emb_bwd", _segment_sum_kernel: "emb_segment_sum",
+                 _segment_carry_kernel: "emb_segment_carry"}
+
+
 def aot_specs() -> list[AotSpec]:
-    specs = []
-    for block, num_warps, act, dt, tuned in aot_row_configs():
+    specs: dict[str, AotSpec] = {}
+    for hidden, act, dt, tuned in aot_rows():
         if act != dt:
             continue  # under autocast the tables are fp32 parameters: the fp32 configuration
-        tag = f"BLOCK={block},{dt}"
-        tables = {"word_ptr": f"*{dt}", "pos_ptr": f"*{dt}", "type_ptr": f"*{dt}"}
-        ids = {"ids_ptr": "*i64", "pos_ids_ptr": "*i64", "type_ids_ptr": "*i64"}
-        flags = {"BLOCK": "constexpr", "HAS_DROPOUT": "constexpr", "FROM_EMBEDS": "constexpr"}
-        constants = {"BLOCK": block, "HAS_DROPOUT": True, "FROM_EMBEDS": False}
-        fwd_sig = {
-            **ids, **tables, "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32",
-            "rstd_ptr": "*fp32", "seed_ptr": "*i64", "H": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32",
-            **flags,
-        }
-        bwd_sig = {
-            "dy_ptr": f"*{dt}", **ids, **tables, "w_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-            "seed_ptr": "*i64", "dh_ptr": f"*{dt}", "partial_ptr": "*fp32", "n_rows": "i32", "H": "i32",
-            "p": "fp32", "scale": "fp32", **flags,
-        }
-        scatter = {"ROWS": _SEGMENT_ROWS, "BLOCK": block}
-        sum_sig = {
-            "dh_ptr": f"*{dt}", "sorted_ids_ptr": "*i64", "order_ptr": "*i64", "grad_ptr": f"*{dt}",
-            "carry_ptr": "*fp32", "n_rows": "i32", "H": "i32", "skip_id": "i32",
-            "ROWS": "constexpr", "BLOCK": "constexpr",
-        }
-        carry_sig = {
-            "sorted_ids_ptr": "*i64", "grad_ptr": f"*{dt}", "carry_ptr": "*fp32", "n_rows": "i32", "H": "i32",
-            "skip_id": "i32", "ROWS": "constexpr", "BLOCK": "constexpr",
-        }
-        for name, fn, sig, consts in [
-            ("emb_fwd", _emb_fwd_kernel, fwd_sig, constants),
-            ("emb_bwd", _emb_bwd_kernel, bwd_sig, constants),
-            ("emb_segment_sum", _segment_sum_kernel, sum_sig, scatter),
-            ("emb_segment_carry", _segment_carry_kernel, carry_sig, scatter),
-        ]:
-            warps = _bwd_warps(num_warps) if name == "emb_bwd" else num_warps
-            specs.append(AotSpec(f"{name}[{tag}]", fn, sig, consts, num_warps=warps, tuned=tuned))
-    return specs
+        ids = meta(4, dtype=torch.int64)
+        tables = [meta(rows, hidden, dtype=dt) for rows in (30, 16, 2)]
+        w, b, seed = meta(hidden, dtype=dt), meta(hidden, dtype=dt), meta(dtype=torch.int64)
+        launches = record(_launch_forward, ids, ids, ids, *tables, w, b, seed, 1e-12, 0.1, 0)
+        launches += record(_launch_backward, meta(4, hidden, dtype=dt), ids, ids, ids, *tables, w, meta(4),
+                           meta(4), seed, 0.1, 0, [True, True, True])
+        for launch in launches:  # backward scatters three tables with the same two kernels
+            name = f"{_KERNEL_NAMES[launch.kernel]}[{row_tag(hidden, act, dt)}]"
+            specs[name] = spec(name, launch, tuned=tuned)
+    return list(specs.values())

@@ -5,7 +5,8 @@
   dbias) without atomics. The backward kernels run a bounded number of programs that each
   walk a strided set of rows and keep their own fp32 partial sums in registers; a second,
   small reduction adds up the ``(programs, hidden)`` partials. Deterministic for a device.
-* ``gelu`` / ``gelu_grad``, ``dropout_keep``, ``layernorm_row`` / ``layernorm_row_grad`` and
+* ``gelu`` / ``gelu_grad``, ``dropout_keep`` (the counter-hash mask of every backend),
+  ``layernorm_row`` / ``layernorm_row_grad`` and
   ``store_ln_partials``: @triton.jit helpers inlined by the kernels.
 * LayerNorm backward of one row, given x_hat = (h - mean) * rstd and dy::
 
@@ -41,16 +42,22 @@ def row_config(hidden: int) -> tuple[int, int]:
     return block, min(16, max(1, block // 256))
 
 
-def aot_row_configs() -> list[tuple[int, int, str, str, bool]]:
-    """(BLOCK, num_warps, activation dtype, parameter dtype, tuned) for the AOT check.
+def aot_rows() -> list[tuple[int, torch.dtype, torch.dtype, bool]]:
+    """(hidden, activation dtype, parameter dtype, tuned) that the AOT check launches the row kernels with.
 
-    The tuned rows in every dtype and as autocast runs them (bf16 activations from a matmul with
-    fp32 parameters, residual and outputs), and the widest row in fp32.
+    One hidden size per launch configuration that the tuned sizes reach, in every dtype and as autocast
+    runs them (bf16 activations from a matmul with fp32 parameters, residual and outputs), and the
+    widest row in fp32.
     """
-    tuned = sorted({row_config(h) for h in TUNED_HIDDEN})
-    configs = [(block, warps, dtype, dtype, True) for block, warps in tuned for dtype in DTYPES.values()]
-    configs += [(block, warps, "bf16", "fp32", True) for block, warps in tuned]
-    return configs + [(*row_config(MAX_HIDDEN), "fp32", "fp32", False)]
+    tuned = {row_config(h): h for h in TUNED_HIDDEN}.values()
+    rows = [(hidden, dtype, dtype, True) for hidden in tuned for dtype in DTYPES]
+    rows += [(hidden, torch.bfloat16, torch.float32, True) for hidden in tuned]
+    return rows + [(MAX_HIDDEN, torch.float32, torch.float32, False)]
+
+
+def row_tag(hidden: int, act: torch.dtype, param: torch.dtype) -> str:
+    """The configuration column of the AOT check for a row kernel: its BLOCK and dtypes."""
+    return f"BLOCK={row_config(hidden)[0]},{dtype_tag(DTYPES[act], DTYPES[param])}"
 
 
 def dtype_tag(act: str, param: str) -> str:
@@ -123,9 +130,36 @@ def gelu_grad(u, APPROX_TANH: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, offsets, p):
-    """Philox mask: element ``offsets`` of the tensor is kept with probability 1 - p."""
-    return tl.rand(seed, offsets) >= p
+def mix32(x):
+    """lowbias32, on uint32 values (wrapping products, logical shifts)."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def dropout_key(seed):
+    """(k0, k1): the two 32-bit words that the mask mixes in, from the int64 seed."""
+    return mix32(seed.to(tl.uint32) ^ 0x9E3779B9), mix32((seed >> 32).to(tl.uint32) ^ 0x7F4A7C15)
+
+
+@triton.jit
+def dropout_keep_keyed(k0, k1, row, cols, threshold):
+    """:func:`dropout_keep` with the key already mixed (once per program, outside the loops)."""
+    bits = mix32(mix32(tl.cast(cols, tl.uint32) ^ k0) + (tl.cast(row, tl.uint32) ^ k1))
+    return (bits >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def dropout_keep(seed, row, cols, threshold):
+    """Whether elements (row, cols) survive dropout: the rule of ``bertfast.ops.dropout.keep_mask`` (and of
+    the native kernel), bit for bit. ``row`` and ``cols`` broadcast against each other; ``threshold`` is
+    ``bertfast.ops.dropout.threshold(p)``."""
+    k0, k1 = dropout_key(seed)
+    return dropout_keep_keyed(k0, k1, row, cols, threshold)
 
 
 @triton.jit

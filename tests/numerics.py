@@ -22,3 +22,20 @@ def assert_relative_rule(
     torch_err = max_abs_err(ref_same_dtype, ref_fp32)
     bound = factor * torch_err + atol
     assert err <= bound, f"{name}: error {err:.3e} > {factor} x torch's {torch_err:.3e} + {atol:.1e}"
+
+
+def assert_matches_reference(
+    names: tuple[str, ...], actual: tuple[Tensor, ...], ref_fp32: tuple[Tensor, ...],
+    ref_same_dtype: tuple[Tensor, ...],
+) -> None:
+    """Each named output or gradient against the references: the reference's dtype; in fp32 within 1e-5 of
+    the fp32 reference; in bf16/fp16 the relative rule with one unit in the last place (of the largest
+    value) for atol."""
+    for name, a, r32, rs in zip(names, actual, ref_fp32, ref_same_dtype, strict=True):
+        assert a.dtype == rs.dtype, name
+        scale = max(r32.abs().max().item(), 1.0) if r32.numel() else 1.0
+        if a.dtype == torch.float32:
+            torch.testing.assert_close(a, r32, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            ulp = 2.0**-8 if a.dtype == torch.bfloat16 else 2.0**-11
+            assert_relative_rule(a, r32, rs, atol=ulp * scale, name=name)

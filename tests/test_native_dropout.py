@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from bertfast import _C, ops
-from bertfast.ops import native, reference
+from bertfast.ops import dropout, native, reference
 from bertfast.ops.dropout import draw_seed
 
 
-def keep_mask(shape, p: float, seed) -> torch.Tensor:
-    """What the kernel keeps: its hashes of (seed, i) against round(p * 2^32)."""
-    bits = torch.from_numpy(_C.dropout_bits(int(seed), 0, math.prod(shape)).astype("int64"))
-    return (bits >= round(p * 2**32)).view(shape)
+def keep_mask(shape, p: float, seed, rows=None) -> torch.Tensor:
+    """What the kernel keeps: its hashes of (seed, row, column) shifted and compared with the threshold."""
+    rows = torch.arange(math.prod(shape[:-1])) if rows is None else rows
+    bits = torch.from_numpy(_C.dropout_bits(int(seed), rows.numpy(), shape[-1]).astype("int64"))
+    return ((bits >> 1) >= dropout.threshold(p)).view(shape)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -29,23 +30,26 @@ def test_keeps_one_minus_p_scaled_and_matches_its_hashes(p):
 
 
 def test_mask_has_no_visible_structure():
-    kept = keep_mask((1 << 20,), 0.5, 3).float()
+    kept = keep_mask((1024, 1024), 0.5, 3).float()
     centred = kept - kept.mean()
-    for lag in (1, 2, 16, 1024):  # neighbours, vector lanes, rows
-        correlation = (centred[:-lag] * centred[lag:]).mean() / centred.var()
-        assert abs(correlation) < 0.01, lag
-    blocks = kept.view(256, 4096).mean(dim=1)  # every stretch of the tensor keeps about half
-    assert (blocks - 0.5).abs().max() < 6 * math.sqrt(0.25 / 4096)
-    other = keep_mask((1 << 20,), 0.5, 4).float()  # another seed: an independent mask
+    for lag in (1, 2, 16, 256):  # neighbours, vector lanes, further along a row; and the same across rows
+        along_row = (centred[:, :-lag] * centred[:, lag:]).mean() / centred.var()
+        across_rows = (centred[:-lag] * centred[lag:]).mean() / centred.var()
+        assert abs(along_row) < 0.01 and abs(across_rows) < 0.01, lag
+    for axis in (0, 1):  # every row and every column keeps about half
+        assert (kept.mean(dim=axis) - 0.5).abs().max() < 6 * math.sqrt(0.25 / 1024)
+    other = keep_mask((1024, 1024), 0.5, 4).float()  # another seed: an independent mask
     assert abs((kept == other).float().mean().item() - 0.5) < 0.01
+    high = keep_mask((1024, 1024), 0.5, 3 + 2**32).float()  # the seed's high word counts too
+    assert abs((kept == high).float().mean().item() - 0.5) < 0.01
 
 
-def test_elements_two_to_the_32_apart_are_independent():
-    # The index's high word enters the hash: huge tensors do not repeat their mask every 2^32 elements.
-    low = _C.dropout_bits(11, 0, 4096).astype("int64")
-    high = _C.dropout_bits(11, 2**32, 4096).astype("int64")
-    assert abs((low < 2**31).mean() - 0.5) < 0.05 and abs((high < 2**31).mean() - 0.5) < 0.05
-    assert abs(((low < 2**31) == (high < 2**31)).mean() - 0.5) < 0.05
+def test_the_kernel_and_the_shared_pytorch_rule_agree_bit_for_bit():
+    rows = torch.tensor([0, 1, 2, 1000, 2**31 - 1, 2**31, 2**32 - 1, 12345678901])  # ids taken mod 2**32
+    for seed in (0, 1, 2**61 + 12345):
+        for p in (0.0, 0.1, 0.5, 1.0):
+            expected = dropout.keep_mask(torch.tensor(seed), rows, 300, p)
+            assert torch.equal(keep_mask((len(rows), 300), p, seed, rows), expected), (seed, p)
 
 
 def test_seed_from_torch_generator_repeats_and_backward_uses_the_same_mask():
@@ -89,6 +93,8 @@ def test_residual_and_embedding_ops_equal_the_reference_with_the_same_mask():
     h = torch.where(mask, (x + bias) / 0.8, 0.0) + res
     expected = torch.nn.functional.layer_norm(h, (48,), w, b, 1e-12)
     torch.testing.assert_close(y, expected)
+    torch.manual_seed(1)  # the reference draws the same seed and keeps the same elements
+    torch.testing.assert_close(y, reference.bias_dropout_add_layernorm(x, bias, res, w, b, 1e-12, 0.2, True))
     dy = torch.randn_like(y)
     for got, want in zip(torch.autograd.grad(y, (x, res, bias, w, b), dy),
                          torch.autograd.grad(expected, (x, res, bias, w, b), dy), strict=True):
@@ -112,17 +118,21 @@ def test_attention_in_training_equals_the_masked_softmax_reference():
     torch.manual_seed(3)
     out = ops.attention(qkv, cu, max(lengths), 0.25, training=True)
     torch.manual_seed(3)
-    mask = keep_mask((4, 2, 7, 7), 0.25, draw_seed(torch.device("cpu")))
+    seed = draw_seed(torch.device("cpu"))
     expected = []
     for i, n in enumerate(lengths):  # per sequence: softmax over its own keys, the same kept probabilities
         q, k, v = qkv[cu[i]:cu[i] + n].unbind(1)
         probs = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(8), dim=-1)
-        probs = torch.where(mask[i, :, :n, :n], probs / 0.75, 0.0)
+        # Probability (head h, query q, key k) is row (token of q) * heads + h, column k of the mask.
+        rows = ((cu[i] + torch.arange(n))[None, :] * 2 + torch.arange(2)[:, None]).reshape(-1)
+        probs = torch.where(keep_mask((2, n, n), 0.25, seed, rows), probs / 0.75, 0.0)
         expected.append(torch.einsum("hqk,khd->qhd", probs, v))
     expected = torch.cat(expected)
     torch.testing.assert_close(out, expected)
     dy = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, qkv, dy)[0], torch.autograd.grad(expected, qkv, dy)[0])
+    torch.manual_seed(3)  # a looser bound than the longest sequence keeps the same mask
+    torch.testing.assert_close(ops.attention(qkv, cu, 11, 0.25, training=True), out)
     # Without dropout (or in eval) it is the reference itself.
     torch.testing.assert_close(ops.attention(qkv, cu, 7, 0.25, training=False), reference.attention(qkv, cu, 7))
 

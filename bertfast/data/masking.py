@@ -3,7 +3,7 @@
 Of the real tokens of a sequence (not [CLS]/[SEP]/[PAD] or another special token), ``mask_prob``
 are chosen (at least one when there is one); of those, ``mask_token_prob`` become [MASK],
 ``random_token_prob`` a random non-special token and the rest stay as they are. Labels hold the
-original id at chosen positions and -100 elsewhere. With ``whole_word`` the choice is made over
+original id at chosen positions and ``IGNORE_INDEX`` (-100) elsewhere. With ``whole_word`` the choice is made over
 words (a token plus its ``##`` continuation pieces), so a word is masked whole or not at all.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from bertfast.ops import IGNORE_INDEX
 
 
 @dataclass

@@ -19,24 +19,28 @@ each where its ``supports`` predicate accepts the inputs, and the reference othe
 
 Dropout
 -------
-One policy for every op and backend:
+One policy for every op and every backend (this is the one place it is written down):
 
-* **Seed.** Each op call with dropout draws one seed, a 0-dim int64 tensor from torch's generator
-  of the tensor's device (``torch.randint`` on that device, in the op's Python wrapper). So the
-  generator advances by one draw per dropout op call, in the order the model calls them;
-  ``torch.manual_seed`` (and ``torch.cuda.manual_seed``) makes a run repeat; ``torch.compile``
-  traces the draw like any other random op; the seed never visits the host, so a CUDA graph can
-  capture the step.
-* **Offset.** Within a call, the mask is a pure function of (seed, element index), never stored:
-  backward regenerates it from the saved seed. The element index is the position in the op's output
-  (token * hidden + column); for attention probabilities, the query token's packed position, the
-  head and the key's position in its sequence (``bertfast.kernels.attention``).
+* **Seed.** Each op call with dropout draws one seed: a 0-dim int64 tensor from torch's generator
+  of the tensor's device (``torch.randint`` on that device, in the op's traced Python wrapper;
+  ``bertfast.ops.dropout.draw_seed``). The generator advances by one draw per dropout op call, in
+  the order the model calls them. The seed never visits the host, so a CUDA graph can capture the
+  step, and ``torch.compile`` traces the draw like any other random op.
+* **Mask.** Within a call the mask is a pure function of (seed, row, column), computed where it is
+  used and never stored: backward regenerates it from the saved seed. An element is kept when
+  ``mix32(mix32(column ^ k0) + (row ^ k1)) >> 1 >= round(p * 2**31)``, (k0, k1) mixed from the
+  seed (``bertfast.ops.dropout.keep_mask``; mod 2**32 arithmetic). The row is the packed token
+  (for attention probabilities, query token * heads + head) and the column the hidden unit (the
+  key's position in its sequence), so the mask does not depend on padding or on ``max_seqlen``.
+  The Triton kernels, the C++ kernel and the reference compute this same function bit for bit:
+  for a seed, every backend drops the same elements.
+* **Reproducible runs.** ``torch.manual_seed`` (and ``torch.cuda.manual_seed_all``) before the run;
+  the same ops on the same shapes then draw the same seeds, on any backend. Under ``torch.compile``
+  the draws come from the compiled graph's random stream (Inductor's), which repeats for a seed too
+  but differs from eager's.
 * **Activation checkpointing** (``torch.utils.checkpoint``, non-reentrant) restores the generator
   state before recomputing a layer, so the recomputation draws the same seeds and applies the same
   masks: gradients equal those of the run without checkpointing.
-* **Backends.** The reference uses ``F.dropout`` (its own draws from the same generator); Triton
-  kernels use Philox on the seed; the native CPU kernels a counter hash of the seed. Each is
-  deterministic for a seed; the masks differ between backends.
 """
 
 from __future__ import annotations
@@ -46,9 +50,8 @@ from torch import Tensor
 
 from bertfast.ops import dispatch, dropout, reference
 from bertfast.ops.dispatch import BACKENDS, forced_backend, implementation, use_backend
+from bertfast.ops.reference import IGNORE_INDEX
 from bertfast.padding import Packing
-
-IGNORE_INDEX = -100  # the label of positions that no loss is computed for, as in PyTorch and transformers
 
 
 def _register_backends() -> None:

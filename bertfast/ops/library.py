@@ -53,3 +53,27 @@ def kernel_op(name: str, fake: Callable, traceable: bool = True) -> Callable:
 
     return define
 
+
+
+# While not None, the launches that wrap_triton would make are appended here instead of run (kernels/aot.py).
+_recorded_launches: list | None = None
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``: how every launcher launches its kernels (so that
+    ``torch.compile`` sees them inside ``triton_op``s), except while ``bertfast.kernels.aot.record``
+    collects the launches that a launcher makes, to derive the ahead-of-time compile signatures."""
+    if _recorded_launches is not None:
+        return _Recorder(kernel)
+    return torch.library.wrap_triton(kernel)
+
+
+class _Recorder:
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs) -> None:
+            _recorded_launches.append((self.kernel, args, kwargs))
+
+        return launch

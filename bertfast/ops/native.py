@@ -16,8 +16,6 @@ this dropout in place of ``F.dropout``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -77,37 +75,40 @@ def bias_gelu(x: Tensor, bias: Tensor | None, approximate: str = "none") -> Tens
     return _bias_gelu_op(x, bias)
 
 
-def _dropout_fake(x: Tensor, seed: Tensor, p: float) -> Tensor:
+def _dropout_fake(x: Tensor, seed: Tensor, p: float, rows: Tensor | None) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @custom_op("native_dropout", _dropout_fake, device_types="cpu")
-def _dropout_op(x: Tensor, seed: Tensor, p: float) -> Tensor:
-    """x * 1 / (1 - p) where hash(seed, element index) >= round(p * 2**32), else 0."""
-    threshold = min(round(p * 2**32), 2**32)
-    y = _C.dropout(x.contiguous().numpy(), int(seed), threshold, policy.scale(p))
+def _dropout_op(x: Tensor, seed: Tensor, p: float, rows: Tensor | None) -> Tensor:
+    """Dropout of x (..., cols) with the shared keep rule (``bertfast.ops.dropout.keep_mask``): row i of
+    x.reshape(-1, cols) is ``rows[i]`` (default i)."""
+    n_cols = x.shape[-1]
+    flat = x.reshape(-1, n_cols).contiguous()
+    row_ids = torch.arange(flat.shape[0]) if rows is None else rows.contiguous()
+    y = _C.dropout(flat.numpy(), row_ids.numpy(), int(seed), policy.threshold(p), policy.scale(p))
     return torch.from_numpy(y).view(x.shape)
 
 
 def _dropout_setup(ctx, inputs, output) -> None:
-    _, seed, ctx.p = inputs
-    ctx.save_for_backward(seed)
+    _, seed, ctx.p, rows = inputs
+    ctx.save_for_backward(seed, rows)
 
 
-def _dropout_backward(ctx, dy: Tensor) -> tuple[Tensor | None, None, None]:
-    (seed,) = ctx.saved_tensors
-    return _dropout_op(dy, seed, ctx.p), None, None
+def _dropout_backward(ctx, dy: Tensor) -> tuple[Tensor | None, None, None, None]:
+    seed, rows = ctx.saved_tensors
+    return _dropout_op(dy, seed, ctx.p, rows), None, None, None
 
 
 _dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
 
 
 def dropout(x: Tensor, p: float, training: bool, seed: Tensor | None = None) -> Tensor:
-    """``F.dropout(x, p, training)`` with the counter-based mask (float32 CPU tensors)."""
+    """``F.dropout(x, p, training)`` with the shared counter-hash mask (float32 CPU tensors)."""
     policy.check_probability(p)
     if not training or p == 0.0:
         return x
-    return _dropout_op(x, policy.draw_seed(x.device) if seed is None else seed, p)
+    return _dropout_op(x, policy.draw_seed(x.device) if seed is None else seed, p, None)
 
 
 def embeddings(
@@ -137,14 +138,13 @@ def attention(
 ) -> Tensor:
     """The reference attention; in training with dropout, softmax(QK^T) V with the native dropout on P.
 
-    SDPA on a CPU draws attention dropout with bernoulli_ over every (query, key) pair; this
-    computes the same math path explicitly around the native dropout.
+    SDPA on a CPU draws attention dropout with bernoulli_ over every (query, key) pair; this is the
+    reference's explicit path with the C++ kernel applying the (same) mask.
     """
     if not (training and dropout_p > 0.0):
         return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale)
-    view = reference.PaddedHeads(qkv, cu_seqlens, max_seqlen)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
-    scores = (view.q @ view.k.transpose(-1, -2)).mul_(scale)
-    scores.masked_fill_(~view.key_mask[:, None, None, :], float("-inf"))
-    probs = dropout(scores.softmax(dim=-1), dropout_p, training)
-    return view.pack(probs @ view.v)
+    seed = policy.draw_seed(qkv.device)
+    return reference.attention_with_dropout(
+        qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+        lambda probs, rows: _dropout_op(probs, seed, dropout_p, rows),
+    )

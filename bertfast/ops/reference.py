@@ -5,14 +5,23 @@ These define what each op computes. The fused kernels (``bertfast.kernels``,
 without a faster backend they are what runs.
 
 Every op works on packed tokens: activations are ``(tokens, hidden)`` with the
-padding already removed (see ``bertfast.padding``).
+padding already removed (see ``bertfast.padding``). Dropout follows the policy of
+``bertfast.ops`` with the shared mask of ``bertfast.ops.dropout``, so for one seed
+the reference drops exactly what the kernels drop.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from bertfast.ops import dropout
+
+IGNORE_INDEX = -100  # the label of positions that no loss is computed for, as in PyTorch and transformers
 
 
 def embeddings(
@@ -41,7 +50,15 @@ def embeddings(
         words = F.embedding(input_ids, word_weight, padding_idx=padding_idx)
     x = words + F.embedding(position_ids, position_weight) + F.embedding(token_type_ids, type_weight)
     x = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
-    return F.dropout(x, dropout_p, training)
+    return _dropout(x, dropout_p, training)
+
+
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout with a seed drawn from x's device generator and the shared (seed, row, column) mask."""
+    dropout.check_probability(p)
+    if not training or p == 0.0:
+        return x
+    return dropout.apply(x, dropout.draw_seed(x.device), p)
 
 
 def _add_bias(x: Tensor, bias: Tensor | None) -> Tensor:
@@ -67,7 +84,7 @@ def bias_dropout_add_layernorm(
     training: bool,
 ) -> Tensor:
     """LayerNorm(dropout(x + bias) + residual): the end of the attention and feed-forward blocks."""
-    h = F.dropout(_add_bias(x, bias), dropout_p, training) + residual
+    h = _dropout(_add_bias(x, bias), dropout_p, training) + residual
     return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
 
 
@@ -95,12 +112,38 @@ def attention(
     head_dim) view. Nothing branches on T or on tensor values, so that it traces with a
     data-dependent T.
     """
+    if training and dropout_p > 0.0:
+        seed = dropout.draw_seed(qkv.device)
+        return attention_with_dropout(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                      lambda probs, rows: dropout.apply(probs, seed, dropout_p, rows))
     view = PaddedHeads(qkv, cu_seqlens, max_seqlen)
     out = F.scaled_dot_product_attention(
-        view.q, view.k, view.v, attn_mask=view.key_mask[:, None, None, :],
-        dropout_p=dropout_p if training else 0.0, scale=softmax_scale,
+        view.q, view.k, view.v, attn_mask=view.key_mask[:, None, None, :], scale=softmax_scale,
     )
     return view.pack(out)
+
+
+def attention_with_dropout(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, softmax_scale: float | None,
+    apply_dropout: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """softmax(scale Q K^T) with ``apply_dropout(probs, rows)`` on the probabilities, times V.
+
+    ``probs`` is (batch, heads, max_seqlen, max_seqlen); ``rows`` gives each of its (query) rows the
+    row of the shared dropout mask: (packed query token) * heads + head, so that the mask does not
+    depend on ``max_seqlen`` (padded query rows get some row; they are never packed back).
+    """
+    view = PaddedHeads(qkv, cu_seqlens, max_seqlen)
+    heads = qkv.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
+    scores = (view.q @ view.k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~view.key_mask[:, None, None, :], float("-inf"))
+    starts = cu_seqlens[:-1].long()[:, None, None]
+    query = torch.arange(max_seqlen, device=qkv.device)[None, None, :]
+    head = torch.arange(heads, device=qkv.device)[None, :, None]
+    rows = ((starts + query) * heads + head).reshape(-1)
+    probs = apply_dropout(scores.softmax(dim=-1), rows)
+    return view.pack(probs @ view.v)
 
 
 class PaddedHeads:
@@ -134,7 +177,7 @@ def linear_cross_entropy(
     weight: Tensor,
     bias: Tensor | None,
     labels: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     chunk_bytes: int | None = None,
