@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from timing import median_ms
 
 import bertfast
+from bertfast.bench.timing import median_ms
 
 
 def minilm_dir() -> Path:

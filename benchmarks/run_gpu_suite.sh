@@ -5,25 +5,29 @@
 #   pip install --no-build-isolation --no-deps -e .        # on the GPU machine, once
 #   bash benchmarks/run_gpu_suite.sh                        # env tests layernorm attention mlm model
 #   bash benchmarks/run_gpu_suite.sh -t 300 attention tune  # chosen steps, each capped at 300 s
+#   bash benchmarks/run_gpu_suite.sh --quick layernorm      # the suite's --quick shapes (a smoke run)
 #   bash benchmarks/run_gpu_suite.sh --tar results.tgz      # also pack the folder into one archive
 #
-# Steps: env (devices and versions), tests (pytest -m gpu), layernorm, attention, mlm, model (the
-# benchmarks), tune (benchmarks/tune_kernels.py). Results go to benchmarks/results/<device>-<date>/
-# (or -o DIR): <step>.txt holds a step's console output, and the benchmarks write their tables beside it.
+# Steps: env (devices and versions), tests (pytest -m gpu), layernorm, attention, mlm, model, pretrain,
+# inference (the families of `bertfast bench`; pretrain and inference only on request), tune
+# (benchmarks/tune_kernels.py). Results go to benchmarks/results/<device>-<date>/ (or -o DIR): <step>.txt
+# holds a step's console output; each benchmark step writes run.json, <family>.md and <family>.png in
+# <step>/.
 # Every step runs under `timeout` so that one slow step cannot take the others' time; the exit status
 # is non-zero when any step failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
-out="" limit=480 tarball="" steps=()
+out="" limit=480 tarball="" quick="" steps=()
 while (($#)); do
   case "$1" in
     -o|--out) out=$2; shift 2 ;;
     -t|--timeout) limit=$2; shift 2 ;;
     --tar) tarball=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    env|tests|layernorm|attention|mlm|model|tune) steps+=("$1"); shift ;;
+    --quick) quick=--quick; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    env|tests|layernorm|attention|mlm|model|pretrain|inference|tune) steps+=("$1"); shift ;;
     *) echo "run_gpu_suite.sh: unknown step or option '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -46,15 +50,15 @@ print(subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], cap
 PY
       ;;
     tests) python -m pytest -q -m gpu tests ;;
-    layernorm) python benchmarks/bench_layernorm_family.py --out "$out/layernorm_family.md" ;;
-    attention) python benchmarks/bench_attention.py --out "$out/attention.md" ;;
-    mlm) python benchmarks/bench_mlm_head.py --out "$out/mlm_head.md" ;;
-    model) python benchmarks/bench_model.py --out "$out/model_step.json" ;;
+    layernorm) bench layernorm-family layernorm ;;
+    attention|model|pretrain|inference) bench "$1" "$1" ;;
+    mlm) bench mlm-head mlm ;;
     tune) python benchmarks/tune_kernels.py --out "$out/tuning.md" ;;
   esac
 }
-export -f step_command
-export out
+bench() { python -m bertfast bench "$1" --device cuda $quick --output-dir "$out/$2"; }  # family, step
+export -f step_command bench
+export out quick
 
 status=0
 for step in "${steps[@]}"; do

@@ -16,7 +16,7 @@ serves (the check fails otherwise).
               the sum. TFLOP/s count useful work (forward 4 * heads * head_dim * sum(len^2), backward 2.5x).
   layernorm   bf16, 16k tokens, hidden 768 and 1024, training (dropout 0.1): warps per row for the
               row kernels (forward and backward share them), programs per SM for the backward's
-              partial sums, and bias+GELU's rows per tile and warps; GB/s as bench_layernorm_family.py
+              partial sums, and bias+GELU's rows per tile and warps; GB/s as `bertfast bench layernorm-family`
               counts them, % of the H100's 3.35 TB/s.
 """
 
@@ -31,15 +31,16 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_attention import Batch, make_lengths
-from bench_layernorm_family import H100_TBPS, make_case
-from timing import median_ms
 
 from bertfast import ops
+from bertfast.bench.families.attention import Batch, make_lengths
+from bertfast.bench.families.layernorm_family import make_case
+from bertfast.bench.timing import median_ms
 from bertfast.kernels import attention as attn
 from bertfast.kernels import bias_dropout_add_layernorm, bias_gelu, bias_gelu_layernorm, embeddings
 
 HEADS, HEAD_DIM, TOKENS, DROPOUT = 12, 64, 16384, 0.1
+H100_TBPS = 3.35  # H100 SXM HBM3 bandwidth, the reference of the "% peak" columns
 FWD_CANDIDATES = [attn.FwdConfig(m, n, w, s) for (m, n) in ((64, 64), (64, 128), (128, 64), (128, 128))
                   for w in (4, 8) for s in (2, 3, 4)]
 BWD_CANDIDATES = [attn.BwdConfig(m1, n1, n2, w, s)

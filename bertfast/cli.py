@@ -1,4 +1,4 @@
-"""The ``bertfast`` command: ``pretrain``, ``finetune``, ``glue``, ``predict`` and ``tokenizer train``."""
+"""The ``bertfast`` command: ``pretrain``, ``finetune``, ``glue``, ``predict``, ``tokenizer train`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from bertfast.bench import cli as bench_cli
 from bertfast.io import CheckpointError, WriteError, write_error
 
 PRETRAIN_EPILOG = """\
@@ -378,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     glue_parser = _glue_parser(subparsers)
     predict_parser = _predict_parser(subparsers)
     _tokenizer_parser(subparsers)
+    bench_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "pretrain":
         return _run_pretrain(args, pretrain_parser)
@@ -387,4 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_glue(args, glue_parser)
     if args.command == "predict":
         return _run_predict(args, predict_parser)
+    if args.command == "bench":
+        try:
+            return bench_cli.run(args)
+        except ValueError as e:
+            print(f"bertfast bench: error: {e}", file=sys.stderr)
+            return 2
     return _run_tokenizer_train(args)

