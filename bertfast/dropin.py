@@ -49,7 +49,12 @@ FAMILIES: dict[str, Family] = {
 # Arguments the packed path understands; any other keyword sends the call to transformers' forward.
 _HANDLED = {"self", "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
             "output_hidden_states", "output_attentions", "return_dict", "head_mask", "encoder_hidden_states",
-            "encoder_attention_mask", "cache", "past_key_values", "use_cache", "kwargs"}
+            "encoder_attention_mask", "cache", "past_key_values", "use_cache", "kwargs",
+            # transformers' loss and mixture-of-experts kwargs, which heads pass down and an encoder ignores
+            # (Trainer passes num_items_in_batch on every step)
+            "num_items_in_batch", "output_router_logits",
+            # padding-free batches (DataCollatorWithFlattening) and causal masks: fall back when set
+            "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "is_causal"}
 
 _ORIGINAL_FORWARD: dict[type, Callable] = {}  # classes patched by patch_transformers()
 
@@ -98,9 +103,12 @@ def fallback_reason(model: nn.Module, arguments: dict[str, Any]) -> str | None:
     mask = merged.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         return f"a {mask.dim()}-D attention_mask"
-    for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values"):
+    for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "cu_seq_lens_q",
+                 "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"):
         if merged.get(name) is not None:
             return name
+    if merged.get("is_causal"):
+        return "is_causal=True"
     if merged.get("use_cache"):
         return "use_cache=True"
     reason = _unsupported_config(config)

@@ -215,6 +215,10 @@ def test_fallbacks_give_transformers_answers(one_thread):
     assert "output_attentions" in fallback_reason(fast, {"output_attentions": True})
     assert "4-D" in fallback_reason(fast, {"attention_mask": mask4d})
     assert fallback_reason(fast, {"attention_mask": mask}) is None
+    # what Trainer passes on every step does not send it back to transformers' forward
+    assert fallback_reason(fast, {"attention_mask": mask, "kwargs": {"num_items_in_batch": torch.tensor(7)}}) is None
+    assert "cu_seq_lens_q" in fallback_reason(fast, {"kwargs": {"cu_seq_lens_q": torch.tensor([0, 4])}})
+    assert "unknown_option" in fallback_reason(fast, {"kwargs": {"unknown_option": 1}})
 
 
 def test_unsupported_models_are_named():

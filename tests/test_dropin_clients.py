@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bertfast
+from bertfast import dropin
 from bertfast.dropin import is_accelerated
 
 transformers = pytest.importorskip("transformers")
@@ -27,6 +28,15 @@ def minilm() -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(minilm):
     return transformers.AutoTokenizer.from_pretrained(minilm)
+
+
+@pytest.fixture
+def packed_calls(monkeypatch) -> list:
+    """Counts the calls that ran bertfast's encoder (not a fallback to transformers' forward)."""
+    calls: list = []
+    packed = dropin._packed_forward
+    monkeypatch.setattr(dropin, "_packed_forward", lambda *a: calls.append(1) or packed(*a))
+    return calls
 
 
 class Sentences(torch.utils.data.Dataset):
@@ -61,7 +71,7 @@ def _train_save_reload(model, tokenizer, out: Path):
 
 
 @pytest.mark.parametrize("which", ["accelerated transformers", "bertfast class"])
-def test_trainer_trains_evaluates_saves_and_reloads(which, minilm, tokenizer, tmp_path):
+def test_trainer_trains_evaluates_saves_and_reloads(which, minilm, tokenizer, tmp_path, packed_calls):
     torch.manual_seed(0)
     if which == "bertfast class":
         model = bertfast.BertForSequenceClassification.from_pretrained(minilm, num_labels=2)
@@ -71,6 +81,8 @@ def test_trainer_trains_evaluates_saves_and_reloads(which, minilm, tokenizer, tm
     before, after, result = _train_save_reload(model, tokenizer, tmp_path)
     assert result.global_step == 6
     assert after < before
+    if which == "accelerated transformers":  # every training and evaluation step ran bertfast's encoder
+        assert len(packed_calls) >= 6 + 2 * 3
 
 
 def _lora(model):
@@ -81,7 +93,7 @@ def _lora(model):
 
 
 @pytest.mark.parametrize("order", ["lora then accelerate", "accelerate then lora"])
-def test_lora_logits_and_gradients_match_transformers(order, minilm, tokenizer):
+def test_lora_logits_and_gradients_match_transformers(order, minilm, tokenizer, packed_calls):
     torch.manual_seed(0)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=2)
     reference = _lora(copy.deepcopy(base))
@@ -94,6 +106,7 @@ def test_lora_logits_and_gradients_match_transformers(order, minilm, tokenizer):
     batch = tokenizer(SENTENCES[:5], padding=True, return_tensors="pt")
     labels = torch.tensor(LABELS[:5])
     out_ref, out_fast = reference(**batch, labels=labels), fast(**batch, labels=labels)
+    assert packed_calls  # the adapted model ran bertfast's encoder
     torch.testing.assert_close(out_fast.logits, out_ref.logits, atol=1e-5, rtol=1e-5)
     out_ref.loss.backward()
     out_fast.loss.backward()
@@ -124,27 +137,29 @@ def _min_cosine(a, b) -> float:
     return torch.nn.functional.cosine_similarity(torch.as_tensor(a), torch.as_tensor(b)).min().item()
 
 
-def test_sentence_transformers_encode_through_accelerate(minilm):
+def test_sentence_transformers_encode_through_accelerate(minilm, packed_calls):
     model = _sentence_transformer(minilm)
     expected = model.encode(SENTENCES, batch_size=4)
     assert bertfast.accelerate(model) is model
     assert is_accelerated(model[0].auto_model)
     assert _min_cosine(model.encode(SENTENCES, batch_size=4), expected) >= 0.99999
+    assert len(packed_calls) == 5  # every batch
 
 
-def test_sentence_transformers_encode_through_patch(minilm):
+def test_sentence_transformers_encode_through_patch(minilm, packed_calls):
     expected = _sentence_transformer(minilm).encode(SENTENCES, batch_size=4)
     try:
         bertfast.patch_transformers()
         model = _sentence_transformer(minilm)
         assert is_accelerated(model[0].auto_model)
         got = model.encode(SENTENCES, batch_size=4)
+        assert len(packed_calls) == 5
     finally:
         bertfast.unpatch_transformers()
     assert _min_cosine(got, expected) >= 0.99999
 
 
-def test_pipelines_on_patched_models(minilm, tokenizer):
+def test_pipelines_on_patched_models(minilm, tokenizer, packed_calls):
     sentences = ["paris is the [MASK] of france.", "a [MASK] day"]
     fill = transformers.BertForMaskedLM.from_pretrained(minilm)  # MiniLM has no MLM head: a random one
     classify = transformers.AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=3)
@@ -157,6 +172,7 @@ def test_pipelines_on_patched_models(minilm, tokenizer):
         fast_fill = transformers.pipeline("fill-mask", model=fill, tokenizer=tokenizer)(sentences)
         fast_classify = transformers.pipeline("text-classification", model=classify, tokenizer=tokenizer,
                                               top_k=None)(SENTENCES[:3])
+        assert len(packed_calls) >= 2
     finally:
         bertfast.unpatch_transformers()
     for plain, fast in zip(plain_fill, fast_fill, strict=True):
