@@ -88,12 +88,22 @@ def _unsupported_config(config: Any) -> str | None:
     return None
 
 
+def _flatten(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A bound call's arguments with its ``**kwargs`` merged in (unchanged when there are none)."""
+    if "kwargs" not in arguments:
+        return arguments
+    extra = arguments["kwargs"] or {}
+    return {**{k: v for k, v in arguments.items() if k != "kwargs"}, **extra}
+
+
 def fallback_reason(model: nn.Module, arguments: dict[str, Any]) -> str | None:
-    """Why this call must run transformers' own forward, or None when the packed path computes it."""
+    """Why this call must run transformers' own forward, or None when the packed path computes it.
+
+    ``arguments`` are the call's, by name (``**kwargs`` as a ``"kwargs"`` entry or merged in).
+    """
     config = model.config
-    extra = arguments.get("kwargs") or {}
-    merged = {**arguments, **extra}
-    unknown = sorted(set(extra) - _HANDLED)
+    merged = _flatten(arguments)
+    unknown = sorted(set(merged) - _HANDLED)
     if unknown:
         return f"arguments {unknown}"
     if merged.get("output_attentions", getattr(config, "output_attentions", False)):
@@ -129,10 +139,10 @@ def _roberta_positions(model: nn.Module, input_ids: Tensor | None, inputs_embeds
     return torch.arange(padding_idx + 1, seqlen + padding_idx + 1, device=inputs_embeds.device)[None]
 
 
-def _packed_forward(model: nn.Module, family: Family, arguments: dict[str, Any]) -> Any:
+def _packed_forward(model: nn.Module, family: Family, merged: dict[str, Any]) -> Any:
+    """The base model's forward on bertfast's encoder; ``merged``: the call's arguments by name."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-    merged = {**arguments, **(arguments.get("kwargs") or {})}
     config = model.config
     input_ids, inputs_embeds = merged.get("input_ids"), merged.get("inputs_embeds")
     position_ids = merged.get("position_ids")
@@ -164,7 +174,7 @@ def _accelerated(original: Callable, family: Family) -> Callable:
     @functools.wraps(original)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         try:
-            arguments = signature.bind(self, *args, **kwargs).arguments
+            arguments = _flatten(signature.bind(self, *args, **kwargs).arguments)
         except TypeError:  # transformers raises its own error for a call it does not accept
             return original(self, *args, **kwargs)
         if fallback_reason(self, arguments) is not None:

@@ -363,29 +363,25 @@ class BertPreTrainedModel(_model_base()):
 
 def _check_range(name: str, values: Tensor, high: int, what: str) -> None:
     """Raise ValueError naming ``name`` when a value is outside [0, high) (one read-back)."""
-    if torch.compiler.is_compiling() or values.numel() == 0:
-        return
-    low_seen, high_seen = (int(v) for v in torch.stack([values.min(), values.max()]).tolist())
-    if low_seen < 0 or high_seen >= high:
-        bad = low_seen if low_seen < 0 else high_seen
-        raise ValueError(f"{name} holds {bad}, outside [0, {high}) ({what})")
+    _check_values(None, [(name, values, high, what)])
 
 
 def _check_values(attention_mask: Tensor | None, ranged: list[tuple[str, Tensor, int, str]]) -> bool:
     """Check that the mask holds only 0/1 and each id tensor is in range, with one host read-back for all.
 
     Only real positions are checked. Returns whether the mask keeps every position (packing is then a
-    reshape). Under torch.compile
-    nothing is read back: out-of-range ids then fail in the embedding lookup instead.
+    reshape). Under torch.compile nothing is read back: out-of-range ids then fail in the embedding
+    lookup instead.
     """
     if torch.compiler.is_compiling():
         return False
     stats = []
-    if attention_mask is not None:
-        stats += [((attention_mask != 0) & (attention_mask != 1)).any(), (attention_mask != 0).all()]
+    real = None if attention_mask is None else attention_mask != 0
+    if real is not None:
+        stats += [(real & (attention_mask != 1)).any(), real.all()]
     for _, values, _, _ in ranged:
-        if attention_mask is not None:  # padded positions may hold anything
-            values = torch.where(attention_mask != 0, values, 0)
+        if real is not None:  # padded positions may hold anything
+            values = torch.where(real, values, 0)
         empty = values.numel() == 0
         stats += [values.new_zeros(()) if empty else values.min(), values.new_zeros(()) if empty else values.max()]
     seen = torch.stack([t.long() for t in stats]).tolist()
