@@ -214,8 +214,8 @@ Exit codes: 0 done, 2 bad options or input.
 
 
 def _predict_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from bertfast.finetune.config import TASKS
     from bertfast.finetune.formats import FORMATS
-    from bertfast.finetune.tasks import TASKS
 
     parser = subparsers.add_parser(
         "predict", help="predict with a fine-tuned model",

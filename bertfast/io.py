@@ -6,16 +6,15 @@ import json
 import os
 import pickle
 import resource
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+if TYPE_CHECKING:  # torch and safetensors load on first use: the command line's --help needs neither
+    from torch import Tensor
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -70,6 +69,12 @@ def write_error(path: str | os.PathLike, error: BaseException) -> WriteError:
     return WriteError(f"cannot write {path}: {_write_failure_cause(Path(path), error)}")
 
 
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises; safetensors' own error only once a write has loaded safetensors."""
+    safetensors = sys.modules.get("safetensors")
+    return (OSError, RuntimeError, *((safetensors.SafetensorError,) if safetensors is not None else ()))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
@@ -90,7 +95,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as e:
+    except _write_errors() as e:
         Path(tmp).unlink(missing_ok=True)
         raise write_error(path, e) from e
     except BaseException:
@@ -104,11 +109,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike) -> None:
     """Write ``tensors`` atomically as safetensors (tensors are made contiguous and unshared)."""
+    from safetensors.torch import save_file
+
     owned = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(owned, tmp, metadata={"format": "pt"}))
 
 
 def _load_one(file: Path) -> dict[str, Tensor]:
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         if file.suffix == ".safetensors":
             return load_file(str(file))
@@ -117,7 +128,7 @@ def _load_one(file: Path) -> dict[str, Tensor]:
     except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError,
             zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"cannot read weights from {file}: {e}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{file} does not hold a flat dict of tensors")
     return state
 

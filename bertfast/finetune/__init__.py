@@ -3,9 +3,28 @@
 Also ``bertfast glue`` (:mod:`bertfast.finetune.glue`) and ``bertfast predict`` (:mod:`bertfast.finetune.predict`).
 """
 
-from bertfast.finetune.config import FinetuneConfig
-from bertfast.finetune.data import DataError, DataOptions, RowErrors
-from bertfast.finetune.tasks import TASKS, make_task
-from bertfast.finetune.trainer import Finetuner, finetune
+from __future__ import annotations
 
-__all__ = ["TASKS", "DataError", "DataOptions", "FinetuneConfig", "Finetuner", "RowErrors", "finetune", "make_task"]
+import importlib
+from typing import Any
+
+# Public names and their modules, imported on first use: the command line reads the options
+# (bertfast.finetune.config) without loading torch or the models.
+_EXPORTS = {
+    "TASKS": "bertfast.finetune.config",
+    "FinetuneConfig": "bertfast.finetune.config",
+    "DataError": "bertfast.finetune.data",
+    "DataOptions": "bertfast.finetune.data",
+    "RowErrors": "bertfast.finetune.data",
+    "make_task": "bertfast.finetune.tasks",
+    "Finetuner": "bertfast.finetune.trainer",
+    "finetune": "bertfast.finetune.trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bertfast.finetune' has no attribute {name!r}")

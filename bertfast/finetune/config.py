@@ -7,9 +7,9 @@ from typing import Any
 
 from bertfast.finetune.data import DataOptions
 from bertfast.finetune.formats import FORMATS
-from bertfast.finetune.tasks import TASKS
 from bertfast.training.config import coerce_option, option
 
+TASKS = ("classification", "token-classification", "multiple-choice", "question-answering")
 REQUIRED = ("task", "model", "eval")  # and train, unless --eval-only
 
 

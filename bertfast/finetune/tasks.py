@@ -19,6 +19,7 @@ from torch import Tensor
 from bertfast import metrics
 from bertfast.data import WordPieceTokenizer
 from bertfast.finetune import data
+from bertfast.finetune.config import TASKS
 from bertfast.finetune.data import DataError, DataOptions, RowErrors
 from bertfast.io import CheckpointError
 from bertfast.models import (
@@ -487,9 +488,6 @@ class QuestionAnswering(Task):
                 record["null_score_diff"] = null - value
             records.append(record)
         return records
-
-
-TASKS = ("classification", "token-classification", "multiple-choice", "question-answering")
 
 
 def make_task(name: str, regression: bool = False, max_answer_length: int = 30,
