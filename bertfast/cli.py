@@ -282,67 +282,40 @@ def _tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _run_training(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``bertfast pretrain`` and ``bertfast finetune``: options, then the run; errors become exit codes 2 and 1."""
     from bertfast.data import CorpusError
+    from bertfast.finetune import DataError, FinetuneConfig, finetune
     from bertfast.training import PretrainConfig, load_config_file, pretrain
     from bertfast.training.distributed import DeviceError, DistributedStall
-    from bertfast.training.rundir import RunDirectoryError
-
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    try:
-        values = load_config_file(args.config) if args.config else {}
-        values.update(given)
-        config = _resumed_config(PretrainConfig.from_dict(values), values)
-    except (OSError, ValueError) as e:
-        parser.error(str(e))
-    try:
-        return pretrain(config)
-    except (CorpusError, FileNotFoundError, CheckpointError, RunDirectoryError, DeviceError) as e:
-        print(f"bertfast pretrain: error: {e}", file=sys.stderr)
-        return 2
-    except (DistributedStall, WriteError) as e:
-        print(f"bertfast pretrain: error: {e}", file=sys.stderr)
-        return 1
-
-
-def _resumed_config(config: Any, values: dict[str, Any]) -> Any:
-    """With --resume, the options not given now are the checkpoint's (so a bare --resume latest continues a run)."""
-    from dataclasses import fields
-
-    from bertfast.training import PretrainConfig
-    from bertfast.training.checkpoint import load_state, resolve_resume
-    from bertfast.training.resume_policy import merged_resume_options
-
-    checkpoint = resolve_resume(config.output_dir, config.resume) if config.resume else None
-    if checkpoint is None:
-        return config
-    saved = load_state(checkpoint, mmap=True)["config"]
-    merged = merged_resume_options(saved, values, {f.name for f in fields(PretrainConfig)})
-    return PretrainConfig.from_dict({**merged, "output_dir": config.output_dir, "resume": config.resume})
-
-
-def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from bertfast.finetune import DataError, FinetuneConfig, finetune
-    from bertfast.training import load_config_file
-    from bertfast.training.distributed import DeviceError, DistributedStall
     from bertfast.training.guard import NonFiniteError
+    from bertfast.training.resume import FINETUNE, PRETRAIN, resumed_options
     from bertfast.training.rundir import RunDirectoryError
 
+    policy, config_class, run = {"pretrain": (PRETRAIN, PretrainConfig, pretrain),
+                                 "finetune": (FINETUNE, FinetuneConfig, finetune)}[args.command]
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         values = load_config_file(args.config) if args.config else {}
-        values.update(given)
-        config = FinetuneConfig.from_dict(values)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     try:
-        return finetune(config)
-    except (DataError, FileNotFoundError, CheckpointError, RunDirectoryError, DeviceError) as e:
-        print(f"bertfast finetune: error: {e}", file=sys.stderr)
-        return 2
+        config = config_class.from_dict(resumed_options(policy, config_class, {**values, **given}))
+    except (FileNotFoundError, CheckpointError) as e:  # the checkpoint --resume names
+        return _error(args.command, e, 2)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        return run(config)
+    except (CorpusError, DataError, FileNotFoundError, CheckpointError, RunDirectoryError, DeviceError) as e:
+        return _error(args.command, e, 2)
     except (NonFiniteError, DistributedStall, WriteError) as e:
-        print(f"bertfast finetune: error: {e}", file=sys.stderr)
-        return 1
+        return _error(args.command, e, 1)
+
+
+def _error(command: str, error: BaseException, code: int) -> int:
+    print(f"bertfast {command}: error: {error}", file=sys.stderr)
+    return code
 
 
 def _run_tokenizer_train(args: argparse.Namespace) -> int:
@@ -381,10 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tokenizer_parser(subparsers)
     bench_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
-    if args.command == "pretrain":
-        return _run_pretrain(args, pretrain_parser)
-    if args.command == "finetune":
-        return _run_finetune(args, finetune_parser)
+    if args.command in ("pretrain", "finetune"):
+        return _run_training(args, pretrain_parser if args.command == "pretrain" else finetune_parser)
     if args.command == "glue":
         return _run_glue(args, glue_parser)
     if args.command == "predict":

@@ -275,7 +275,7 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(pretr
 
     # A resumed run must keep the options that shape training, and needs a finished epoch to resume from.
     assert finetune(tmp_path / "resumed", "--resume", "--lr", "1e-3") == 2
-    assert "--lr differ from the run in" in capsys.readouterr().err
+    assert "cannot change --lr 0.001 (the run has 0.003)" in capsys.readouterr().err
     assert finetune(tmp_path / "nothing-yet", "--resume") == 2
     assert "has no finished epoch to resume from" in capsys.readouterr().err
 

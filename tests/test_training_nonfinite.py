@@ -40,7 +40,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, capsys):
     assert trainer.train() == 0
     assert (trainer.step, trainer.guard.skipped) == (5, 1)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    assert "step 2: non-finite loss (loss nan); update skipped (1 in a row" in capsys.readouterr().out
+    assert "step 2: non-finite loss (nan); update skipped (1 in a row" in capsys.readouterr().out
 
 
 def test_consecutive_nan_steps_stop_the_run(tmp_path, capsys):

@@ -68,8 +68,8 @@ class FinetuneConfig:
                              "metrics and predictions, no training")
     overwrite: bool = option(False, "replace the run in OUTPUT_DIR (its models, metrics and predictions are "
                              "deleted first); without it, or --resume, a directory holding a run is refused")
-    resume: bool = option(False, "continue the run in OUTPUT_DIR after its last finished epoch (same options; "
-                          "--epochs may grow)")
+    resume: bool = option(False, "continue the run in OUTPUT_DIR after its last finished epoch (options not "
+                          "given are the run's; --epochs may grow)")
 
     def __post_init__(self) -> None:
         required = REQUIRED if self.eval_only else (*REQUIRED, "train")

@@ -19,8 +19,6 @@ import json
 import math
 import random
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,50 +41,26 @@ from bertfast.finetune.preflight import (
 from bertfast.finetune.results import write_eval_results
 from bertfast.finetune.tasks import Feature, collate, load_fine_tuned, make_task
 from bertfast.io import CheckpointError, atomic_write_text, load_state_dict
-from bertfast.training.checkpoint import STATE_FILE, capture_rng, load_state, restore_rng, write_checkpoint
+from bertfast.training.checkpoint import capture_rng, restore_rng, write_checkpoint
 from bertfast.training.distributed import (
     DistEnv,
-    DistributedStall,
-    all_reduce,
     barrier,
     gather_to_main,
-    init_distributed,
-    is_collective_failure,
     pick_device,
     report_progress,
-    shutdown,
-    stall_message,
 )
-from bertfast.training.guard import NonFiniteError, NonFiniteGuard, check_finite_model
+from bertfast.training.guard import NonFiniteError, check_finite_model
 from bertfast.training.metrics import MetricsLog
 from bertfast.training.optim import build_optimizer, linear_schedule
 from bertfast.training.precision import resolve_precision
-from bertfast.training.rundir import FINETUNE_FILES, RunDirectory
-
-# Options a resumed run must share with the run it continues (--epochs may grow: the schedule stretches).
-_RESUME_OPTIONS = ("task", "model", "train", "regression", "batch_size", "grad_accum", "lr", "warmup_ratio",
-                   "weight_decay", "clip_norm", "seq_len", "max_answer_length", "precision", "seed",
-                   "data_format", "text_column", "text_pair_column", "label_column", "column_names", "label_names",
-                   "best_metric")
+from bertfast.training.resume import FINETUNE, RunStart, decide_resume, training_run
+from bertfast.training.step import OptimizerStep
 
 
 def finetune(config: FinetuneConfig) -> int:
     """Fine-tune as ``config`` says (in each process under torchrun); returns the exit code (0)."""
-    env, device = init_distributed(config.device, config.dist_timeout)
-    run_dir = None
-    try:
-        if env.is_main:
-            run_dir = RunDirectory.open(config.output_dir, FINETUNE_FILES, resume=config.resume,
-                                        overwrite=config.overwrite, eval_only=config.eval_only, say=tqdm.write)
-        Finetuner(config, env, device).run()
-    except RuntimeError as e:
-        if env.enabled and is_collective_failure(e):
-            raise DistributedStall(stall_message(env, e)) from e
-        raise
-    finally:
-        if run_dir is not None:
-            run_dir.release()
-        shutdown(env)
+    with training_run(FINETUNE, config, tqdm.write) as (env, device, start):
+        Finetuner(config, env, device, start=start).run()
     return 0
 
 
@@ -95,14 +69,17 @@ class Finetuner:
 
     def __init__(self, config: FinetuneConfig, env: DistEnv | None = None,
                  device: torch.device | None = None,
-                 on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> None:
+                 on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+                 start: RunStart | None = None) -> None:
+        """``start`` is the decision of :func:`~bertfast.training.resume.start_run` (made here when None)."""
         self.config = config
         self.on_epoch = on_epoch
         self.errors = RowErrors(config.skip_bad_rows)
         self.env = env or DistEnv()
         self.out = Path(config.output_dir)
         self.device = device or pick_device(config.device, self.env)
-        self.precision, self.amp_dtype = resolve_precision(config.precision, self.device)
+        self.precision = resolve_precision(config.precision, self.device)[0]
+        start = start or decide_resume(FINETUNE, config, self.env, self.say)
         for seeded in (random.seed, np.random.seed, torch.manual_seed):
             seeded(config.seed)
 
@@ -125,7 +102,6 @@ class Finetuner:
         self.train_features = self.task.encode(self.train_examples, self.tokenizer, self.seq_len)
         self.eval_features = self.task.encode(self.eval_examples, self.tokenizer, self.seq_len)
         self.model = model.to(self.device).train()
-        self.guard = NonFiniteGuard(config.max_nonfinite_steps)
         self.ddp = None
         if self.env.enabled and not config.eval_only:
             self.ddp = DistributedDataParallel(
@@ -137,11 +113,15 @@ class Finetuner:
         self.optimizer = build_optimizer("adamw", self.model, config.lr, config.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, round(config.warmup_ratio * self.total_steps),
                                          self.total_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.optimizer_step = OptimizerStep(
+            self.model, self.optimizer, self.scheduler, precision=self.precision, device=self.device,
+            clip_norm=config.clip_norm, max_nonfinite_steps=config.max_nonfinite_steps,
+            hint="try a lower --lr, more --warmup-ratio or --precision bf16/fp32", env=self.env, ddp=self.ddp,
+            say=self.say)
         self.step, self.start_epoch = 0, 1
         self.best: dict[str, Any] | None = None
-        if config.resume:
-            self._resume()
+        if start.checkpoint is not None:
+            self._resume(start)
         self.main_metric = config.best_metric or self.task.main_metric
         self.say(f"{config.task}: {len(self.train_examples)} train / {len(self.eval_examples)} eval examples "
                  f"({len(self.train_features)} / {len(self.eval_features)} features of {self.seq_len} tokens "
@@ -159,25 +139,13 @@ class Finetuner:
                                            cfg.data_options(), self.errors)
         return model
 
-    def _resume(self) -> None:
+    def _resume(self, start: RunStart) -> None:
         """Load ``OUTPUT_DIR/last``: weights, optimizer, schedule, scaler, RNG states, step and best record."""
-        last = self.out / "last"
-        if not (last / STATE_FILE).is_file():
-            raise CheckpointError(f"{self.out} has no finished epoch to resume from (no last/{STATE_FILE})")
-        state = load_state(last)
-        # (a run saved before an option existed ran with its default)
-        defaults = {f.name: f.default for f in fields(FinetuneConfig)}
-        changed = [k for k in _RESUME_OPTIONS if state["config"].get(k, defaults[k]) != getattr(self.config, k)]
-        if changed:
-            raise CheckpointError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} "
-                                  f"differ from the run in {self.out}; a resumed run must keep them")
-        if state["world_size"] != self.env.world_size:
-            raise CheckpointError(f"--resume: the run in {self.out} used {state['world_size']} processes, "
-                                  f"this one has {self.env.world_size}")
+        last, state = start.checkpoint, start.state
         self.model.load_checkpoint_state(load_state_dict(last), strict=True, source=str(last))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.optimizer_step.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"][self.env.rank])
         self.step, self.start_epoch, self.best = state["step"], state["epoch"] + 1, state["best"]
         self.say(f"resuming after epoch {state['epoch']} (step {self.step}) from {last}")
@@ -185,7 +153,7 @@ class Finetuner:
     def _state(self, epoch: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "epoch": epoch, "step": self.step, "best": self.best,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng, "world_size": self.env.world_size}
+                "scaler": self.optimizer_step.scaler.state_dict(), "rng": rng, "world_size": self.env.world_size}
 
     def _loader(self, features: list[Feature], shuffle: bool, epoch: int = 0) -> DataLoader:
         collate_fn = partial(collate, pad_id=self.tokenizer.pad_id)
@@ -196,11 +164,6 @@ class Finetuner:
             return DataLoader(features, batch_size=self.config.batch_size, sampler=sampler, collate_fn=collate_fn)
         return DataLoader(features, batch_size=self.config.batch_size, shuffle=shuffle, collate_fn=collate_fn,
                           generator=torch.Generator().manual_seed(self.config.seed + epoch))
-
-    def _autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _write_model(self, directory: Path) -> None:
         self.model.config.extra.update(self.task.config_updates())
@@ -297,57 +260,20 @@ class Finetuner:
         window_loss, window_steps = 0.0, 0
         bar = tqdm(self._steps(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch}",
                    disable=not cfg.progress or not self.env.is_main, leave=False)
-        model = self.ddp or self.model
         for step in bar:
             report_progress(self.env, f"training step {self.step + 1} (epoch {epoch})")
-            examples = sum(len(batch["input_ids"]) for batch in step)
-            loss = torch.zeros((), device=self.device)
-            for i, batch in enumerate(step):
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                # DDP averages the gradients over processes on the step's last batch only
-                last = i == len(step) - 1
-                with model.no_sync() if self.ddp is not None and not last else nullcontext():
-                    with self._autocast():
-                        # each batch's mean loss, weighted by its share of the step's examples
-                        part = model(**batch).loss * (len(batch["input_ids"]) / examples)
-                    self.scaler.scale(part).backward()
-                loss += part.detach()
-            loss = all_reduce(loss, self.env) / self.env.world_size
-            if not self._apply_step(loss):
+            batches = [{k: v.to(self.device) for k, v in batch.items()} for batch in step]
+            result = self.optimizer_step(batches, lambda module, batch: module(**batch).loss, self.step + 1)
+            if not result.applied:
                 continue
             self.step += 1
-            window_loss += loss.item()
+            window_loss += result.loss
             window_steps += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{result.loss:.4f}")
             if self.env.is_main and (self.step % cfg.log_every == 0 or self.step % self.steps_per_epoch == 0):
                 self.metrics.write({"split": "train", "epoch": epoch, "step": self.step,
-                                    "loss": window_loss / window_steps, "lr": self.scheduler.get_last_lr()[0]})
+                                    "loss": window_loss / window_steps, "lr": result.lr})
                 window_loss, window_steps = 0.0, 0
-
-    def _apply_step(self, loss: torch.Tensor) -> bool:
-        """Clip and apply the accumulated gradients; False (nothing applied) when the loss or gradient norm
-        is not finite. Loss and gradients are all-reduced, so every process decides the same."""
-        cfg = self.config
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm if cfg.clip_norm > 0
-                                                   else float("inf"))
-        # The fp16 scaler skips overflowing gradients itself (and lowers its scale).
-        finite = bool(torch.isfinite(loss)) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.guard.ok()
-        else:
-            self.scaler.update()
-            self.guard.skip()
-            self.say(f"step {self.step + 1}: non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}); "
-                     f"update skipped ({self.guard.consecutive} in a row, stopping at {self.guard.max_consecutive})")
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.guard.exhausted:
-            raise NonFiniteError(self.guard.stop_message())
-        if finite:
-            self.scheduler.step()
-        return finite
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], list[Any]]:
@@ -356,7 +282,7 @@ class Finetuner:
         loss_sum, outputs = 0.0, []
         for batch in self._loader(self.eval_features, shuffle=False):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self._autocast():
+            with self.optimizer_step.autocast():
                 output = self.model(**batch)
             loss_sum += output.loss.item() * batch["input_ids"].shape[0]
             outputs.extend(self.task.split_outputs(output, batch))

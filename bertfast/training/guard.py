@@ -38,7 +38,7 @@ class NonFiniteGuard:
         return self.consecutive >= self.max_consecutive
 
     def stop_message(self) -> str:
-        return f"stopping: {self.consecutive} consecutive steps had a non-finite loss; {self.hint}"
+        return f"stopping: {self.consecutive} consecutive steps had a non-finite loss or gradient norm; {self.hint}"
 
 
 def non_finite_parameters(model: nn.Module) -> list[str]:

@@ -1,9 +1,9 @@
 """The pretraining loop behind ``bertfast pretrain``: MLM + NSP on a corpus, from a config.
 
-One optimizer step is ``grad_accum`` micro-batches (under DDP, gradients are synchronised on the
-last one only), mixed precision by autocast (a gradient scaler for fp16), gradient clipping, then
-the learning-rate schedule. A step whose loss is not finite on any rank is skipped on all ranks;
-``max_nonfinite_steps`` of them in a row stop the run (exit code 1).
+One optimizer step is ``grad_accum`` micro-batches, applied by :class:`~bertfast.training.step.OptimizerStep`
+as in fine-tuning (autocast, the fp16 gradient scaler, clipping, the schedule). A step whose loss or
+gradient norm is not finite on any rank is skipped on all ranks; ``max_nonfinite_steps`` of them in a
+row stop the run (exit code 1).
 
 Determinism: the data at every point is a function of (seed, epoch, batch index) (see
 ``bertfast.data.pipeline``), and a checkpoint stores the optimizer, scheduler, scaler and every RNG
@@ -22,7 +22,6 @@ import signal
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,33 +53,25 @@ from bertfast.models import BertForPreTraining
 from bertfast.training.checkpoint import (
     capture_rng,
     checkpoint_name,
-    load_state,
     prune_checkpoints,
-    resolve_resume,
     restore_rng,
     write_checkpoint,
 )
 from bertfast.training.config import PretrainConfig
 from bertfast.training.distributed import (
     DistEnv,
-    DistributedStall,
     all_reduce,
     barrier,
-    broadcast_from_main,
     gather_to_main,
-    init_distributed,
-    is_collective_failure,
     report_progress,
-    shutdown,
-    stall_message,
 )
-from bertfast.training.guard import NonFiniteGuard, check_finite_model
+from bertfast.training.guard import NonFiniteError, check_finite_model
 from bertfast.training.metrics import MetricsLog, plot_metrics, read_metrics
 from bertfast.training.optim import build_optimizer, linear_schedule, retarget_schedule
 from bertfast.training.precision import resolve_precision
-from bertfast.training.resume_policy import resume_changes
-from bertfast.training.rundir import PRETRAIN_FILES, RunDirectory
+from bertfast.training.resume import PRETRAIN, RunStart, decide_resume, training_run
 from bertfast.training.signals import STOP_SIGNALS, ignore_stop_signals, start_workers
+from bertfast.training.step import OptimizerStep
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 # Per-micro-batch sums kept for the train records: their order in the window tensor.
@@ -90,23 +81,11 @@ _SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correc
 
 def pretrain(config: PretrainConfig) -> int:
     """Run pretraining as ``config`` says (in each process under torchrun); returns the exit code."""
-    env, device = init_distributed(config.device, config.dist_timeout)
-    run_dir = None
-    try:
-        if env.is_main:
-            cache = [Path(config.cache_dir)] if config.cache_dir else []
-            out = Path(config.output_dir)
-            run_dir = RunDirectory.open(out, PRETRAIN_FILES, resume=bool(config.resume), overwrite=config.overwrite,
-                                        subdirectories=[out / "cache", out / "tokenizer", *cache], say=tqdm.write)
-        return Pretrainer(config, env, device).train()
-    except RuntimeError as e:
-        if env.enabled and is_collective_failure(e):
-            raise DistributedStall(stall_message(env, e)) from e
-        raise
-    finally:
-        if run_dir is not None:
-            run_dir.release()
-        shutdown(env)
+    out = Path(config.output_dir)
+    cache = [Path(config.cache_dir)] if config.cache_dir else []
+    subdirectories = [out / "cache", out / "tokenizer", *cache]
+    with training_run(PRETRAIN, config, tqdm.write, subdirectories) as (env, device, start):
+        return Pretrainer(config, env, device, start).train()
 
 
 def prepare_tokenizer(config: PretrainConfig, paths: list[str], env: DistEnv) -> WordPieceTokenizer:
@@ -135,7 +114,9 @@ def prepare_tokenizer(config: PretrainConfig, paths: list[str], env: DistEnv) ->
 
 
 class Pretrainer:
-    def __init__(self, config: PretrainConfig, env: DistEnv, device: torch.device) -> None:
+    def __init__(self, config: PretrainConfig, env: DistEnv, device: torch.device,
+                 start: RunStart | None = None) -> None:
+        """``start`` is the decision of :func:`~bertfast.training.resume.start_run` (made here when None)."""
         self.config = config
         self.env = env
         self.device = device
@@ -143,24 +124,20 @@ class Pretrainer:
         self.stop_signal: int | None = None
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.precision, self.amp_dtype = resolve_precision(config.precision, device)
+        self.precision = resolve_precision(config.precision, device)[0]
         for seeded in (random.seed, np.random.seed, torch.manual_seed):
             seeded(config.seed + env.rank)
 
-        resume = resolve_resume(self.out, config.resume) if config.resume else None
-        self.resume_from = broadcast_from_main(str(resume) if resume else None, env)
-        if config.resume and not self.resume_from:
-            self.say(f"no checkpoint in {self.out} yet: starting from scratch")
+        start = start or decide_resume(PRETRAIN, config, env, self.say)
+        self.resume_from = str(start.checkpoint) if start.checkpoint else None
+        self.resume_state = start.state
         self.paths = resolve_paths(config.corpus)
         self.sources = sources_fingerprint(self.paths)
-        self.resume_state = self._check_resume(Path(self.resume_from)) if self.resume_from else None
 
         report_progress(env, "preparing the data (tokenizer, token cache)")
         self._prepare_data()
         self._prepare_model()
         self.step = self.epoch = self.batch_index = 0
-        self.guard = NonFiniteGuard(config.max_nonfinite_steps, "try a lower --lr, more --warmup-steps or "
-                                                                 "--precision bf16/fp32")
         self.tokens_seen = 0
         self.elapsed_before = 0.0
         self.window = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
@@ -178,28 +155,6 @@ class Pretrainer:
     def say(self, message: str) -> None:
         if self.env.is_main:
             tqdm.write(message)
-
-    def _check_resume(self, path: Path) -> dict[str, Any]:
-        """The checkpoint's trainer state, once its options are checked against this run's (before any work)."""
-        state = load_state(path)
-        saved = state["config"]
-        applied, data = resume_changes(saved, self.config.to_dict(), str(path),
-                                       saved_sources=state.get("corpus_sources"), sources=self.sources)
-        positions = BertConfig.from_pretrained(path).max_position_embeddings
-        if self.config.seq_len > positions:
-            raise CheckpointError(f"--seq-len {self.config.seq_len} exceeds the checkpoint's "
-                                  f"max_position_embeddings ({positions}) in {path}")
-        if applied:
-            self.say(f"resume: applying changed options: {', '.join(applied)}")
-            if any(option.startswith(("--max-steps", "--warmup-steps", "--lr")) for option in applied):
-                self.say(f"resume: the lr schedule is recomputed: warmup to {self.config.lr:g} over "
-                         f"{self.config.warmup_steps} steps, linear decay to 0 at step {self.config.max_steps}")
-        if state["world_size"] != self.env.world_size:
-            data.append("number of processes")
-        if data and self.env.is_main:
-            warnings.warn(f"resuming with a different {', '.join(data)} than {path.name} was saved with: "
-                          "the data stream will not continue the original run exactly", stacklevel=3)
-        return state
 
     def _prepare_data(self) -> None:
         cfg, env = self.config, self.env
@@ -257,12 +212,17 @@ class Pretrainer:
             self.model.gradient_checkpointing_enable()
         self.optimizer = build_optimizer(cfg.optimizer, self.model, cfg.lr, cfg.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, cfg.warmup_steps, cfg.max_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ddp = None
         if self.env.enabled:
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        self.optimizer_step = OptimizerStep(
+            self.model, self.optimizer, self.scheduler, precision=self.precision, device=self.device,
+            clip_norm=cfg.clip_norm, max_nonfinite_steps=cfg.max_nonfinite_steps,
+            hint="try a lower --lr, more --warmup-steps or --precision bf16/fp32", env=self.env, ddp=self.ddp,
+            say=self.say)
+        self.guard = self.optimizer_step.guard
         self.say(f"model: {cfg.preset} preset, {self.model.num_parameters() / 1e6:.2f}M parameters, "
                  f"{self.precision} on {self.device}" + (f" x {self.env.world_size} processes"
                                                          if self.env.enabled else ""))
@@ -273,7 +233,7 @@ class Pretrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         retarget_schedule(self.scheduler, self.config.lr)  # the loaded state carries the old peak lr
-        self.scaler.load_state_dict(state["scaler"])
+        self.optimizer_step.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         self.guard.consecutive, self.guard.skipped = state["consecutive_nonfinite"], state["skipped_steps"]
         self.tokens_seen = state["tokens_seen"]
@@ -295,7 +255,7 @@ class Pretrainer:
             state = {
                 "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "ranks": per_rank, "world_size": self.env.world_size,
+                "scaler": self.optimizer_step.scaler.state_dict(), "ranks": per_rank, "world_size": self.env.world_size,
                 "consecutive_nonfinite": self.guard.consecutive, "skipped_steps": self.guard.skipped,
                 "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(), "config": self.config.to_dict(),
                 "corpus_sources": self.sources,
@@ -327,13 +287,8 @@ class Pretrainer:
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self.epoch, self.batch_index = self.epoch + 1, 0
 
-    def _micro_step(self, batch: dict[str, Tensor], sync: bool) -> Tensor:
-        model = self.ddp or self.model
-        context = model.no_sync() if self.ddp is not None and not sync else nullcontext()
-        with context:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = model(**batch)
-            self.scaler.scale(out.loss / self.config.grad_accum).backward()
+    def _batch_sums(self, out: Any, batch: dict[str, Tensor]) -> Tensor:
+        """One micro-batch's contribution to the train record's sums (in the order of ``_SUMS``)."""
         sequences = batch["input_ids"].shape[0]
         values = (out.loss.detach(), out.mlm_loss.detach(), out.nsp_loss.detach(),
                   out.mlm_accuracy * out.mlm_count, out.mlm_count, out.nsp_accuracy * sequences, sequences,
@@ -341,36 +296,26 @@ class Pretrainer:
         return torch.stack([torch.as_tensor(v, device=self.device, dtype=torch.float64) for v in values])
 
     def train_step(self, batches: Iterator[dict[str, Tensor]]) -> bool:
-        """One optimizer step; False when it was skipped for a non-finite loss (or gradient norm)."""
+        """One optimizer step; False when it was skipped (a non-finite loss or gradient norm, an fp16 overflow).
+
+        Raises NonFiniteError after ``max_nonfinite_steps`` skipped steps in a row."""
         report_progress(self.env, f"training step {self.step + 1}")
-        sums = sum(self._micro_step(next(batches), k == self.config.grad_accum - 1)
-                   for k in range(self.config.grad_accum))
-        finite = all_reduce(torch.isfinite(sums[:3]).all().to(torch.float64).reshape(1), self.env,
-                            dist.ReduceOp.MIN if self.env.enabled else None).item() > 0
-        what = "loss"
-        if finite and self.config.clip_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
-            # The fp16 scaler skips overflowing steps itself; otherwise an inf/nan gradient would
-            # poison the weights. Gradients are all-reduced, so every rank decides the same.
-            if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
-                finite, what = False, "gradient norm"
-            self.grad_norm = grad_norm
-        if finite:
-            self.lr = self.scheduler.get_last_lr()[0]
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+        micro_batches = [next(batches) for _ in range(self.config.grad_accum)]
+        sums = []
+
+        def loss_of(module: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+            out = module(**batch)
+            sums.append(self._batch_sums(out, batch))
+            return out.loss
+
+        result = self.optimizer_step(micro_batches, loss_of, self.step + 1)
+        if result.applied:
+            self.lr, self.grad_norm = result.lr, result.grad_norm
             self.step += 1
-            self.window += sums
-            self.live_tokens += sums[_SUMS.index("tokens")].item()
-            self.guard.ok()
-        else:
-            self.guard.skip()
-            self.say(f"step {self.step + 1}: non-finite {what} (loss {sums[0].item()}); update skipped "
-                     f"({self.guard.consecutive} in a row, stopping at {self.guard.max_consecutive})")
-        self.optimizer.zero_grad(set_to_none=True)
-        return finite
+            step_sums = sum(sums)
+            self.window += step_sums
+            self.live_tokens += step_sums[_SUMS.index("tokens")].item()
+        return result.applied
 
     def _log_train(self, bar: tqdm) -> None:
         window = all_reduce(self.window.clone(), self.env)
@@ -408,7 +353,7 @@ class Pretrainer:
         sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         for batch in self.eval_batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            with self.optimizer_step.autocast():
                 out = model(**batch)
             n = batch["input_ids"].shape[0]
             sums += torch.stack([torch.as_tensor(v, device=self.device, dtype=torch.float64) for v in (
@@ -454,12 +399,13 @@ class Pretrainer:
         code = EXIT_OK
         try:
             while self.step < cfg.max_steps:
-                if not self.train_step(batches):
-                    if self.guard.exhausted:
-                        self.say(self.guard.stop_message())
-                        code = EXIT_FAILED
-                        break
-                    continue
+                try:
+                    if not self.train_step(batches):
+                        continue
+                except NonFiniteError as e:
+                    self.say(str(e))
+                    code = EXIT_FAILED
+                    break
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self._log_train(bar)
