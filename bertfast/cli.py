@@ -139,8 +139,10 @@ Metrics on each dev set: CoLA Matthews correlation; STS-B Pearson and Spearman; 
 accuracy; MNLI matched and mismatched accuracy; SST-2, QNLI, RTE, WNLI accuracy. A task's score is the
 mean of its metrics, the GLUE score the mean of the task scores. OUTPUT_DIR gets glue_results.json
 (per-task metrics, "average", "errors"), glue_results.md (a table) and glue_results.png (a bar chart).
-A missing or malformed task folder is reported and the other tasks still run. Exit codes: 0 every task
-scored, 2 a task failed or bad options.
+A missing or malformed task folder is reported and the other tasks still run. OUTPUT_DIR is guarded as
+bertfast finetune's: a run holds a lock on it (.bertfast.lock) that stops any other, and a directory that
+holds a GLUE run is refused unless --overwrite replaces it. Exit codes: 0 every task scored, 2 a task
+failed, bad options or an output directory refused.
 """
 
 
@@ -171,15 +173,19 @@ def _glue_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="an option for one task, e.g. --set RTE.epochs=10 (repeatable)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar over tasks and epochs (default: true)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the GLUE run in OUTPUT_DIR (its results and task folders are deleted first); "
+                             "without it a directory holding one is refused")
     return parser
 
 
 def _run_glue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bertfast.finetune import DataError
     from bertfast.finetune.glue import find_task, markdown_table, run_glue
+    from bertfast.training.rundir import RunDirectoryError
 
     shared = {k: v for k, v in vars(args).items()
-              if k not in ("command", "data_dir", "model", "output_dir", "tasks", "set", "progress")}
+              if k not in ("command", "data_dir", "model", "output_dir", "tasks", "set", "progress", "overwrite")}
     per_task: dict[str, dict[str, Any]] = {}
     try:
         for item in args.set:
@@ -188,11 +194,11 @@ def _run_glue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if not (equals and dot and option):
                 raise ValueError(f"--set {item!r}: expected TASK.OPTION=VALUE")
             per_task.setdefault(find_task(name).name, {})[option] = value
-        results = run_glue(args.data_dir, args.model, args.output_dir, args.tasks, shared, per_task, args.progress)
+        results = run_glue(args.data_dir, args.model, args.output_dir, args.tasks, shared, per_task, args.progress,
+                           args.overwrite)
     except ValueError as e:
-        if isinstance(e, DataError):
-            print(f"bertfast glue: error: {e}", file=sys.stderr)
-            return 2
+        if isinstance(e, (DataError, RunDirectoryError)):
+            return _error("glue", e, 2)
         parser.error(str(e))
     print(markdown_table(results), end="")
     for name, error in results["errors"].items():
@@ -209,7 +215,10 @@ reads (labels, if any, are ignored); OUTPUT gets one JSON line per example, with
   question-answering        "id", "answer" and its "score" ("" when there is none, for a model trained
                             with unanswerable questions), "null_score_diff"; an OUTPUT ending in .json
                             is SQuAD's {id: answer} prediction file instead
-Exit codes: 0 done, 2 bad options or input.
+OUTPUT is written atomically. An existing OUTPUT is refused unless --overwrite replaces it, and the
+directory it goes to is locked (.bertfast.lock) while the predictions are made: a training run or
+another prediction in progress there refuses this one. Exit codes: 0 done, 2 bad options or input,
+or an OUTPUT refused.
 """
 
 
@@ -240,6 +249,8 @@ def _predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run (default: auto)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip rows that break their format")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (without it, an "
+                        "existing OUTPUT is refused)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar (default: true)")
     return parser
@@ -249,16 +260,16 @@ def _run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from bertfast.finetune import DataError
     from bertfast.finetune.data import DataOptions
     from bertfast.finetune.predict import predict
+    from bertfast.training.rundir import RunDirectoryError
 
     if args.seq_len < 8 or args.batch_size <= 0 or args.max_answer_length <= 0:
         parser.error("--seq-len must be at least 8, --batch-size and --max-answer-length positive")
     options = DataOptions(args.data_format, args.text_column, args.text_pair_column, None, args.column_names)
     try:
         records = predict(args.model, args.input, args.output, args.task, options, args.seq_len, args.batch_size,
-                          args.max_answer_length, args.device, args.skip_bad_rows, args.progress)
-    except (DataError, FileNotFoundError, CheckpointError) as e:
-        print(f"bertfast predict: error: {e}", file=sys.stderr)
-        return 2
+                          args.max_answer_length, args.device, args.skip_bad_rows, args.progress, args.overwrite)
+    except (DataError, FileNotFoundError, CheckpointError, RunDirectoryError) as e:
+        return _error("predict", e, 2)
     print(f"wrote {len(records)} predictions to {args.output}")
     return 0
 

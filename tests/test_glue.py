@@ -178,3 +178,39 @@ def test_missing_and_malformed_task_folders_are_named_and_the_rest_still_run(pre
     with pytest.raises(SystemExit):  # before any training
         main(["glue", "--data-dir", str(data), "--model", str(pretrained), "--set", "rte.label-column=x"])
     assert "RTE: bertfast glue sets label_column itself" in capsys.readouterr().err
+
+
+def test_the_output_directory_is_guarded_as_a_training_runs(pretrained, tmp_path, capsys):
+    import os
+
+    from bertfast.training.rundir import RunDirectory
+
+    data, out = tmp_path / "glue_data", tmp_path / "glue"
+    write_task(data, find_task("rte"), random.Random(2), n_train=8, n_dev=4)
+
+    def glue(*extra):
+        return main(["glue", "--data-dir", str(data), "--model", str(pretrained), "--output-dir", str(out),
+                     "--epochs", "1", "--batch-size", "8", "--seq-len", "32", "--no-progress", *extra])
+
+    assert glue() == 0
+    first = (out / "glue_results.json").read_text()
+    capsys.readouterr()
+    assert glue() == 2  # a second run would mix into the first: refused before any training
+    err = capsys.readouterr().err
+    assert (f"--output-dir {out} holds another run (RTE, glue_results.json, glue_results.md, glue_results.png); "
+            "pass --overwrite to replace it, or choose another --output-dir") in err
+    assert "--resume" not in err and "GLUE RTE" not in err
+    assert (out / "glue_results.json").read_text() == first
+
+    holder = RunDirectory.open(out, [], resume=False, overwrite=False)
+    try:
+        assert glue("--overwrite") == 2  # a run in progress there: stopped by the lock, even with --overwrite
+    finally:
+        holder.release()
+    assert f"--output-dir {out} is in use by another run (pid {os.getpid()} on " in capsys.readouterr().err
+    assert (out / "glue_results.json").read_text() == first
+
+    (out / "RTE" / "stale.txt").write_text("from the first run")
+    assert glue("--overwrite") == 0
+    assert not (out / "RTE" / "stale.txt").exists()  # the old run's task folder went first
+    assert json.loads((out / "glue_results.json").read_text())["tasks"].keys() == {"RTE"}

@@ -116,3 +116,38 @@ def test_squad_v2_answers_use_the_tuned_threshold(pretrained, tmp_path):
                  "--seq-len", "32", "--no-progress"]) == 0
     official = json.loads((tmp_path / "predictions.json").read_text())
     assert official == {r["id"]: r["answer"] for r in records}  # SQuAD's prediction file
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite_and_a_locked_directory_refuses(pretrained, tmp_path,
+                                                                                          capsys):
+    import os
+
+    from bertfast.training.rundir import LOCK_FILE, RunDirectory
+
+    rng = random.Random(3)
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in sentiment(rng, 8)))
+    model = finetune(pretrained, tmp_path / "run", "classification", tmp_path / "train.tsv", tmp_path / "train.tsv",
+                     "--epochs", "1")
+    (tmp_path / "test.tsv").write_text("sentence\nnice film\npoor man\n")
+    target = tmp_path / "out" / "labels.jsonl"
+    assert len(predict(model, tmp_path / "test.tsv", target)) == 2
+    assert not (target.parent / LOCK_FILE).exists()  # released
+
+    target.write_text("kept\n")
+    command = ["predict", "--model", str(model), "--input", str(tmp_path / "test.tsv"), "--output", str(target),
+               "--no-progress"]
+    capsys.readouterr()
+    assert main(command) == 2
+    assert (f"--output {target} exists; pass --overwrite to replace it, or choose another --output"
+            in capsys.readouterr().err)
+    assert target.read_text() == "kept\n"
+
+    holder = RunDirectory.open(target.parent, [], resume=False, overwrite=False)  # e.g. a run writing there
+    try:
+        assert main([*command, "--overwrite"]) == 2
+    finally:
+        holder.release()
+    assert f"--output {target.parent} is in use by another run (pid {os.getpid()} on " in capsys.readouterr().err
+    assert target.read_text() == "kept\n"
+    assert main([*command, "--overwrite"]) == 0
+    assert len(target.read_text().splitlines()) == 2

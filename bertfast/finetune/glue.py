@@ -24,6 +24,7 @@ from bertfast.finetune.data import DataError
 from bertfast.finetune.results import TRANSFORMERS_NAMES, write_eval_results
 from bertfast.finetune.trainer import Finetuner
 from bertfast.io import CheckpointError, atomic_write_text
+from bertfast.training.rundir import RunDirectory
 
 GLUE_RESULTS = "glue_results"
 # Defaults of every task (the BERT paper's recipe); GlueTask.defaults and the command line override them.
@@ -59,6 +60,8 @@ TASKS = (
     GlueTask("WNLI", "sentence1", "sentence2", "label", ("0", "1"), ("accuracy",), defaults=SMALL),
 )
 MISMATCHED = "_mm"  # suffix of MNLI's mismatched metrics, as run_glue.py writes them
+# What makes a directory hold a GLUE run: the results and the task folders (each a fine-tuning run directory).
+GLUE_FILES = (f"{GLUE_RESULTS}.json", f"{GLUE_RESULTS}.md", f"{GLUE_RESULTS}.png", *(t.name for t in TASKS))
 
 
 def _key(name: str) -> str:
@@ -128,8 +131,11 @@ def run_task(task: GlueTask, config: FinetuneConfig, bar: Any) -> dict[str, Any]
 
 def run_glue(data_dir: str | os.PathLike, model: str, output_dir: str | os.PathLike, tasks: list[str] | None = None,
              options: dict[str, Any] | None = None, task_options: dict[str, dict[str, Any]] | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune and score each task; write ``glue_results.json``, ``.md`` and ``.png`` in ``output_dir``.
+
+    ``output_dir`` is guarded as a training run's (:class:`~bertfast.training.rundir.RunDirectory`): locked
+    while the tasks run, and refused when it holds a GLUE run unless ``overwrite`` deletes that run first.
 
     Without ``tasks``, every task whose folder is in ``data_dir`` runs; a named task without one is an
     error. A task that fails (a missing file, a bad row) is reported under ``errors`` and the others
@@ -155,6 +161,21 @@ def run_glue(data_dir: str | os.PathLike, model: str, output_dir: str | os.PathL
                                              {**(options or {}), **(task_options or {}).get(task.name, {})})
         except DataError as e:  # bad options (a ValueError) stop everything instead
             results["errors"][task.name] = str(e)
+    run_dir = RunDirectory.open(output_dir, GLUE_FILES, resume=False, overwrite=overwrite, say=tqdm.write,
+                                resumable=False)
+    try:
+        _run_tasks(chosen, configs, results, progress)
+        scores = [r["score"] for r in results["tasks"].values()]
+        results["average"] = sum(scores) / len(scores) if scores else None
+        write_results(output_dir, results)
+    finally:
+        run_dir.release()
+    return results
+
+
+def _run_tasks(chosen: list[GlueTask], configs: dict[str, FinetuneConfig], results: dict[str, Any],
+               progress: bool) -> None:
+    """Each task in turn, into ``results`` (a failed one under ``errors``), with one bar over all epochs."""
     bar = tqdm(total=sum(c.epochs for c in configs.values()), desc="GLUE", unit="epoch", disable=not progress)
     for task in chosen:
         if task.name not in configs:
@@ -169,10 +190,6 @@ def run_glue(data_dir: str | os.PathLike, model: str, output_dir: str | os.PathL
             tqdm.write(f"GLUE {task.name}: error: {e}")
             bar.update(start + configs[task.name].epochs - bar.n)  # the epochs it will not run
     bar.close()
-    scores = [r["score"] for r in results["tasks"].values()]
-    results["average"] = sum(scores) / len(scores) if scores else None
-    write_results(output_dir, results)
-    return results
 
 
 def _percent(value: float) -> str:

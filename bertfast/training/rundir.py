@@ -8,6 +8,10 @@
   (``finetune --eval-only``) never writes into a training run's directory.
 * Temporary files and directories of a killed run (a half-written checkpoint is a full checkpoint
   in size) are removed once the lock is held: nobody else can be writing them then.
+
+``bertfast pretrain`` and ``finetune`` (through :mod:`bertfast.training.resume`) and ``bertfast glue``
+guard their output directory so; ``bertfast predict`` holds the lock of the directory its output file
+goes to (see :func:`bertfast.finetune.predict.predict`).
 """
 
 from __future__ import annotations
@@ -74,35 +78,39 @@ def remove_stale_temporaries(directory: Path, subdirectories: Iterable[Path] = (
 class RunDirectory:
     """The lock on an output directory, taken by :meth:`open` after the checks; ``release`` gives it back."""
 
-    def __init__(self, directory: Path, fd: int) -> None:
+    def __init__(self, directory: Path, fd: int, flag: str = "--output-dir") -> None:
         self.directory = directory
         self.fd = fd
+        self.flag = flag
 
     @classmethod
     def open(cls, directory: str | os.PathLike, run_files: Iterable[str], *, resume: bool, overwrite: bool,
-             eval_only: bool = False, subdirectories: Iterable[Path] = (),
-             say=print) -> RunDirectory:
+             eval_only: bool = False, subdirectories: Iterable[Path] = (), say=print, resumable: bool = True,
+             clean: bool = True, flag: str = "--output-dir") -> RunDirectory:
+        """Lock ``directory`` and check it takes the run. ``resumable``: the command has ``--resume`` (the
+        refusal offers it); ``clean``: remove killed runs' temporaries (not in a directory that is not a
+        run's); ``flag``: the option that named the directory, for the messages."""
         directory = Path(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunDirectoryError(f"--output-dir {directory}: cannot write there: {describe_os_error(e)}") from e
+            raise RunDirectoryError(f"{flag} {directory}: cannot write there: {describe_os_error(e)}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunDirectoryError(f"--output-dir {directory} is in use by another run ({holder}); wait for it "
-                                    "to finish or choose another --output-dir") from None
+            raise RunDirectoryError(f"{flag} {directory} is in use by another run ({holder}); wait for it "
+                                    f"to finish or choose another {flag}") from None
         except OSError as e:  # a file system without locks (some network ones): go on, unguarded
             say(f"warning: cannot lock {directory / LOCK_FILE} ({describe_os_error(e)}): nothing stops a second "
                 "run in this directory")
-        run = cls(directory, fd)
+        run = cls(directory, fd, flag)
         try:
             run._write_holder()
-            run._check(list(run_files), resume=resume, overwrite=overwrite, eval_only=eval_only)
-            removed = remove_stale_temporaries(directory, subdirectories)
+            run._check(list(run_files), resume=resume, overwrite=overwrite, eval_only=eval_only, resumable=resumable)
+            removed = remove_stale_temporaries(directory, subdirectories) if clean else []
         except BaseException:
             run.release()
             raise
@@ -118,10 +126,11 @@ class RunDirectory:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, json.dumps(holder).encode(), 0)
         except OSError as e:
-            raise RunDirectoryError(f"--output-dir {self.directory}: cannot write there: "
+            raise RunDirectoryError(f"{self.flag} {self.directory}: cannot write there: "
                                     f"{describe_os_error(e)}") from e
 
-    def _check(self, run_files: list[str], *, resume: bool, overwrite: bool, eval_only: bool) -> None:
+    def _check(self, run_files: list[str], *, resume: bool, overwrite: bool, eval_only: bool,
+               resumable: bool) -> None:
         directory = self.directory
         if eval_only:
             trained = _found(directory, TRAINED_MODELS)
@@ -134,8 +143,9 @@ class RunDirectory:
             return
         if not overwrite:
             raise RunDirectoryError(
-                f"--output-dir {directory} holds another run ({', '.join(p.name for p in found[:4])}); pass "
-                "--resume to continue it, --overwrite to replace it, or choose another --output-dir")
+                f"{self.flag} {directory} holds another run ({', '.join(p.name for p in found[:4])}); pass "
+                + ("--resume to continue it, " if resumable else "")
+                + f"--overwrite to replace it, or choose another {self.flag}")
         for path in found:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
