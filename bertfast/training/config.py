@@ -62,7 +62,7 @@ class PretrainConfig:
                           "fp16 uses a gradient scaler)", choices=("auto", "fp32", "bf16", "fp16"))
     activation_checkpointing: bool = option(False, "recompute encoder layers in backward to save memory")
     max_nonfinite_steps: int = option(5, "stop after this many consecutive steps skipped for a "
-                                    "non-finite loss")
+                                    "non-finite loss or gradient norm")
     dist_timeout: float = option(600.0, "seconds a process waits for the others in a collective operation "
                                  "before it stops and names the ones it waited for (several processes only)")
     seed: int = option(0, "seed of the model init, data order, masks and dropout")
