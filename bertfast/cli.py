@@ -36,15 +36,21 @@ are applied to a recomputed schedule (see README: Stopping and resuming).
 """
 
 
-def _pretrain_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from bertfast.training.config import option_fields
+def _training_parser(subparsers: Any, command: str) -> argparse.ArgumentParser:
+    """``bertfast pretrain`` or ``finetune``: one flag per option of its config dataclass."""
+    from bertfast.finetune.config import FinetuneConfig
+    from bertfast.training.config import PretrainConfig, option_fields
 
-    parser = subparsers.add_parser(
-        "pretrain", help="pretrain a BERT (MLM + NSP) on a corpus",
-        description="Pretrain a BERT with masked-LM and next-sentence prediction.",
-        epilog=PRETRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_options(parser, option_fields())
+    summary, description, epilog, config_class = {
+        "pretrain": ("pretrain a BERT (MLM + NSP) on a corpus",
+                     "Pretrain a BERT with masked-LM and next-sentence prediction.", PRETRAIN_EPILOG, PretrainConfig),
+        "finetune": ("fine-tune a pretrained BERT on a classification, tagging, multiple-choice or QA task",
+                     "Fine-tune a pretrained BERT (from bertfast pretrain, or a transformers BERT directory) "
+                     "and evaluate it each epoch.", FINETUNE_EPILOG, FinetuneConfig),
+    }[command]
+    parser = subparsers.add_parser(command, help=summary, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_options(parser, option_fields(config_class))
     return parser
 
 
@@ -111,20 +117,6 @@ evaluates and writes). A step whose loss or gradient norm is not finite is skipp
 --max-nonfinite-steps in a row stop the run. A model with non-finite weights or evaluation scores is
 never saved. Exit codes: 0 done, 1 stopped on non-finite values, 2 bad options or input.
 """
-
-
-def _finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from bertfast.finetune.config import FinetuneConfig
-    from bertfast.training.config import option_fields
-
-    parser = subparsers.add_parser(
-        "finetune", help="fine-tune a pretrained BERT on a classification, tagging, multiple-choice or QA task",
-        description="Fine-tune a pretrained BERT (from bertfast pretrain, or a transformers BERT directory) "
-                    "and evaluate it each epoch.",
-        epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_options(parser, option_fields(FinetuneConfig))
-    return parser
 
 
 GLUE_EPILOG = """\
@@ -358,8 +350,8 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bertfast", description="bertfast command-line tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    pretrain_parser = _pretrain_parser(subparsers)
-    finetune_parser = _finetune_parser(subparsers)
+    pretrain_parser = _training_parser(subparsers, "pretrain")
+    finetune_parser = _training_parser(subparsers, "finetune")
     glue_parser = _glue_parser(subparsers)
     predict_parser = _predict_parser(subparsers)
     _tokenizer_parser(subparsers)

@@ -5,8 +5,7 @@ Also ``bertfast glue`` (:mod:`bertfast.finetune.glue`) and ``bertfast predict`` 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bertfast._lazy import lazy_exports
 
 # Public names and their modules, imported on first use: the command line reads the options
 # (bertfast.finetune.config) without loading torch or the models.
@@ -24,7 +23,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bertfast.finetune' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

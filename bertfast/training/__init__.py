@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bertfast._lazy import lazy_exports
 
 # Public names and their modules, imported on first use: the command line reads the options
 # (bertfast.training.config) without loading torch or the models.
@@ -21,7 +20,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bertfast.training' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
