@@ -174,8 +174,8 @@ def decide_resume(policy: Policy, config: Any, env: DistEnv, say: Callable[[str]
         if env.is_main:
             say(message)
 
-    found = find_checkpoint(policy, config.output_dir, config.resume) if env.is_main else None
-    path = broadcast_from_main(str(found) if found else None, env)
+    found = find_checkpoint(policy, config.output_dir, config.resume)  # (a refusal: on every process alike)
+    path = broadcast_from_main(str(found) if found else None, env)  # the first process's "latest" for all
     if path is None:
         if config.resume:
             tell(f"no checkpoint in {config.output_dir} yet: starting from scratch")
@@ -193,9 +193,10 @@ def decide_resume(policy: Policy, config: Any, env: DistEnv, say: Callable[[str]
     applied, data = check_resume(policy, config, state, str(checkpoint), env, **extra)
     if applied:
         tell(f"resume: applying changed options: {', '.join(applied)}")
-        if any(option.startswith(("--max-steps", "--warmup-steps", "--lr")) for option in applied):
+        if policy is PRETRAIN and any(option.startswith(("--max-steps", "--warmup-steps", "--lr"))
+                                      for option in applied):
             tell(f"resume: the lr schedule is recomputed: warmup to {config.lr:g} over {config.warmup_steps} steps, "
-                f"linear decay to 0 at step {config.max_steps}")
+                 f"linear decay to 0 at step {config.max_steps}")
     if data and env.is_main:
         warnings.warn(f"resuming with a different {', '.join(data)} than {checkpoint.name} was saved with: "
                       "the data stream will not continue the original run exactly", stacklevel=3)
