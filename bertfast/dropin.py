@@ -224,7 +224,8 @@ def _supported_names() -> str:
 def accelerate(model: nn.Module) -> nn.Module:
     """Run every supported transformers base model inside ``model`` on bertfast, in place; returns ``model``.
 
-    ``model`` is a transformers BERT, RoBERTa, XLM-RoBERTa or CamemBERT model (base or any head), or
+    ``model`` is a transformers model of a family in ``FAMILIES`` (BERT, RoBERTa, XLM-RoBERTa,
+    CamemBERT, DistilBERT, ELECTRA, ALBERT, MPNet; base or any head), or
     any module holding them (a SentenceTransformer, a PeftModel, a user's model). Parameters, state
     dict keys, classes and forward signatures stay as they were, so an optimizer built before the
     call keeps working and ``save_pretrained`` writes the same checkpoint. bertfast's own models are
@@ -257,7 +258,7 @@ def accelerate(model: nn.Module) -> nn.Module:
 
 
 def patch_transformers() -> None:
-    """From now on, every transformers BERT / RoBERTa / XLM-RoBERTa / CamemBERT model runs on bertfast.
+    """From now on, every transformers model of a family in ``FAMILIES`` runs on bertfast.
 
     Patches the base classes' ``forward``, so models built by ``AutoModel*``, ``pipeline``,
     sentence-transformers or a Trainer script are accelerated (and existing ones too). Calling it

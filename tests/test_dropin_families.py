@@ -12,7 +12,8 @@ from test_dropin import assert_scaled_close, masked_objective, ragged_batch
 import bertfast
 from bertfast import dropin
 from bertfast.dropin import fallback_reason, is_accelerated
-from bertfast.encoders import common
+from bertfast.encoders import albert, common, distilbert, electra, mpnet
+from bertfast.padding import Packing
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,6 +128,48 @@ def packed_calls(monkeypatch) -> list:
     packed = dropin._packed_forward
     monkeypatch.setattr(dropin, "_packed_forward", lambda *a: calls.append(1) or packed(*a))
     return calls
+
+
+LAYER_STEPS = {"distilbert": ("transformer.layer", distilbert.block), "electra": ("encoder.layer", electra.bert_layer),
+               "albert": ("encoder.albert_layer_groups.0.albert_layers", albert.albert_layer),
+               "mpnet": ("encoder.layer", None)}
+
+
+@pytest.mark.parametrize("family", list(LAYER_STEPS))
+def test_layer_functions_match_transformers_layers(family, one_thread):
+    """One layer: the packed function vs transformers' layer module on the padded batch, outputs and
+    gradients of the input and of every parameter."""
+    config = family_config(family)
+    config._attn_implementation = "eager"
+    base = getattr(transformers, HEADS[family][0])(config).train()
+    path, step = LAYER_STEPS[family]
+    layer = base.get_submodule(path)[0]
+    _, mask = ragged_batch(pad_id=0)
+    packing = Packing.from_mask(mask)
+    hidden = torch.randn(4, 9, 48)
+    additive = torch.zeros(4, 1, 9, 9).masked_fill(mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
+    ref_in = hidden.clone().requires_grad_()
+    if family == "mpnet":
+        expected = layer(ref_in, additive, base.encoder.compute_position_bias(ref_in))[0]
+        step = mpnet.layer_step(base)
+    else:
+        expected = layer(ref_in, additive)
+    weight = torch.randn(expected.shape) * mask[..., None]
+    (expected * weight).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    table = base.encoder.relative_attention_bias.weight if family == "mpnet" else None
+    ref_table_grad = None if table is None else table.grad.clone()
+    base.zero_grad()
+    fast_in = packing.pack(hidden).requires_grad_()
+    got = packing.unpack(step(layer, fast_in, packing, True))
+    (got * weight).sum().backward()
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    assert_scaled_close(packing.unpack(fast_in.grad)[keep], ref_in.grad[keep], "input")
+    for n, p in layer.named_parameters():
+        assert_scaled_close(p.grad, ref_grads[n], n)
+    if table is not None:  # the bias table's gradient too
+        assert_scaled_close(table.grad, ref_table_grad, "relative_attention_bias")
 
 
 @pytest.mark.parametrize("family,name", CASES)
@@ -310,6 +353,32 @@ def test_configs_that_cannot_run_exactly_are_refused_by_name(one_thread):
         assert "is_decoder" in fallback_reason(ref.electra, {"attention_mask": mask})
     finally:
         bertfast.unpatch_transformers()
+
+
+@pytest.mark.parametrize("family,targets", [("distilbert", ["q_lin", "v_lin", "lin1"]),
+                                             ("albert", ["query", "value", "ffn"])])
+def test_lora_logits_and_gradients_match_transformers(family, targets, packed_calls, one_thread):
+    """LoRA layers replace plain Linears: they run as modules (ALBERT's shared ones once per use)."""
+    peft = pytest.importorskip("peft")
+    name = HEADS[family][0].replace("Model", "ForSequenceClassification")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, task_type="SEQ_CLS",
+                             init_lora_weights=False)
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(build(family, name), config)
+    fast = bertfast.accelerate(copy.deepcopy(reference))
+    ids, mask = ragged_batch(pad_id=PAD[family])
+    labels = torch.tensor([0, 1, 2, 0])
+    out_ref, out_fast = reference(ids, attention_mask=mask, labels=labels), fast(ids, attention_mask=mask,
+                                                                                  labels=labels)
+    torch.testing.assert_close(out_fast.logits, out_ref.logits, atol=1e-5, rtol=1e-5)
+    out_ref.loss.backward()
+    out_fast.loss.backward()
+    grads = dict(reference.named_parameters())
+    lora = [(n, p) for n, p in fast.named_parameters() if "lora_" in n]
+    assert lora
+    for n, p in lora:
+        assert_scaled_close(p.grad, grads[n].grad, n)
+    assert packed_calls == [1]
 
 
 # ------------------------------------------------------------------------------------------ real clients
