@@ -14,6 +14,8 @@ whatever it does takes effect.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -145,6 +147,13 @@ def packed_layer(layer: nn.Module, hidden: Tensor, packing: Packing, rows: Tenso
     return packed_add_norm(layer.output, packed_intermediate(layer.intermediate, attended), attended, training)
 
 
+# The keywords with which the packed encoder calls a layer module. Only bertfast passes them: a layer
+# class's forward that sees them runs ``packed_layer`` (bertfast's own layers, and transformers' layers
+# through the drop-in's class-level wrapper), anything else runs the class's own forward.
+PACKING_KEY = "bertfast_packing"
+ROWS_KEY = "bertfast_rows"
+
+
 def packed_encoder(
     encoder: nn.Module, hidden: Tensor, packing: Packing, training: bool, output_hidden_states: bool = False,
     last_layer_rows: Tensor | None = None,
@@ -152,20 +161,23 @@ def packed_encoder(
     """Every layer of ``encoder.layer`` on packed tokens; returns [last] or [embeddings, layer 1, ..., last].
 
     With ``last_layer_rows`` the last layer computes only those rows (its attention still reads every
-    token as a key), like flash-attention's BERT does for the MLM loss. Gradient checkpointing is on
-    when the encoder's or the layer's ``gradient_checkpointing`` flag is set (bertfast's and
-    transformers' places for it).
+    token as a key), like flash-attention's BERT does for the MLM loss. Each layer is called as a
+    module, so a layer class that checkpoints itself (transformers' ``GradientCheckpointingLayer``)
+    does so with its own flag and function. The encoder's ``gradient_checkpointing`` flag (bertfast's
+    place for it) checkpoints each layer call here, with the encoder's ``_gradient_checkpointing_func``
+    when it has one, else non-reentrant checkpointing (which replays the dropout masks).
     """
     states = [hidden]
     last = len(encoder.layer) - 1
-    recompute = training and torch.is_grad_enabled()
+    recompute = training and torch.is_grad_enabled() and getattr(encoder, "gradient_checkpointing", False)
+    run = (getattr(encoder, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+           if recompute else None)
     for i, layer in enumerate(encoder.layer):
         rows = last_layer_rows if i == last else None
-        if recompute and (getattr(encoder, "gradient_checkpointing", False)
-                          or getattr(layer, "gradient_checkpointing", False)):
-            hidden = checkpoint(packed_layer, layer, hidden, packing, rows, training, use_reentrant=False)
+        if recompute:
+            hidden = run(partial(layer, **{PACKING_KEY: packing, ROWS_KEY: rows}), hidden)
         else:
-            hidden = packed_layer(layer, hidden, packing, rows, training)
+            hidden = layer(hidden, **{PACKING_KEY: packing, ROWS_KEY: rows})
         states.append(hidden)
     return states if output_hidden_states else [hidden]
 
@@ -247,8 +259,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden: Tensor, packing: Packing, rows: Tensor | None = None) -> Tensor:
-        return packed_layer(self, hidden, packing, rows, self.training)
+    def forward(self, hidden: Tensor, bertfast_packing: Packing, bertfast_rows: Tensor | None = None) -> Tensor:
+        """The packed encoder's call (``PACKING_KEY`` / ``ROWS_KEY``): see ``packed_layer``."""
+        return packed_layer(self, hidden, bertfast_packing, bertfast_rows, self.training)
 
 
 class BertEncoder(nn.Module):

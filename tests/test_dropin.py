@@ -309,6 +309,7 @@ def test_a_users_module_around_a_bert_model(one_thread):
 
 
 def test_patch_transformers_builds_accelerated_models_and_undoes(one_thread):
+    one_by_one = bertfast.accelerate(transformers.BertModel(bert_config()).eval())
     try:
         bertfast.patch_transformers()
         bertfast.patch_transformers()  # twice is harmless
@@ -321,6 +322,7 @@ def test_patch_transformers_builds_accelerated_models_and_undoes(one_thread):
     finally:
         bertfast.unpatch_transformers()
     assert not is_accelerated(model.bert)
+    assert is_accelerated(one_by_one)  # unpatching leaves models accelerated one by one as they are
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, fast_logits, atol=1e-5, rtol=1e-5)
 
 

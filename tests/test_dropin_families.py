@@ -10,9 +10,9 @@ import torch
 from test_dropin import assert_scaled_close, masked_objective, ragged_batch
 
 import bertfast
-from bertfast import dropin
+from bertfast import dropin, modules
 from bertfast.dropin import fallback_reason, is_accelerated
-from bertfast.encoders import albert, common, distilbert, electra, mpnet
+from bertfast.encoders import albert, distilbert, electra, mpnet
 from bertfast.padding import Packing
 
 transformers = pytest.importorskip("transformers")
@@ -130,9 +130,10 @@ def packed_calls(monkeypatch) -> list:
     return calls
 
 
-LAYER_STEPS = {"distilbert": ("transformer.layer", distilbert.block), "electra": ("encoder.layer", electra.bert_layer),
-               "albert": ("encoder.albert_layer_groups.0.albert_layers", albert.albert_layer),
-               "mpnet": ("encoder.layer", None)}
+LAYER_STEPS = {"distilbert": ("transformer.layer", distilbert.packed_layer),
+               "electra": ("encoder.layer", modules.packed_layer),
+               "albert": ("encoder.albert_layer_groups.0.albert_layers", albert.packed_layer),
+               "mpnet": ("encoder.layer", mpnet.packed_layer)}
 
 
 @pytest.mark.parametrize("family", list(LAYER_STEPS))
@@ -146,12 +147,13 @@ def test_layer_functions_match_transformers_layers(family, one_thread):
     layer = base.get_submodule(path)[0]
     _, mask = ragged_batch(pad_id=0)
     packing = Packing.from_mask(mask)
+    if family == "mpnet":
+        packing = mpnet.with_bias(base, packing)
     hidden = torch.randn(4, 9, 48)
     additive = torch.zeros(4, 1, 9, 9).masked_fill(mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
     ref_in = hidden.clone().requires_grad_()
     if family == "mpnet":
         expected = layer(ref_in, additive, base.encoder.compute_position_bias(ref_in))[0]
-        step = mpnet.layer_step(base)
     else:
         expected = layer(ref_in, additive)
     weight = torch.randn(expected.shape) * mask[..., None]
@@ -161,7 +163,7 @@ def test_layer_functions_match_transformers_layers(family, one_thread):
     ref_table_grad = None if table is None else table.grad.clone()
     base.zero_grad()
     fast_in = packing.pack(hidden).requires_grad_()
-    got = packing.unpack(step(layer, fast_in, packing, True))
+    got = packing.unpack(step(layer, fast_in, packing, None, True))
     (got * weight).sum().backward()
     keep = mask.bool()
     torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
@@ -317,22 +319,48 @@ def test_mpnet_mask_with_holes_falls_back(packed_calls, one_thread):
 
 
 @pytest.mark.parametrize("family", ["distilbert", "electra"])
-def test_gradient_checkpointing_gives_the_same_gradients(family, packed_calls, monkeypatch, one_thread):
-    recomputed = []
-    checkpoint = common.checkpoint
-    monkeypatch.setattr(common, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointing_recomputes_through_the_layer_calls(family, use_reentrant, packed_calls, one_thread):
+    """transformers' own GradientCheckpointingLayer checkpoints the packed layer calls."""
     name = [n for n in HEADS[family] if n.endswith("SequenceClassification")][0]
     ref = build(family, name)
     fast = bertfast.accelerate(copy.deepcopy(ref))
-    fast.gradient_checkpointing_enable()
+    for model in (ref, fast):
+        model.base_model.embeddings.requires_grad_(False)  # reentrant checkpointing then needs the input-grads hook
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed: list = []
+    for layer in (distilbert if family == "distilbert" else electra).layers(fast.base_model):
+        run = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda fn, *a, run=run, **k: checkpointed.append(1) or run(fn, *a, **k)
     ids, mask = ragged_batch(pad_id=PAD[family])
     labels = torch.tensor([0, 1, 2, 0])
     ref(ids, attention_mask=mask, labels=labels).loss.backward()
     fast(ids, attention_mask=mask, labels=labels).loss.backward()
-    for (name_, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
-        assert_scaled_close(p.grad, q.grad, name_)
     assert packed_calls == [1]
-    assert len(recomputed) == 2  # each layer was checkpointed
+    assert len(checkpointed) == 2  # each layer
+    for (name_, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name_
+            continue
+        assert_scaled_close(p.grad, q.grad, name_)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "albert", "mpnet"])
+def test_a_hook_on_a_layer_falls_back(family, packed_calls, one_thread):
+    ref = build(family, HEADS[family][0]).eval()
+    fast = bertfast.accelerate(copy.deepcopy(ref))
+    seen = []
+    module = {"distilbert": distilbert, "albert": albert, "mpnet": mpnet}[family]
+    handle = module.layers(fast)[-1].register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    ids, mask = ragged_batch(pad_id=PAD[family])
+    torch.testing.assert_close(fast(ids, attention_mask=mask).last_hidden_state,
+                               ref(ids, attention_mask=mask).last_hidden_state)
+    assert seen and seen[0] == (4, 9, 48)  # transformers' padded tensors
+    assert "forward hook" in fallback_reason(fast, {})
+    assert not packed_calls
+    handle.remove()
+    fast(ids, attention_mask=mask)
+    assert packed_calls == [1]
 
 
 def test_configs_that_cannot_run_exactly_are_refused_by_name(one_thread):

@@ -14,13 +14,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from bertfast import modules, ops
 from bertfast.models.base import pack_inputs
+from bertfast.modules import PACKING_KEY, ROWS_KEY
 from bertfast.padding import Packing
-
-LayerStep = Callable[[nn.Module, Tensor, Packing, bool], Tensor]
 
 
 @dataclass(frozen=True)
@@ -114,22 +112,41 @@ def feed_forward_in(dense: nn.Module, activation: nn.Module, x: Tensor) -> Tenso
     return ops.bias_gelu(y, bias, form)
 
 
-def run_layers(layers: Sequence[nn.Module], step: LayerStep, hidden: Tensor, packing: Packing,
-               training: bool) -> list[Tensor]:
-    """[input, after layer 1, ..., after the last]: ``step`` over ``layers`` in order.
+def run_layers(layers: Sequence[nn.Module], hidden: Tensor, packing: Packing) -> list[Tensor]:
+    """[input, after layer 1, ..., after the last]: each layer called as a module on packed tokens.
 
-    A layer whose ``gradient_checkpointing`` flag is set (transformers' GradientCheckpointingLayer,
-    by ``gradient_checkpointing_enable``) is recomputed in backward when training.
+    The drop-in's class-level wrapper runs the family's packed layer for that call (``PACKING_KEY``),
+    under transformers' ``GradientCheckpointingLayer`` where the layer class is one, so activation
+    checkpointing is transformers' own.
     """
     states = [hidden]
-    recompute = training and torch.is_grad_enabled()
     for layer in layers:
-        if recompute and getattr(layer, "gradient_checkpointing", False):
-            hidden = checkpoint(step, layer, hidden, packing, training, use_reentrant=False)
-        else:
-            hidden = step(layer, hidden, packing, training)
+        hidden = layer(hidden, **{PACKING_KEY: packing, ROWS_KEY: None})
         states.append(hidden)
     return states
+
+
+def encode(base: nn.Module, limits: InputLimits, arguments: dict[str, Any],
+           embed: Callable[[nn.Module, dict[str, Tensor | None], bool], Tensor], layers: Sequence[nn.Module],
+           embeddings_require_grad: bool, packing_of: Callable[[Packing], Packing] = lambda p: p,
+           ) -> tuple[Packing, list[Tensor]]:
+    """Pack the call's inputs, embed them and run ``layers``: (packing, every hidden state, packed).
+
+    ``embeddings_require_grad`` marks the embeddings' output as requiring grad, as transformers'
+    ``enable_input_require_grads`` hook does (reentrant checkpointing of frozen embeddings then still
+    reaches the layers' parameters). ``packing_of`` gives the packing the layers see (MPNet's carries
+    its bias table).
+    """
+    packing, packed = pack(base, limits, arguments)
+    hidden = embed(base, packed, base.training)
+    if embeddings_require_grad and torch.is_grad_enabled():
+        hidden.requires_grad_(True)
+    return packing, run_layers(layers, hidden, packing_of(packing))
+
+
+def keep_rows(rows: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The given packed rows of each tensor (all of them when ``rows`` is None)."""
+    return tensors if rows is None else tuple(t.index_select(0, rows) for t in tensors)
 
 
 def selected_states(base: nn.Module, packing: Packing, states: list[Tensor], output_hidden_states: Any,
@@ -150,12 +167,21 @@ def selected_states(base: nn.Module, packing: Packing, states: list[Tensor], out
     return tuple(packing.unpack(s) if i in chosen else None for i, s in enumerate(states))
 
 
-def flag(arguments: dict[str, Any], config: Any, name: str, default: Any) -> Any:
-    """The call's value of ``name``, else the config's."""
-    value = arguments.get(name)
-    return getattr(config, name, default) if value is None else value
+def option(arguments: dict[str, Any], config: Any, name: str, default: Any, none_is_unset: bool = False) -> Any:
+    """An output option as the model's forward reads it: the call's value when passed, else the config's.
+
+    ``none_is_unset``: a passed None also means the config's (forwards that test ``is not None``);
+    otherwise a passed None counts as passed, as transformers 5's output recorder reads it.
+    """
+    value = arguments.get(name, _MISSING)
+    if value is _MISSING or (value is None and none_is_unset):
+        return getattr(config, name, default)
+    return value
 
 
-def finish(output: Any, arguments: dict[str, Any], config: Any) -> Any:
-    """``output`` as the call asked: the ModelOutput, or its tuple with ``return_dict=False``."""
-    return output if flag(arguments, config, "return_dict", True) else output.to_tuple()
+_MISSING = object()
+
+
+def finish(output: Any, arguments: dict[str, Any], config: Any, none_is_unset: bool = False) -> Any:
+    """``output`` as the call asked: the ModelOutput, or its tuple when ``return_dict`` is False."""
+    return output.to_tuple() if option(arguments, config, "return_dict", True, none_is_unset) is False else output

@@ -25,30 +25,26 @@ def layers(base: nn.Module) -> list[nn.Module]:
     return list(base.transformer.layer)
 
 
-def block(layer: nn.Module, hidden: Tensor, packing: Packing, training: bool) -> Tensor:
-    """One ``TransformerBlock`` on packed tokens, (T, dim) -> (T, dim)."""
+def packed_layer(layer: nn.Module, hidden: Tensor, packing: Packing, rows: Tensor | None, training: bool) -> Tensor:
+    """One ``TransformerBlock`` on packed tokens, (T, dim) -> (T, dim); with ``rows``, only those rows go on."""
     attention, ffn = layer.attention, layer.ffn
     context = common.packed_attention(attention, (attention.q_lin, attention.k_lin, attention.v_lin),
                                       attention.n_heads, attention.attention_head_size, attention.dropout.p,
                                       hidden, packing, training)
+    context, hidden = common.keep_rows(rows, context, hidden)
     attended = common.add_norm(attention.out_lin, layer.sa_layer_norm, 0.0, context, hidden, training)
     inner = common.feed_forward_in(ffn.lin1, ffn.activation, attended)
     return common.add_norm(ffn.lin2, layer.output_layer_norm, ffn.dropout.p, inner, attended, training)
 
 
-def layer_step(base: nn.Module) -> common.LayerStep:
-    return block
-
-
-def packed_forward(base: nn.Module, arguments: dict[str, Any]) -> Any:
+def packed_forward(base: nn.Module, arguments: dict[str, Any], embeddings_require_grad: bool = False) -> Any:
     from transformers.modeling_outputs import BaseModelOutput
 
     config = base.config
     limits = common.InputLimits(config.dim, config.vocab_size, config.max_position_embeddings)
-    packed_args = {k: v for k, v in arguments.items() if k != "token_type_ids"}  # DistilBERT has none
-    packing, packed = common.pack(base, limits, packed_args)
-    states = common.run_layers(layers(base), block, embed(base, packed, base.training), packing, base.training)
-    hidden_states = common.selected_states(
-        base, packing, states, common.flag(arguments, config, "output_hidden_states", False))
+    inputs = {k: v for k, v in arguments.items() if k != "token_type_ids"}  # DistilBERT has none
+    packing, states = common.encode(base, limits, inputs, embed, layers(base), embeddings_require_grad)
+    hidden_states = common.selected_states(base, packing, states,
+                                           common.option(arguments, config, "output_hidden_states", False))
     output = BaseModelOutput(last_hidden_state=packing.unpack(states[-1]), hidden_states=hidden_states)
     return common.finish(output, arguments, config)

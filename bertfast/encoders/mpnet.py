@@ -11,6 +11,7 @@ offsets' differences, so a mask with holes runs transformers' forward (``fallbac
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -43,6 +44,13 @@ def fallback(arguments: dict[str, Any]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class BiasedPacking(Packing):
+    """The packing the layers see: the layer module's call carries only the packing, so it holds the table."""
+
+    bias_table: Tensor | None = None
+
+
 def embed(base: nn.Module, packed: dict[str, Tensor | None], training: bool) -> Tensor:
     return common.packed_embeddings(base.embeddings, packed, training)
 
@@ -51,46 +59,40 @@ def layers(base: nn.Module) -> list[nn.Module]:
     return list(base.encoder.layer)
 
 
-def bias_table(base: nn.Module) -> Tensor:
-    """The (32, heads) rows of ``relative_attention_bias`` that transformers' buckets reach."""
-    return base.encoder.relative_attention_bias.weight[:NUM_BUCKETS]
+def with_bias(base: nn.Module, packing: Packing) -> BiasedPacking:
+    """``packing`` with the (32, heads) rows of ``relative_attention_bias`` that transformers' buckets reach."""
+    table = base.encoder.relative_attention_bias.weight[:NUM_BUCKETS]
+    return BiasedPacking(**{f.name: getattr(packing, f.name) for f in fields(packing)}, bias_table=table)
 
 
-def mpnet_layer(layer: nn.Module, hidden: Tensor, packing: Packing, training: bool, table: Tensor) -> Tensor:
-    """One ``MPNetLayer`` on packed tokens with the relative-position bias ``table``."""
+def packed_layer(layer: nn.Module, hidden: Tensor, packing: BiasedPacking, rows: Tensor | None,
+                 training: bool) -> Tensor:
+    """One ``MPNetLayer`` on packed tokens, the relative-position bias from ``packing.bias_table``."""
     attention = layer.attention
     attn = attention.attn
     context = common.packed_attention(attn, (attn.q, attn.k, attn.v), attn.num_attention_heads,
                                       attn.attention_head_size, attn.dropout.p, hidden, packing, training,
-                                      bias_table=table, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
+                                      bias_table=packing.bias_table, num_buckets=NUM_BUCKETS,
+                                      max_distance=MAX_DISTANCE)
+    context, hidden = common.keep_rows(rows, context, hidden)
     attended = common.add_norm(attn.o, attention.LayerNorm, attention.dropout.p, context, hidden, training)
     return modules.packed_add_norm(layer.output, modules.packed_intermediate(layer.intermediate, attended),
                                    attended, training)
 
 
-def layer_step(base: nn.Module) -> common.LayerStep:
-    table = bias_table(base)
-
-    def step(layer: nn.Module, hidden: Tensor, packing: Packing, training: bool) -> Tensor:
-        return mpnet_layer(layer, hidden, packing, training, table)
-
-    return step
-
-
-def packed_forward(base: nn.Module, arguments: dict[str, Any]) -> Any:
+def packed_forward(base: nn.Module, arguments: dict[str, Any], embeddings_require_grad: bool = False) -> Any:
     """``arguments["position_ids"]``: the RoBERTa-style positions (the drop-in computes them)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     config = base.config
     limits = common.InputLimits(config.hidden_size, config.vocab_size, config.max_position_embeddings)
-    packed_args = {k: v for k, v in arguments.items() if k != "token_type_ids"}  # MPNet has none
-    packing, packed = common.pack(base, limits, packed_args)
-    states = common.run_layers(layers(base), layer_step(base), embed(base, packed, base.training), packing,
-                               base.training)
+    inputs = {k: v for k, v in arguments.items() if k != "token_type_ids"}  # MPNet has none
+    packing, states = common.encode(base, limits, inputs, embed, layers(base), embeddings_require_grad,
+                                    packing_of=lambda p: with_bias(base, p))
     last = packing.unpack(states[-1])
-    hidden_states = common.selected_states(
-        base, packing, states, common.flag(arguments, config, "output_hidden_states", False), by_index=False)
+    requested = common.option(arguments, config, "output_hidden_states", False, none_is_unset=True)
+    hidden_states = common.selected_states(base, packing, states, requested, by_index=False)
     output = BaseModelOutputWithPooling(last_hidden_state=last,
                                         pooler_output=None if base.pooler is None else base.pooler(last),
                                         hidden_states=hidden_states)
-    return common.finish(output, arguments, config)
+    return common.finish(output, arguments, config, none_is_unset=True)
