@@ -300,13 +300,16 @@ def test_output_attentions_falls_back_to_transformers_exact_answer(family, packe
     assert fallback_reason(fast, {"attention_mask": mask}) is None
 
 
-def test_mpnet_mask_with_holes_falls_back(packed_calls, one_thread):
+def test_mpnet_mask_with_holes_falls_back(packed_calls, monkeypatch, one_thread):
     ref = build("mpnet", "MPNetModel").eval()
     fast = bertfast.accelerate(copy.deepcopy(ref))
     ids, mask = ragged_batch(pad_id=1)
     holed = mask.clone()
     holed[0, 3] = 0  # a padding position between tokens: padded and packed relative positions differ
     assert "padding between tokens" in fallback_reason(fast, {"attention_mask": holed})
+    with monkeypatch.context() as patch:  # a traced graph cannot read the mask: transformers' forward then
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert "torch.compile" in mpnet.fallback({"attention_mask": mask})
     torch.testing.assert_close(fast(ids, attention_mask=holed).last_hidden_state,
                                ref(ids, attention_mask=holed).last_hidden_state)
     assert not packed_calls

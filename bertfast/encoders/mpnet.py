@@ -35,8 +35,10 @@ def unsupported(config: Any) -> str | None:
 def fallback(arguments: dict[str, Any]) -> str | None:
     """Why a call must run transformers' forward: a mask whose real tokens are not one run per row."""
     mask = arguments.get("attention_mask")
-    if mask is None or mask.dim() != 2 or mask.shape[1] < 2 or torch.compiler.is_compiling():
+    if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
         return None
+    if torch.compiler.is_compiling():  # the check reads the mask's values, which a traced graph cannot
+        return "torch.compile with an attention_mask (whether it has holes is only known at run time)"
     real = mask != 0
     runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)
     if bool((runs > 1).any()):
