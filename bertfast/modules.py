@@ -14,6 +14,8 @@ whatever it does takes effect.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,8 +71,13 @@ def packed_embeddings(
     )
 
 
-def _fused_qkv_weights(attention: nn.Module, training: bool) -> tuple[Tensor, Tensor]:
+def _fused_qkv_weights(
+    attention: nn.Module, training: bool, linears: tuple[nn.Linear, nn.Linear, nn.Linear] | None = None,
+) -> tuple[Tensor, Tensor]:
     """q, k and v weights (and biases) concatenated for one matmul.
+
+    ``linears`` are the three projections, ``attention.query/key/value`` by default (other families
+    name them otherwise); ``attention`` is the module that holds them and the inference cache.
 
     With autograd recording, the concatenation is part of the graph. Without it (inference), the
     result is cached on the module, so a served model pays for it once. The cache is dropped when one
@@ -78,7 +85,8 @@ def _fused_qkv_weights(attention: nn.Module, training: bool) -> tuple[Tensor, Te
     training-mode forward: fused optimizers update parameters without moving version counters, but
     any optimizer step follows a training forward.
     """
-    linears = (attention.query, attention.key, attention.value)
+    if linears is None:
+        linears = (attention.query, attention.key, attention.value)
     tensors = [t for lin in linears for t in (lin.weight, lin.bias)]
     if training:
         attention.__dict__.pop("_bertfast_qkv", None)
@@ -139,6 +147,13 @@ def packed_layer(layer: nn.Module, hidden: Tensor, packing: Packing, rows: Tenso
     return packed_add_norm(layer.output, packed_intermediate(layer.intermediate, attended), attended, training)
 
 
+# The keywords with which the packed encoder calls a layer module. Only bertfast passes them: a layer
+# class's forward that sees them runs ``packed_layer`` (bertfast's own layers, and transformers' layers
+# through the drop-in's class-level wrapper), anything else runs the class's own forward.
+PACKING_KEY = "bertfast_packing"
+ROWS_KEY = "bertfast_rows"
+
+
 def packed_encoder(
     encoder: nn.Module, hidden: Tensor, packing: Packing, training: bool, output_hidden_states: bool = False,
     last_layer_rows: Tensor | None = None,
@@ -146,20 +161,23 @@ def packed_encoder(
     """Every layer of ``encoder.layer`` on packed tokens; returns [last] or [embeddings, layer 1, ..., last].
 
     With ``last_layer_rows`` the last layer computes only those rows (its attention still reads every
-    token as a key), like flash-attention's BERT does for the MLM loss. Gradient checkpointing is on
-    when the encoder's or the layer's ``gradient_checkpointing`` flag is set (bertfast's and
-    transformers' places for it).
+    token as a key), like flash-attention's BERT does for the MLM loss. Each layer is called as a
+    module, so a layer class that checkpoints itself (transformers' ``GradientCheckpointingLayer``)
+    does so with its own flag and function. The encoder's ``gradient_checkpointing`` flag (bertfast's
+    place for it) checkpoints each layer call here, with the encoder's ``_gradient_checkpointing_func``
+    when it has one, else non-reentrant checkpointing (which replays the dropout masks).
     """
     states = [hidden]
     last = len(encoder.layer) - 1
-    recompute = training and torch.is_grad_enabled()
+    recompute = training and torch.is_grad_enabled() and getattr(encoder, "gradient_checkpointing", False)
+    run = (getattr(encoder, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+           if recompute else None)
     for i, layer in enumerate(encoder.layer):
         rows = last_layer_rows if i == last else None
-        if recompute and (getattr(encoder, "gradient_checkpointing", False)
-                          or getattr(layer, "gradient_checkpointing", False)):
-            hidden = checkpoint(packed_layer, layer, hidden, packing, rows, training, use_reentrant=False)
+        if recompute:
+            hidden = run(partial(layer, **{PACKING_KEY: packing, ROWS_KEY: rows}), hidden)
         else:
-            hidden = packed_layer(layer, hidden, packing, rows, training)
+            hidden = layer(hidden, **{PACKING_KEY: packing, ROWS_KEY: rows})
         states.append(hidden)
     return states if output_hidden_states else [hidden]
 
@@ -241,8 +259,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden: Tensor, packing: Packing, rows: Tensor | None = None) -> Tensor:
-        return packed_layer(self, hidden, packing, rows, self.training)
+    def forward(self, hidden: Tensor, bertfast_packing: Packing, bertfast_rows: Tensor | None = None) -> Tensor:
+        """The packed encoder's call (``PACKING_KEY`` / ``ROWS_KEY``): see ``packed_layer``."""
+        return packed_layer(self, hidden, bertfast_packing, bertfast_rows, self.training)
 
 
 class BertEncoder(nn.Module):

@@ -224,10 +224,10 @@ def test_fallbacks_give_transformers_answers(one_thread):
 def test_unsupported_models_are_named():
     with pytest.raises(TypeError, match="Linear is not, and does not contain, a supported model"):
         bertfast.accelerate(torch.nn.Linear(2, 2))
-    distil = transformers.DistilBertModel(transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=1,
-                                                                         n_heads=2, hidden_dim=64))
-    with pytest.raises(TypeError, match="DistilBertModel"):
-        bertfast.accelerate(distil)
+    deberta = transformers.DebertaV2Model(transformers.DebertaV2Config(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(TypeError, match="DebertaV2Model"):
+        bertfast.accelerate(deberta)
     with pytest.raises(ValueError, match="BertModel with is_decoder"):
         bertfast.accelerate(transformers.BertModel(bert_config(is_decoder=True)))
 
@@ -309,6 +309,7 @@ def test_a_users_module_around_a_bert_model(one_thread):
 
 
 def test_patch_transformers_builds_accelerated_models_and_undoes(one_thread):
+    one_by_one = bertfast.accelerate(transformers.BertModel(bert_config()).eval())
     try:
         bertfast.patch_transformers()
         bertfast.patch_transformers()  # twice is harmless
@@ -321,6 +322,7 @@ def test_patch_transformers_builds_accelerated_models_and_undoes(one_thread):
     finally:
         bertfast.unpatch_transformers()
     assert not is_accelerated(model.bert)
+    assert is_accelerated(one_by_one)  # unpatching leaves models accelerated one by one as they are
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, fast_logits, atol=1e-5, rtol=1e-5)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -196,12 +197,19 @@ class BertPreTrainedModel(_model_base()):
         self.set_input_embeddings(new)
         return new
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False,
+    ) -> None:
         """Recompute each encoder layer in backward instead of keeping its activations.
 
         ``gradient_checkpointing_kwargs`` is accepted for transformers' Trainer; bertfast always uses
         non-reentrant checkpointing (it replays the dropout masks and works with frozen inputs).
+        transformers' ``activation_checkpointing_enable`` lands here too; its ``every_n_layers`` and
+        ``offload`` options are refused rather than ignored.
         """
+        if every_n_layers != 1 or offload:
+            raise ValueError("bertfast checkpoints every encoder layer and keeps the activations in place: "
+                             f"every_n_layers={every_n_layers}, offload={offload} is not supported")
         for module in self.modules():
             if isinstance(module, BertEncoder):
                 module.gradient_checkpointing = True
@@ -482,12 +490,17 @@ def encode(
     output_hidden_states: bool = False,
     needed: Tensor | None = None,
     pool_first_token: bool = True,
+    embed: Callable[..., Tensor] = packed_embeddings,
+    embeddings_require_grad: bool = False,
 ) -> Encoded:
     """Run a BERT-shaped base model (``embeddings``, ``encoder``, ``config``) on packed tokens.
 
     The result stays packed. ``needed`` (batch, seq_len) bool marks the only positions whose output
     the caller will read (and each row's first token when ``pool_first_token``): the last layer then
-    computes just those.
+    computes just those. ``embed`` computes the packed embeddings (a family's own function, with
+    ``packed_embeddings``' arguments). ``embeddings_require_grad`` marks their output as requiring
+    grad, as transformers' ``enable_input_require_grads`` hook does, so that reentrant checkpointing
+    of frozen embeddings still reaches the layers' parameters.
     """
     weight = base.embeddings.word_embeddings.weight
     for name, tensor in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
@@ -499,8 +512,10 @@ def encode(
     packing, packed = pack_inputs(base.config, input_ids, attention_mask, token_type_ids, position_ids,
                                   inputs_embeds)
     training = base.training
-    hidden = packed_embeddings(base.embeddings, packed["input_ids"], packed["position_ids"],
-                               packed["token_type_ids"], packed["inputs_embeds"], training)
+    hidden = embed(base.embeddings, packed["input_ids"], packed["position_ids"], packed["token_type_ids"],
+                   packed["inputs_embeds"], training)
+    if embeddings_require_grad and torch.is_grad_enabled():
+        hidden.requires_grad_(True)
     rows = None
     if needed is not None and tuple(needed.shape) != (packing.batch, packing.seqlen):
         raise ValueError(f"labels has shape {tuple(needed.shape)}, expected {(packing.batch, packing.seqlen)}")
