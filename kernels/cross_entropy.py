@@ -286,18 +286,33 @@ def _define(name: str, xent: str, fp32_work_copy: bool, define: Callable) -> Cal
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, labels, ignore_index, smoothing, reduction, chunk_bytes, grads_needed = inputs
         _, _, *grads = output
-        ctx.save_for_backward(x, weight, bias, labels, *grads)
+        # Eager, the gradients are not saved tensors: the first backward scales them in place and drops
+        # them, so grad_W is neither copied nor kept with the graph (detached: no reference cycle through
+        # the node). Traced (fake or functional tensors), the graph only sees them as saved tensors.
+        eager = all(type(g) is Tensor for g in grads)
+        ctx.grads = [g.detach() for g in grads] if eager else None
+        ctx.save_for_backward(x, weight, bias, labels, *(() if eager else grads))
         ctx.settings = (ignore_index, smoothing, reduction, chunk_bytes, grads_needed)
+        # The gradient outputs get no grad_output: without this, autograd would build zeros the size of
+        # each one (grad_W included) for backward.
+        ctx.set_materialize_grads(False)
 
-    def autograd_backward(ctx, grad_loss: Tensor, *_unused) -> tuple[Tensor | None, ...]:
-        x, weight, bias, labels, *grads = ctx.saved_tensors
+    def autograd_backward(ctx, grad_loss: Tensor | None, *_unused) -> tuple[Tensor | None, ...]:
+        x, weight, bias, labels, *saved = ctx.saved_tensors
         ignore_index, smoothing, reduction, chunk_bytes, grads_needed = ctx.settings
-        if reduction == "none":
-            grads = backward(x, weight, bias, labels, grad_loss.float().reshape(-1), ignore_index, smoothing,
-                             chunk_bytes, grads_needed)
-        else:
-            scale = grad_loss * _mean_factor(labels, ignore_index) if _late_factor(x, reduction) else grad_loss
-            grads = [g * scale.to(g.dtype) for g in grads]
+        if grad_loss is None:  # the loss itself took no part in what is differentiated
+            return None, None, None, None, None, None, None, None, None
+        grads, ctx.grads = ctx.grads, None
+        scale = grad_loss * _mean_factor(labels, ignore_index) if _late_factor(x, reduction) else grad_loss
+        if reduction != "none" and saved:
+            grads = [g * scale.to(g.dtype) for g in saved]
+        elif reduction != "none" and grads is not None:
+            grads = [g.mul_(scale.to(g.dtype)) for g in grads]
+        else:  # a grad_output per row, or a second backward through a retained graph
+            row_scale = grad_loss.float().reshape(-1)
+            if reduction == "mean":
+                row_scale = row_scale * _mean_factor(labels, ignore_index)
+            grads = backward(x, weight, bias, labels, row_scale, ignore_index, smoothing, chunk_bytes, grads_needed)
         grads = [g if need else None for g, need in zip(grads, grads_needed, strict=True)]
         return *grads, None, None, None, None, None, None
 
