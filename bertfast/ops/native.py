@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,14 @@ def _load_library() -> None:
     spec = importlib.util.find_spec("bertfast._C")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError("bertfast's native library (bertfast/_C.so) is not built", name="bertfast._C")
-    torch.ops.load_library(spec.origin)
+    library = Path(spec.origin)
+    built_for = library.with_name("_C.torch-version").read_text().strip()
+    if built_for != torch.__version__:
+        warnings.warn(f"bertfast's native CPU ops were built for torch {built_for}, not for this torch "
+                      f"{torch.__version__}: they are off (the reference runs) until bertfast is reinstalled "
+                      "(pip install --no-build-isolation ...)", RuntimeWarning, stacklevel=3)
+        raise ModuleNotFoundError("bertfast/_C.so is built for another torch", name="bertfast._C")
+    torch.ops.load_library(str(library))
 
 
 _load_library()
