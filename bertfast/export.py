@@ -47,9 +47,15 @@ class ExportError(ValueError):
 
 
 def op_library_path() -> str | None:
-    """The path of bertfast's native op library (``bertfast/_C.so``), or None when it is not built."""
+    """The path of bertfast's native op library (``bertfast/_C.so``), or None when it is not built (or built
+    for another torch, which ``bertfast.ops`` would not load either)."""
     spec = importlib.util.find_spec("bertfast._C")
-    return None if spec is None or spec.origin is None else spec.origin
+    if spec is None or spec.origin is None:
+        return None
+    built_for = Path(spec.origin).with_name("_C.torch-version")
+    if built_for.is_file() and built_for.read_text().strip() != torch.__version__:
+        return None
+    return spec.origin
 
 
 # ------------------------------------------------------------------------------------------ what is exported
@@ -214,7 +220,14 @@ class ExportedModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no package at {str(self.path)!r}")
-        self.package = torch._inductor.aoti_load_package(str(self.path))
+        try:
+            self.package = torch._inductor.aoti_load_package(str(self.path))
+        except RuntimeError as e:
+            if op_library_path() is not None:
+                raise
+            raise RuntimeError(f"cannot load {str(self.path)!r}: {str(e).splitlines()[0] if str(e) else e}; a "
+                               "package exported with bertfast's native ops needs bertfast/_C.so built for this "
+                               f"torch ({torch.__version__}): reinstall bertfast") from e
         metadata = self.package.get_metadata()
         if OUTPUTS_KEY not in metadata:
             raise ValueError(f"{str(self.path)!r} is not a package written by bertfast.export")

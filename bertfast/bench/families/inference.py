@@ -5,7 +5,15 @@ of 8 and 32 sequences of at most 128 tokens with 42% and 62% of the padded posit
 always; bf16 where the device has it (on a CPU: AVX512-BF16 or AMX), int8 on a CPU. The blocks of
 calls are interleaved peer after peer, round after round, and each time is the fastest round's
 median call. Beside them, in the same rounds, an fp32 GEMM of the batch's dominant shape (real tokens x
-hidden @ hidden x intermediate) measures what this machine's matmuls reach at that size.
+hidden @ hidden x intermediate) measures what this machine's matmuls reach at that size, the same GEMM in
+bf16 and int8 (``torch._int_mm``) where those precisions run, and a 256 MB tensor copy the memory
+bandwidth. From them each shape has two limits: the weights a forward reads over the bandwidth, and its
+FLOPs over the GEMM rate at its precision; each peer's "% of limit" is the larger over its time.
+
+``bertfast export (.pt2)`` is bertfast's own model compiled by ``bertfast.export`` (torch.export +
+AOTInductor, fp32) and loaded by ``bertfast.export.load``, as a user runs it: it stands beside the peers
+(what it replaces for a user is the eager model or ONNX Runtime's), and "bertfast vs fastest" leaves it out.
+It is compiled when the torch.compile baselines are (not under --quick on a CPU).
 
 ONNX Runtime is a benchmark-only dependency, imported only here: the transformers model (eager
 attention) is exported with ``torch.onnx.export`` and fused by ``onnxruntime.transformers.optimizer``
@@ -491,7 +499,7 @@ def _plan(ctx: Context, flops: float) -> Plan:
 
 def _group(spec: ModelSpec | str, shape: Shape, ctx: Context) -> Group:
     precisions = tuple(p for p in PRECISIONS if precision_available(p, ctx.device) is None)
-    names = (*PEERS, GEMM, LOW_GEMM, COPY)
+    names = (*PEERS, GEMM, COPY) + ((LOW_GEMM,) if set(precisions) - {"fp32"} else ())
     if isinstance(spec, str):
         return Group(spec.split(":")[0], shape.label, shape.real_tokens, "real tokens", names, lambda: {
             n: spec.split(": ", 1)[1] for n in names}, precisions, statistic="best_round")
