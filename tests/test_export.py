@@ -110,6 +110,7 @@ def test_an_accelerated_transformers_classifier_exports_and_matches_eager(tmp_pa
     path = export(hf, tmp_path / "classifier.pt2", max_tokens=MAX_TOKENS)
     assert hf.training and path.is_file() and [p.name for p in tmp_path.iterdir()] == ["classifier.pt2"]
     runner = load(path)
+    assert runner.task == "sequence-classification"
     hf.eval()
     for batch in batches():
         with torch.inference_mode():
@@ -133,8 +134,8 @@ def test_unsupported_models_are_refused_by_name(build, message, tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"precision": "fp16"}, "precision must be one of fp32, bf16"),
-    ({"max_tokens": 0}, "max_tokens must be an integer from 1 to 64"),
-    ({"max_tokens": 65}, "max_tokens must be an integer from 1 to 64"),
+    ({"max_tokens": 1}, "max_tokens must be an integer from 2 to 64"),
+    ({"max_tokens": 65}, "max_tokens must be an integer from 2 to 64"),
     ({"path": "model.onnx"}, "must end in .pt2"),
 ])
 def test_bad_options_are_refused_before_compiling(options, message, tmp_path):
@@ -156,7 +157,7 @@ def test_the_cli_names_a_bad_checkpoint_and_option(tmp_path, capsys):
     assert stop.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
     assert cli.main(["export", "--model", str(tmp_path / "pretrained"), "--output", str(tmp_path / "m.pt2"),
                      "--max-tokens", "1000"]) == 2
-    assert "max_tokens must be an integer from 1 to 64" in capsys.readouterr().err
+    assert "max_tokens must be an integer from 2 to 64" in capsys.readouterr().err
     assert not Path(tmp_path / "m.pt2").exists()
 
 
