@@ -10,6 +10,7 @@ import pytest
 
 from bertfast import cli
 from bertfast.bench import FAMILIES, report
+from bertfast.bench.families import inference
 from bertfast.bench.families.inference import ragged_lengths
 from bertfast.bench.suite import Measurement
 from bertfast.bench.timing import Stats
@@ -39,7 +40,39 @@ def test_quick_suite_writes_every_familys_json_report_and_plot(tmp_path, one_thr
         assert "bertfast[triton]" in baselines
     inference = (out / "inference.md").read_text()
     assert "bertfast vs fastest" in inference and "GEMM GFLOP/s" in inference
+    assert "bertfast % of limit" in inference and "copy bandwidth" in inference
+    _check_inference_limits(record["families"]["inference"]["measurements"])
     assert json.loads((saved / "first.json").read_text())["families"].keys() == record["families"].keys()
+
+
+def _check_inference_limits(measurements: list[dict]) -> None:
+    """Every timed peer has its limit, recomputed here from the copy and GEMM measured in its group."""
+    by = {(m["kernel"], m["shape"], m["baseline"], m["mode"]): m for m in measurements if m["status"] == "ok"}
+    peers = [m for m in by.values() if m["baseline"] in inference.PEERS]
+    assert {m["mode"] for m in peers} >= {"fp32"}
+    for m in peers:
+        copy = by[(m["kernel"], m["shape"], inference.COPY, "fp32")]
+        gemm = by[(m["kernel"], m["shape"], inference.GEMM if m["mode"] == "fp32" else inference.LOW_GEMM, m["mode"])]
+        bandwidth = copy["info"]["copy_bytes"] / (copy["ms"] * 1e-3)
+        memory_ms = 1e3 * m["info"]["weight_bytes"][m["mode"]] / bandwidth
+        compute_ms = 1e3 * m["work"] / (gemm["work"] / (gemm["ms"] * 1e-3))
+        limit = m["info"]["limit"]
+        assert limit["memory_ms"] == pytest.approx(memory_ms) and limit["compute_ms"] == pytest.approx(compute_ms)
+        assert limit["limit_ms"] == pytest.approx(max(memory_ms, compute_ms))
+        assert limit["fraction"] == pytest.approx(limit["limit_ms"] / m["ms"])
+        assert limit["bandwidth_GB_s"] > 0 and limit["bound"] in ("memory", "compute")
+
+
+def test_weight_bytes_count_the_layers_and_pooler_at_each_precision():
+    import bertfast
+
+    config = bertfast.BertConfig.from_preset("tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    model = bertfast.BertModel(config)
+    counted = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embeddings."))
+    assert inference.weight_bytes(config, "fp32") == 4 * counted
+    assert inference.weight_bytes(config, "bf16") == 2 * counted
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embeddings" not in name)
+    assert inference.weight_bytes(config, "int8") == matrices + 4 * (counted - matrices)
 
 
 def _measurement(baseline: str, samples: list[float], kernel: str = "bias_gelu") -> Measurement:

@@ -12,7 +12,8 @@ from pathlib import Path
 from bertfast.bench.suite import Measurement
 
 SCHEMA = 1
-HIDDEN_INFO = ("series", "interpreted", "lengths", "padded_to", "gemm_flops")  # in the JSON, not the tables
+HIDDEN_INFO = ("series", "interpreted", "lengths", "padded_to", "gemm_flops", "weight_bytes", "limit",
+               "plotted")  # in the JSON, not the tables (the inference family tabulates its limits itself)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -166,7 +167,8 @@ def family_plot(family: dict, path: Path) -> None:
 
     panels: dict[tuple, list[Measurement]] = defaultdict(list)
     for m in family["measurements"]:
-        if m.ms is not None and not m.info.get("interpreted"):  # interpreter times would flatten the rest
+        # Interpreter times would flatten the rest; a measurement of another unit (a copy's bandwidth) says so.
+        if m.ms is not None and not m.info.get("interpreted") and m.info.get("plotted", True):
             panels[(m.kernel, m.mode, m.info.get("series", ""))].append(m)
     columns = min(3, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / columns))

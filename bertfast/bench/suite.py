@@ -209,6 +209,9 @@ def run_family(name: str, ctx: Context, log: Callable[[str], None] = print) -> d
     measurements: list[Measurement] = []
     for group in module.groups(ctx):
         measurements += run_group(name, group, ctx, clock, log)
+    derive = getattr(module, "derive", None)
+    if derive is not None:  # what follows from several measurements (the inference family's limits)
+        derive(measurements)
     return {"family": name, "title": module.TITLE, "notes": module.NOTES, "load_average_start": load_before,
             "load_average_end": load_average(), "seconds": time.perf_counter() - start,
             "measurements": measurements}

@@ -1,12 +1,12 @@
 """Plain-PyTorch references of every hot op.
 
-These define what each op computes. The fused kernels (``bertfast.kernels``,
-``bertfast._C``) must match them; tests compare against them, and on machines
+These define what each op computes. The fused kernels (``bertfast.kernels``, the C++ ops of
+``bertfast.ops.native``) must match them; tests compare against them, and on machines
 without a faster backend they are what runs.
 
 Every op works on packed tokens: activations are ``(tokens, hidden)`` with the
 padding already removed (see ``bertfast.padding``). Dropout follows the policy of
-``bertfast.ops`` with the shared mask of ``bertfast.ops.dropout``, so for one seed
+``bertfast.ops`` with the shared mask of ``bertfast.common.dropout``, so for one seed
 the reference drops exactly what the kernels drop.
 """
 
@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bertfast.ops import dropout
-
-IGNORE_INDEX = -100  # the label of positions that no loss is computed for, as in PyTorch and transformers
+from bertfast.common import IGNORE_INDEX, dropout
 
 
 def embeddings(

@@ -5,7 +5,15 @@ of 8 and 32 sequences of at most 128 tokens with 42% and 62% of the padded posit
 always; bf16 where the device has it (on a CPU: AVX512-BF16 or AMX), int8 on a CPU. The blocks of
 calls are interleaved peer after peer, round after round, and each time is the fastest round's
 median call. Beside them, in the same rounds, an fp32 GEMM of the batch's dominant shape (real tokens x
-hidden @ hidden x intermediate) measures what this machine's matmuls reach at that size.
+hidden @ hidden x intermediate) measures what this machine's matmuls reach at that size, the same GEMM in
+bf16 and int8 (``torch._int_mm``) where those precisions run, and a 256 MB tensor copy the memory
+bandwidth. From them each shape has two limits: the weights a forward reads over the bandwidth, and its
+FLOPs over the GEMM rate at its precision; each peer's "% of limit" is the larger over its time.
+
+``bertfast export (.pt2)`` is bertfast's own model compiled by ``bertfast.export`` (torch.export +
+AOTInductor, fp32) and loaded by ``bertfast.export.load``, as a user runs it: it stands beside the peers
+(what it replaces for a user is the eager model or ONNX Runtime's), and "bertfast vs fastest" leaves it out.
+It is compiled when the torch.compile baselines are (not under --quick on a CPU).
 
 ONNX Runtime is a benchmark-only dependency, imported only here: the transformers model (eager
 attention) is exported with ``torch.onnx.export`` and fused by ``onnxruntime.transformers.optimizer``
@@ -40,8 +48,12 @@ TITLE = "Inference: MiniLM-L6 and BERT-base"
 NOTES = __doc__.split("\n\n", 1)[1]
 
 PRECISIONS = ("fp32", "bf16", "int8")
-PEERS = ("bertfast", "transformers (sdpa)", "torch.compile(transformers)", "onnxruntime")
+EXPORTED = "bertfast export (.pt2)"  # bertfast's own model as a package: beside the others, not one of them
+PEERS = ("bertfast", "transformers (sdpa)", "torch.compile(transformers)", "onnxruntime", EXPORTED)
 GEMM = "fp32 GEMM (dominant shape)"
+LOW_GEMM = "bf16/int8 GEMM (dominant shape)"  # the same shape at the reduced precisions: their compute limit
+COPY = "tensor copy (memory bandwidth)"
+COPY_BYTES = 256 << 20  # read + written per call: far beyond the caches
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
@@ -176,6 +188,7 @@ class Peers:
         self.compiled: dict[str, nn.Module] = {}
         self.variants: dict[tuple[str, str], tuple[nn.Module, Callable] | str] = {}
         self.onnx: dict[str, object] = {}
+        self.package: object | None = None
 
     def variant(self, peer: str, precision: str):
         key = (peer, precision)
@@ -238,6 +251,23 @@ class Peers:
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
+    def exported(self, precision: str):
+        """bertfast's model compiled by ``bertfast.export`` (fp32; compiled once), loaded as a user loads it."""
+        if precision != "fp32":
+            return "n/a: the exported package is measured in fp32"
+        if self.device.type != "cpu":
+            return "n/a: bertfast.export compiles for the CPU"
+        if self.package is None:
+            import bertfast.export
+
+            try:
+                path = bertfast.export.export(self.bertfast, Path(self.tmp.name) / "model.pt2")
+                self.package = bertfast.export.load(path)
+            except Exception as e:
+                self.package = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        return self.package
+
+
 class _OnnxWrapper(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -294,6 +324,41 @@ def model_flops(config, lengths: tuple[int, ...]) -> float:
     return layers * (dense + attention) + 2 * len(lengths) * h * h
 
 
+# Bytes per weight at each precision: bf16 models hold bf16 weights; int8 Linear layers int8 weights (their
+# biases and the LayerNorms stay fp32).
+_WEIGHT_WIDTH = {"fp32": 4, "bf16": 2, "int8": 1}
+
+
+def weight_bytes(config, precision: str) -> float:
+    """Bytes of the weights one forward reads: every layer's and the pooler's (the embedding rows it reads are
+    a few per token, left out). At batch 1 a forward cannot take less than this over the memory bandwidth."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    matrices = layers * (4 * h * h + 2 * h * i) + h * h
+    vectors = layers * (4 * h + i + h + 4 * h) + h  # biases, then the two LayerNorms' weight and bias
+    small = _WEIGHT_WIDTH["bf16"] if precision == "bf16" else _WEIGHT_WIDTH["fp32"]
+    return float(matrices * _WEIGHT_WIDTH[precision] + vectors * small)
+
+
+def derive(measurements: list[Measurement]) -> None:
+    """Each peer's limit, from the rates measured in its group: the weights over the copy bandwidth and the
+    FLOPs over the GEMM rate at its precision; the larger bounds the forward's time. Adds ``limit`` to the
+    peers' info (in run.json): both times, the bound, the rates and ``fraction`` = limit / measured time."""
+    by = {(m.kernel, m.shape, m.baseline, m.mode): m for m in measurements if m.status == "ok" and m.ms}
+    for m in measurements:
+        if m.baseline not in PEERS or m.status != "ok" or not m.ms:
+            continue
+        copy = by.get((m.kernel, m.shape, COPY, "fp32"))
+        gemm = by.get((m.kernel, m.shape, GEMM if m.mode == "fp32" else LOW_GEMM, m.mode))
+        if copy is None or gemm is None or m.mode not in m.info.get("weight_bytes", {}):
+            continue
+        bandwidth, rate = copy.info["copy_bytes"] / (copy.ms * 1e-3), gemm.work / (gemm.ms * 1e-3)
+        memory_ms, compute_ms = 1e3 * m.info["weight_bytes"][m.mode] / bandwidth, 1e3 * m.work / rate
+        limit = max(memory_ms, compute_ms)
+        m.info["limit"] = {"memory_ms": memory_ms, "compute_ms": compute_ms, "limit_ms": limit,
+                           "bound": "memory" if memory_ms >= compute_ms else "compute",
+                           "bandwidth_GB_s": bandwidth / 1e9, "gemm_GFLOP_s": rate / 1e9, "fraction": limit / m.ms}
+
+
 _loaded: dict[str, Peers] = {}
 
 
@@ -337,7 +402,18 @@ def _entries(spec: ModelSpec, shape: Shape, precisions: tuple[str, ...], ctx: Co
             if peer == "torch.compile(transformers)" and not ctx.compile:
                 fns[peer][precision] = "torch.compile baselines are off (--no-compile, or --quick on a CPU)"
                 continue
-            if peer == "onnxruntime":
+            if peer == EXPORTED:
+                if not ctx.compile:
+                    fns[peer][precision] = "the exported package is off (--no-compile, or --quick on a CPU)"
+                    continue
+                package = peers.exported(precision)
+                if isinstance(package, str):
+                    fns[peer][precision] = package
+                    continue
+
+                def call(package=package):
+                    return package(**inputs)["last_hidden_state"]
+            elif peer == "onnxruntime":
                 session = peers.ort_session(precision)
                 if isinstance(session, str):
                     fns[peer][precision] = session
@@ -366,15 +442,48 @@ def _entries(spec: ModelSpec, shape: Shape, precisions: tuple[str, ...], ctx: Co
             cosine = torch.nn.functional.cosine_similarity(_embedding(out, inputs["attention_mask"]), reference, dim=-1)
             fns[peer][precision] = call
             info[peer][precision] = {"cos_min": float(cosine.min())}
+            if peer == EXPORTED:  # the package against the eager model it was exported from
+                with torch.inference_mode():
+                    eager = peers.bertfast(**inputs).last_hidden_state
+                info[peer][precision]["max_abs_diff_vs_eager"] = float((out - eager).abs().max())
     entries: dict[str, Entry | str] = {peer: Entry(fns[peer], mode_info=info[peer]) for peer in PEERS}
     h, i, tokens = peers.config.hidden_size, peers.config.intermediate_size, shape.real_tokens
     a = torch.randn(tokens, h, device=ctx.device)
     b = torch.randn(h, i, device=ctx.device)
     a @ b  # a first call, as the peers had theirs above
     flops = 2.0 * tokens * h * i
-    entries[GEMM] = Entry({"fp32": lambda: a @ b}, {"gemm": f"{tokens}x{h}x{i}", "gemm_flops": flops},
-                          work={"fp32": flops})
+    gemm_info = {"gemm": f"{tokens}x{h}x{i}", "gemm_flops": flops}
+    entries[GEMM] = Entry({"fp32": lambda: a @ b}, gemm_info, work={"fp32": flops})
+    low = _low_precision_gemms(a, b, precisions)
+    if low:
+        entries[LOW_GEMM] = Entry(low, gemm_info, work={p: flops for p in low})
+    source = torch.empty(COPY_BYTES // 8 if not ctx.quick else 1 << 18, device=ctx.device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    moved = 2.0 * source.numel() * source.element_size()  # read once, written once
+    # Bytes are not the group's unit (FLOPs): no throughput of its own, and no line in the plot.
+    entries[COPY] = Entry({"fp32": lambda: target.copy_(source)}, {"copy_bytes": moved, "plotted": False},
+                          work={"fp32": 0.0})
     return entries
+
+
+def _low_precision_gemms(a: torch.Tensor, b: torch.Tensor, precisions: tuple[str, ...]) -> dict[str, Callable]:
+    """The dominant GEMM in bf16 (a bf16 matmul) and int8 (``torch._int_mm``, int32 accumulation), where measured."""
+    fns: dict[str, Callable] = {}
+    if "bf16" in precisions:
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        fns["bf16"] = lambda: a16 @ b16
+    if "int8" in precisions:
+        a8, b8 = (torch.randint(-127, 128, t.shape, dtype=torch.int8, device=t.device) for t in (a, b))
+        try:
+            torch._int_mm(a8, b8)
+        except RuntimeError:  # this build has no int8 GEMM for these sizes: no int8 compute limit
+            pass
+        else:
+            fns["int8"] = lambda: torch._int_mm(a8, b8)
+    for fn in fns.values():
+        fn()  # a first call, as the others had
+    return fns
 
 
 def _plan(ctx: Context, flops: float) -> Plan:
@@ -390,7 +499,7 @@ def _plan(ctx: Context, flops: float) -> Plan:
 
 def _group(spec: ModelSpec | str, shape: Shape, ctx: Context) -> Group:
     precisions = tuple(p for p in PRECISIONS if precision_available(p, ctx.device) is None)
-    names = (*PEERS, GEMM)
+    names = (*PEERS, GEMM, COPY) + ((LOW_GEMM,) if set(precisions) - {"fp32"} else ())
     if isinstance(spec, str):
         return Group(spec.split(":")[0], shape.label, shape.real_tokens, "real tokens", names, lambda: {
             n: spec.split(": ", 1)[1] for n in names}, precisions, statistic="best_round")
@@ -399,7 +508,8 @@ def _group(spec: ModelSpec | str, shape: Shape, ctx: Context) -> Group:
     return Group(spec.name, shape.label, shape.real_tokens, "real tokens", names,
                  lambda: _entries(spec, shape, precisions, ctx), precisions,
                  {p: flops for p in precisions}, "TFLOP/s", "fp32", "bertfast", "best_round", _plan(ctx, flops),
-                 info={"lengths": list(shape.lengths), "padded_to": shape.padded_to}, warm=True)
+                 info={"lengths": list(shape.lengths), "padded_to": shape.padded_to,
+                       "weight_bytes": {p: weight_bytes(config, p) for p in precisions}}, warm=True)
 
 
 def _peek_config(spec: ModelSpec):
@@ -444,7 +554,7 @@ def summary(record: dict, family: dict) -> list[str]:
                     continue
                 cells = [f"{m.ms:.1f} ms" if m and m.ms else "-" for m in row.values()]
                 ours = row["bertfast"]
-                others = [m for p, m in row.items() if p != "bertfast" and m and m.ms]
+                others = [m for p, m in row.items() if p not in ("bertfast", EXPORTED) and m and m.ms]
                 fastest = min(others, key=lambda m: m.ms) if others else None
                 ratio = f"{fastest.ms / ours.ms:.2f}x" if ours and ours.ms and fastest else "-"
                 tokens = f"{ours.size / (ours.ms * 1e-3):,.0f}" if ours and ours.ms else "-"
@@ -456,12 +566,40 @@ def summary(record: dict, family: dict) -> list[str]:
                 lines.append(f"| {shape} | {precision} | " + " | ".join(cells) + f" | {ratio} | {tokens} | "
                              f"{fraction(ours)} | {fraction(fastest)} | {rate} |")
         lines.append("")
+        lines += _limits_table(kernel, [s for s in shapes_], by)
     notes = _unavailable_notes(ms)
     if notes:
         lines += ["Not measured:", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["`cos_min` (in the tables below) is the least cosine similarity of a sentence embedding (mean of the "
               "real tokens' states) to transformers' fp32 one.", ""]
     return lines
+
+
+def _limits_table(kernel: str, shapes_: list[str], by: dict) -> list[str]:
+    """Per shape and precision: the two limits (weights / copy bandwidth, FLOPs / GEMM rate) and each peer's
+    time as a fraction of the larger one."""
+    rows = []
+    for shape in shapes_:
+        for precision in PRECISIONS:
+            row = {p: by.get((kernel, shape, p, precision)) for p in PEERS}
+            limits = [m.info["limit"] for m in row.values() if m and "limit" in m.info]
+            if not limits:
+                continue
+            limit = limits[0]
+            weights = next(m.info["weight_bytes"][precision] for m in row.values() if m and "limit" in m.info)
+            cells = [f"{100 * m.info['limit']['fraction']:.0f}%" if m and "limit" in m.info else "-"
+                     for m in row.values()]
+            rows.append(f"| {shape} | {precision} | {weights / 1e6:.3g} MB | {limit['bandwidth_GB_s']:.1f} GB/s | "
+                        f"{limit['memory_ms']:.2f} ms | {limit['gemm_GFLOP_s']:.0f} GFLOP/s | "
+                        f"{limit['compute_ms']:.2f} ms | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [f"Limits, {kernel}: memory = the weights over the copy bandwidth, compute = the FLOPs over the GEMM "
+            "rate at the precision, both measured in the same rounds; each peer's % of limit is the larger "
+            "limit over its time (100% = at the limit).", "",
+            "| batch | precision | weights | copy bandwidth | memory limit | GEMM rate | compute limit | "
+            + " | ".join(f"{p} % of limit" for p in PEERS) + " |",
+            "|---|---|---|---|---|---|---|" + "---|" * len(PEERS), *rows, ""]
 
 
 def _unavailable_notes(ms: list[Measurement]) -> list[str]:

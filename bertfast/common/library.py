@@ -1,4 +1,7 @@
-"""How bertfast defines its custom operators (``torch.library``, namespace ``bertfast::``).
+"""How bertfast defines its Python custom operators (``torch.library``, namespace ``bertfast::``).
+
+(The CPU ops are C++: their schemas are ``TORCH_LIBRARY(bertfast, m)`` in ``csrc/library.cpp``, their
+fakes in ``bertfast.ops.native``. The Python ops here share the namespace as library fragments.)
 
 Every op made here has a schema (inferred from the type hints), a fake implementation that gives the
 output shapes from the input shapes alone (the packed token count may be an unbacked ``SymInt`` under
