@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bertfast import sentence_embeddings
 from bertfast.models.base import encode
 
 
@@ -156,6 +157,7 @@ def _packed_forward(model: nn.Module, family: Family, merged: dict[str, Any]) ->
     encoded = encode(model, input_ids, merged.get("attention_mask"), merged.get("token_type_ids"), position_ids,
                      inputs_embeds, bool(output_hidden_states))
     last = encoded.packing.unpack(encoded.hidden)
+    sentence_embeddings.attach(last, encoded.hidden, encoded.packing, merged.get("attention_mask"))
     output = BaseModelOutputWithPoolingAndCrossAttentions(
         last_hidden_state=last,
         pooler_output=model.pooler(last) if model.pooler is not None else None,
@@ -235,6 +237,7 @@ def accelerate(model: nn.Module) -> nn.Module:
             f"bertfast.accelerate: {type(model).__name__} is not, and does not contain, a supported model; "
             f"supported: {_supported_names()}"
         )
+    sentence_embeddings.route(model)  # a SentenceTransformer's Pooling / Normalize read the packed tokens
     return model
 
 
@@ -249,6 +252,7 @@ def patch_transformers() -> None:
         if cls not in _ORIGINAL_FORWARD:
             _ORIGINAL_FORWARD[cls] = cls.__dict__["forward"]
             cls.forward = _accelerated(_ORIGINAL_FORWARD[cls], family)
+    sentence_embeddings.patch()
 
 
 def unpatch_transformers() -> None:
@@ -256,3 +260,4 @@ def unpatch_transformers() -> None:
     for cls, original in list(_ORIGINAL_FORWARD.items()):
         cls.forward = original
         del _ORIGINAL_FORWARD[cls]
+    sentence_embeddings.unpatch()
