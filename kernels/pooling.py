@@ -20,13 +20,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bertfast.common.library import kernel_op, wrap_triton
 from bertfast.kernels.aot import AotSpec, meta, record, spec
 from bertfast.kernels.layernorm_common import DTYPES, MAX_HIDDEN, kernels_run
-from bertfast.ops.library import kernel_op, wrap_triton
-from bertfast.ops.reference import NORMALIZE_EPS
 
 _TILE = 4096  # elements of h per loop iteration: 32 per thread with 4 warps
 _NUM_WARPS = 4
+NORMALIZE_EPS = 1e-12  # F.normalize's (and the reference's)
 
 
 def _tile_config(hidden: int) -> tuple[int, int]:

@@ -1,12 +1,12 @@
 """Plain-PyTorch references of every hot op.
 
-These define what each op computes. The fused kernels (``bertfast.kernels``,
-``bertfast._C``) must match them; tests compare against them, and on machines
+These define what each op computes. The fused kernels (``bertfast.kernels``, the C++ ops of
+``bertfast.ops.native``) must match them; tests compare against them, and on machines
 without a faster backend they are what runs.
 
 Every op works on packed tokens: activations are ``(tokens, hidden)`` with the
 padding already removed (see ``bertfast.padding``). Dropout follows the policy of
-``bertfast.ops`` with the shared mask of ``bertfast.ops.dropout``, so for one seed
+``bertfast.ops`` with the shared mask of ``bertfast.common.dropout``, so for one seed
 the reference drops exactly what the kernels drop.
 """
 
@@ -19,10 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bertfast.ops import dropout
-from bertfast.padding import gather_rows
-
-IGNORE_INDEX = -100  # the label of positions that no loss is computed for, as in PyTorch and transformers
+from bertfast.common import IGNORE_INDEX, dropout
 
 
 def embeddings(
@@ -233,7 +230,8 @@ def pooling(hidden: Tensor, cu_seqlens: Tensor, mode: str = "mean", normalize: b
         sums = hidden.new_zeros(batch, hidden.shape[1], dtype=acc).index_add(0, seq_of_row, hidden.to(acc))
         pooled = sums / lengths.clamp(min=1).to(acc)[:, None]
     elif mode == "cls":
-        pooled = gather_rows(hidden, torch.where(lengths > 0, cu_seqlens[:-1].long(), total)).to(acc)
+        first = torch.where(lengths > 0, cu_seqlens[:-1].long(), total)  # row T: the zero row appended below
+        pooled = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[1])]).index_select(0, first).to(acc)
     else:
         raise ValueError(f"pooling mode must be one of {POOLING_MODES}, got {mode!r}")
     if normalize:

@@ -12,7 +12,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bertfast import ops
 from bertfast.bench.families.layernorm_family import DTYPES, dispatched_name, under_backend
 from bertfast.bench.suite import Context, Entry, Group
-from bertfast.ops import reference
 from bertfast.padding import Packing
 
 TITLE = "Packed attention"
@@ -22,12 +21,13 @@ Bidirectional attention of BERT's layers on a batch of sequences, as packed toke
 view with a key-padding mask. "full" batches have every sequence max_seqlen long, "ragged" ones
 lengths uniform in 50-100% of it.
 
-Baselines: `bertfast[<backend>]` is `bertfast.ops.attention` as dispatched (the Triton kernels on a
-GPU; on a CPU in inference the reference); `bertfast[triton]` on a CPU is the Triton kernel in the
-interpreter (correctness, not speed); `bertfast-atomic` the Triton kernel with atomic dQ accumulation
-(`deterministic=False`); `reference` pads, runs SDPA with the key mask and unpacks; `reference-compile`
-is it under `torch.compile`; `sdpa-<backend>` is `F.scaled_dot_product_attention` on the padded batch
-held to one backend (a backend that refuses the inputs says so); `flash-attn` is
+Baselines: `bertfast[<backend>]` is `bertfast.ops.attention`, the entry the model calls, as dispatched
+(the Triton kernels on a GPU; on a CPU the native kernel in inference and the reference when a gradient
+is recorded, so its fwd row is the reference's); `bertfast[triton]` on a CPU is the same entry with the
+Triton backend forced, run by the interpreter (correctness, not speed); `reference` is the same entry with
+the `torch` backend forced (`bertfast.ops.use_backend`): it pads, runs SDPA with the key mask and unpacks;
+`reference-compile` is it under `torch.compile`; `sdpa-<backend>` is `F.scaled_dot_product_attention` on the
+padded batch held to one backend (a backend that refuses the inputs says so); `flash-attn` is
 `flash_attn_varlen_qkvpacked_func` where flash-attn is installed. TFLOP/s count useful work only
 (forward 4 * heads * head_dim * sum(len^2), backward 2.5x that), so padded baselines' wasted work
 shows as lower throughput; "% peak" is of the device's measured dense matmul throughput for the
@@ -98,13 +98,9 @@ def implementations(batch: Batch, ctx: Context, subject: str) -> dict[str, tuple
     impls: dict[str, tuple[Callable[[], torch.Tensor], list]] = {subject: (lambda: ops.attention(*args), packed)}
     if ctx.interpreted_triton and subject != "bertfast[triton]":
         impls["bertfast[triton]"] = (lambda: under_backend("triton", ops.attention)(*args), packed)
-    if ctx.on_gpu:
-        from bertfast.kernels.attention import flash_attention
-
-        impls["bertfast-atomic"] = (lambda: flash_attention(*args, deterministic=False), packed)
-    impls["reference"] = (lambda: reference.attention(*args), packed)
+    impls["reference"] = (lambda: under_backend("torch", ops.attention)(*args), packed)
     if ctx.compile:
-        compiled = torch.compile(reference.attention)
+        compiled = under_backend("torch", torch.compile(ops.attention))
         impls["reference-compile"] = (lambda: compiled(*args), packed)
     for name, backend in SDPA_BACKENDS.items():
         def run(backend=backend):
@@ -119,7 +115,7 @@ def implementations(batch: Batch, ctx: Context, subject: str) -> dict[str, tuple
 
 
 def _entries(batch: Batch, ctx: Context, subject: str) -> dict[str, Entry | str]:
-    ref_out = reference.attention(batch.qkv, batch.cu_seqlens, batch.max_seqlen).detach()
+    ref_out = under_backend("torch", ops.attention)(batch.qkv, batch.cu_seqlens, batch.max_seqlen).detach()
     entries: dict[str, Entry | str] = {}
     for name, (forward, inputs) in implementations(batch, ctx, subject).items():
         try:
@@ -148,7 +144,6 @@ def _group(max_seqlen: int, heads: int, head_dim: int, tokens: int, ragged: bool
     names = [subject]
     if ctx.interpreted_triton and subject != "bertfast[triton]":
         names.append("bertfast[triton]")
-    names += ["bertfast-atomic"] if ctx.on_gpu else []
     names += ["reference"] + (["reference-compile"] if ctx.compile else [])
     names += [f"sdpa-{name}" for name in SDPA_BACKENDS] + (["flash-attn"] if ctx.on_gpu else [])
 

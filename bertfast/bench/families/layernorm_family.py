@@ -9,7 +9,6 @@ import torch
 
 from bertfast import ops
 from bertfast.bench.suite import Context, Entry, Group
-from bertfast.ops import reference
 
 TITLE = "LayerNorm-GELU family"
 NOTES = """\
@@ -20,8 +19,10 @@ residual)), `bias_gelu_layernorm` (LayerNorm(gelu(x + bias))).
 
 Baselines: `bertfast[<backend>]` is the op as bertfast dispatches it (Triton on a GPU; on a CPU the
 native C++ kernel where there is one, else the reference, as the label says); `bertfast[triton]` on a
-CPU is the Triton kernel in the interpreter (a correctness path, not a speed); `reference` is
-`bertfast.ops.reference` in eager PyTorch; `reference-compile` is it under `torch.compile`.
+CPU is the same entry with the Triton backend forced, run by the interpreter (a correctness path, not a
+speed); `reference` is the same entry with the `torch` backend forced (`bertfast.ops.use_backend`: the
+plain-PyTorch reference, eager); `reference-compile` is it under `torch.compile`. Every row calls the
+entry the model calls, `bertfast.ops.<op>`.
 GB/s count the bytes an ideal fused kernel must move, in (tokens, width) tensors: embeddings 2 forward
 (gathered word rows, output) and 2 backward plus the dense word-table gradient; bias_gelu 2 / 3;
 bias_dropout_add_layernorm 3 / 5; bias_gelu_layernorm 2 / 3. "% peak" is of the device's measured
@@ -130,11 +131,12 @@ def _group(op: str, tokens: int, hidden: int, dtype_name: str, ctx: Context) -> 
     def build() -> dict[str, Entry | str]:
         torch.manual_seed(0)
         case = make_case(op, tokens, hidden, DTYPES[dtype_name], ctx.device, vocab)
-        impls: dict[str, Callable] = {subject: getattr(ops, op), "reference": getattr(reference, op)}
+        entry = getattr(ops, op)
+        impls: dict[str, Callable] = {subject: entry, "reference": under_backend("torch", entry)}
         if "bertfast[triton]" in names:
-            impls["bertfast[triton]"] = under_backend("triton", getattr(ops, op))
+            impls["bertfast[triton]"] = under_backend("triton", entry)
         if ctx.compile:
-            impls["reference-compile"] = torch.compile(getattr(reference, op))
+            impls["reference-compile"] = under_backend("torch", torch.compile(entry))
         return {name: Entry(mode_fns(case, fn), {"interpreted": True} if name == "bertfast[triton]" and not ctx.on_gpu
                             else {}) for name, fn in impls.items()}
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from bertfast import ops
+from bertfast.bench.families.layernorm_family import under_backend
 from bertfast.bench.suite import Context, Entry, Group
-from bertfast.ops import reference
 
 TITLE = "MLM head"
 NOTES = """\
@@ -197,9 +197,12 @@ def _op_group(n_rows: int, hidden: int, vocab: int, dtype: str, ctx: Context) ->
         weight = (0.02 * torch.randn(vocab, hidden, generator=g)).to(device, torch_dtype).requires_grad_()
         bias = torch.zeros(vocab, device=device, dtype=torch_dtype, requires_grad=True)
         labels = torch.randint(0, vocab, (n_rows,), generator=g).to(device)
-        fns = {"reference": reference.linear_cross_entropy, "bertfast": ops.linear_cross_entropy}
+        # Every row is the model's entry, bertfast.ops.linear_cross_entropy; the reference rows force its
+        # torch backend.
+        entry = ops.linear_cross_entropy
+        fns = {"reference": under_backend("torch", entry), "bertfast": entry}
         if ctx.compile:
-            fns["reference-compile"] = torch.compile(reference.linear_cross_entropy)
+            fns["reference-compile"] = under_backend("torch", torch.compile(entry))
         steps = {name: (lambda f=f: f(x, weight, bias, labels)[0]) for name, f in fns.items()}
         return _entries(steps, [x, weight, bias], device, None)
 
