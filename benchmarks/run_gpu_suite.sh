@@ -9,7 +9,7 @@
 #   bash benchmarks/run_gpu_suite.sh --tar results.tgz      # also pack the folder into one archive
 #
 # Steps: env (devices and versions), tests (pytest -m gpu), layernorm, attention, mlm, model, pretrain,
-# inference (the families of `bertfast bench`; pretrain and inference only on request), tune
+# inference, st-train (the families of `bertfast bench`; pretrain, inference and st-train only on request), tune
 # (benchmarks/tune_kernels.py). Results go to benchmarks/results/<device>-<date>/ (or -o DIR): <step>.txt
 # holds a step's console output; each benchmark step writes run.json, <family>.md and <family>.png in
 # <step>/.
@@ -27,7 +27,7 @@ while (($#)); do
     --tar) tarball=$2; shift 2 ;;
     --quick) quick=--quick; shift ;;
     -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-    env|tests|layernorm|attention|mlm|model|pretrain|inference|tune) steps+=("$1"); shift ;;
+    env|tests|layernorm|attention|mlm|model|pretrain|inference|st-train|tune) steps+=("$1"); shift ;;
     *) echo "run_gpu_suite.sh: unknown step or option '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,7 +51,7 @@ PY
       ;;
     tests) python -m pytest -q -m gpu tests ;;
     layernorm) bench layernorm-family layernorm ;;
-    attention|model|pretrain|inference) bench "$1" "$1" ;;
+    attention|model|pretrain|inference|st-train) bench "$1" "$1" ;;
     mlm) bench mlm-head mlm ;;
     tune) python benchmarks/tune_kernels.py --out "$out/tuning.md" ;;
   esac

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bertfast import sentence_embeddings
 from bertfast.encoders import albert, distilbert, electra, mpnet
 from bertfast.models.base import encode
 from bertfast.modules import PACKING_KEY, ROWS_KEY, packed_embeddings, packed_layer
@@ -277,6 +278,7 @@ def _packed_forward(model: nn.Module, family: Family, merged: dict[str, Any]) ->
         final = len(encoded.states) - 1  # transformers hands the last one out as last_hidden_state itself
         hidden_states = tuple(None if i not in selected else last if i == final else encoded.packing.unpack(s)
                               for i, s in enumerate(encoded.states))
+    sentence_embeddings.attach(last, encoded.hidden, encoded.packing, merged.get("attention_mask"))
     output = BaseModelOutputWithPoolingAndCrossAttentions(
         last_hidden_state=last,
         pooler_output=model.pooler(last) if model.pooler is not None else None,
@@ -425,6 +427,7 @@ def accelerate(model: nn.Module) -> nn.Module:
             f"bertfast.accelerate: {type(model).__name__} is not, and does not contain, a supported model; "
             f"supported: {_supported_names()}"
         )
+    sentence_embeddings.route(model)  # a SentenceTransformer's Pooling / Normalize read the packed tokens
     return model
 
 
@@ -439,9 +442,11 @@ def patch_transformers() -> None:
     for cls, family in _family_classes().items():
         _install(cls, family)
     _patched = True
+    sentence_embeddings.patch()
 
 
 def unpatch_transformers() -> None:
     """Undo :func:`patch_transformers` (models accelerated one by one with :func:`accelerate` stay so)."""
     global _patched
     _patched = False
+    sentence_embeddings.unpatch()

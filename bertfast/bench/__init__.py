@@ -5,4 +5,4 @@ its named baselines; ``bertfast.bench.suite`` times them, ``bertfast.bench.repor
 JSON, a Markdown report and a plot per family, and compares runs.
 """
 
-FAMILIES = ("layernorm-family", "attention", "mlm-head", "model", "pretrain", "inference")
+FAMILIES = ("layernorm-family", "attention", "mlm-head", "model", "pretrain", "inference", "st-train")

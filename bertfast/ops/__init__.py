@@ -67,6 +67,7 @@ def _register_backends() -> None:
     else:
         for op in ("embeddings", "bias_gelu", "bias_dropout_add_layernorm", "attention"):
             dispatch.register(op, "native", getattr(native, op), native.supports)
+        dispatch.register("pooling", "native", native.pooling, native.pooling_supports)
     # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.
     dispatch.register("linear_cross_entropy", "native", chunked_cross_entropy.linear_cross_entropy,
                       chunked_cross_entropy.supports)
@@ -78,12 +79,13 @@ def _register_backends() -> None:
             bias_gelu_layernorm,
             cross_entropy,
             embeddings,
+            pooling,
         )
     except ModuleNotFoundError as e:  # no triton: no triton backend
         if e.name != "triton":
             raise
         return
-    for module in (attention, bias_dropout_add_layernorm, bias_gelu, bias_gelu_layernorm, embeddings):
+    for module in (attention, bias_dropout_add_layernorm, bias_gelu, bias_gelu_layernorm, embeddings, pooling):
         op = module.__name__.rsplit(".", 1)[-1]
         dispatch.register(op, "triton", getattr(module, op), module.supports)
     dispatch.register("linear_cross_entropy", "triton", cross_entropy.linear_cross_entropy, cross_entropy.supports)
@@ -199,6 +201,21 @@ def linear_cross_entropy(
     return fn(x, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_bytes)
 
 
+def pooling(hidden: Tensor, cu_seqlens: Tensor, mode: str = "mean", normalize: bool = False) -> Tensor:
+    """Sentence embeddings of packed sequences: (T, H) + (batch + 1,) cu_seqlens -> (batch, H).
+
+    ``mode`` ``"mean"`` (average of each sequence's rows) or ``"cls"`` (its first row), then, with
+    ``normalize``, L2 normalisation; one op, forward and backward. Empty sequences give zeros.
+    """
+    if mode not in reference.POOLING_MODES:
+        raise ValueError(f"pooling mode must be one of {reference.POOLING_MODES}, got {mode!r}")
+    if hidden.dim() != 2 or cu_seqlens.dim() != 1:
+        raise ValueError(f"pooling takes (tokens, hidden) rows and 1-D cu_seqlens, got {tuple(hidden.shape)} "
+                         f"and {tuple(cu_seqlens.shape)}")
+    _, fn = implementation("pooling", hidden, mode=mode, normalize=normalize)
+    return fn(hidden, cu_seqlens, mode, normalize)
+
+
 __all__ = [
     "BACKENDS",
     "IGNORE_INDEX",
@@ -211,6 +228,7 @@ __all__ = [
     "implementation",
     "linear_cross_entropy",
     "padded_attention",
+    "pooling",
     "reference",
     "use_backend",
 ]

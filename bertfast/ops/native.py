@@ -10,6 +10,8 @@ get their fake (shape-only) implementations, which ``torch.compile`` traces:
   op on the gradient) regenerates it, and drawing it costs a fraction of ``torch.bernoulli_``'s time (the
   largest single cost of a small model's training step on a CPU). The seed follows the policy of
   ``bertfast.ops``. ``bertfast::dropout_bits`` gives its hashes (for tests).
+* ``bertfast::pooling`` (+ ``pooling_forward`` / ``pooling_backward``): mean or first-row pooling of
+  packed sequences, optionally L2-normalised, in one pass each way (sentence embeddings).
 * Inference only (forward kernels, no autograd): ``bertfast::attention``, attention of the packed
   sequences themselves, parallel over (sequence, head), with no padded batch (``csrc/attention.cpp``);
   ``bertfast::add_layernorm``, LayerNorm(x + bias + residual) in one pass (``csrc/add_layernorm.cpp``).
@@ -64,6 +66,7 @@ _dropout_op = _ops.dropout.default
 _dropout_bits_op = _ops.dropout_bits.default
 _attention_op = _ops.attention.default
 _add_layernorm_op = _ops.add_layernorm.default
+_pooling_op = _ops.pooling.default
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -97,6 +100,33 @@ def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: flo
 def _add_layernorm_fake(x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                         eps: float) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("bertfast::pooling")
+def _pooling_fake(hidden: Tensor, cu_seqlens: Tensor, mode: str, normalize: bool) -> Tensor:
+    return hidden.new_empty(cu_seqlens.shape[0] - 1, hidden.shape[1])
+
+
+@torch.library.register_fake("bertfast::pooling_forward")
+def _pooling_forward_fake(hidden: Tensor, cu_seqlens: Tensor, mode: str, normalize: bool) -> tuple[Tensor, Tensor]:
+    batch, n = cu_seqlens.shape[0] - 1, hidden.shape[1]
+    return hidden.new_empty(batch, n), hidden.new_empty((batch, n) if normalize else (0,), dtype=torch.float32)
+
+
+@torch.library.register_fake("bertfast::pooling_backward")
+def _pooling_backward_fake(dy: Tensor, pooled: Tensor, cu_seqlens: Tensor, rows: int, mode: str,
+                           normalize: bool) -> Tensor:
+    return dy.new_empty(rows, dy.shape[1])
+
+
+def pooling_supports(*tensors: Tensor | None, mode: str = "mean", normalize: bool = False) -> bool:
+    """CPU activations, float32 or bfloat16."""
+    return supports(*tensors[:1])
+
+
+def pooling(hidden: Tensor, cu_seqlens: Tensor, mode: str = "mean", normalize: bool = False) -> Tensor:
+    """Mean or first-row vectors of each packed sequence, L2-normalised with ``normalize`` (``csrc/pooling.cpp``)."""
+    return _pooling_op(hidden, cu_seqlens, mode, normalize)
 
 
 def supports(*tensors: Tensor | None, approximate: str = "none") -> bool:

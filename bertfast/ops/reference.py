@@ -273,3 +273,37 @@ def linear_cross_entropy(
     if reduction == "mean":
         return total / valid.sum().clamp(min=1), n_correct
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+POOLING_MODES = ("mean", "cls")
+NORMALIZE_EPS = 1e-12  # F.normalize's: a vector shorter than this is divided by it instead of its norm
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the half types (sums and norms), the input's own dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def pooling(hidden: Tensor, cu_seqlens: Tensor, mode: str = "mean", normalize: bool = False) -> Tensor:
+    """One vector per packed sequence: (T, H) rows + (batch + 1,) ``cu_seqlens`` -> (batch, H).
+
+    ``mean``: the average of the sequence's rows; ``cls``: its first row. An empty sequence gives
+    zeros (as sentence-transformers' masked mean and first-token pooling give it). ``normalize``
+    then divides each vector by max(its L2 norm, 1e-12), as ``F.normalize``. Sums and norms are in
+    fp32 for half inputs; the result has ``hidden``'s dtype. ``cu_seqlens`` starts at 0 and ends at T.
+    """
+    batch, total = cu_seqlens.numel() - 1, hidden.shape[0]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    acc = accumulation_dtype(hidden.dtype)
+    if mode == "mean":
+        seq_of_row = torch.repeat_interleave(torch.arange(batch, device=hidden.device), lengths, output_size=total)
+        sums = hidden.new_zeros(batch, hidden.shape[1], dtype=acc).index_add(0, seq_of_row, hidden.to(acc))
+        pooled = sums / lengths.clamp(min=1).to(acc)[:, None]
+    elif mode == "cls":
+        first = torch.where(lengths > 0, cu_seqlens[:-1].long(), total)  # row T: the zero row appended below
+        pooled = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[1])]).index_select(0, first).to(acc)
+    else:
+        raise ValueError(f"pooling mode must be one of {POOLING_MODES}, got {mode!r}")
+    if normalize:
+        pooled = F.normalize(pooled, p=2.0, dim=-1, eps=NORMALIZE_EPS)
+    return pooled.to(hidden.dtype)
