@@ -161,3 +161,95 @@ def test_matches_transformers_mpnet_attention(backend):
     for name, g, r in zip(("dhidden", "dtable", "dq_weight"), grads(out, params, grad_out),
                           grads(expected, params, grad_out), strict=True):
         assert_close(g, r, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Triton kernels (the interpreter on CPU) against the reference.
+
+attn = pytest.importorskip("bertfast.kernels.attention")
+
+TRITON_CASES = {
+    # name: (lengths, heads, head_dim); 8 = the end of the exact buckets, 128 = max_distance
+    "ragged_past_max_distance": ([1, 0, 9, 150, 40], 2, 32),
+    "one_block_store": ([100, 7, 1], 2, 64),  # max_seqlen <= BLOCK_N1 = 128: dQ stored from the one key block
+    "many_key_blocks": ([200, 3], 1, 64),  # dQ recomputed (deterministic) or atomic
+    "empty_sequences": ([0, 5, 0, 33, 0], 2, 32),
+}
+
+
+def triton_and_reference(lengths, heads, head_dim, dtype=torch.float32, bound=0, **kwargs):
+    qkv, cu, max_seqlen, table = packed_case(lengths, heads, head_dim, dtype)
+    out = attn.flash_attention(qkv, cu, max_seqlen + bound, bias_table=table, **kwargs)
+    grad_out = torch.randn_like(out)
+    return qkv, cu, max_seqlen, table, out, grad_out, grads(out, (qkv, table), grad_out)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_matches_reference(case, deterministic):
+    qkv, cu, max_seqlen, table, out, grad_out, (dqkv, dtable) = triton_and_reference(
+        *TRITON_CASES[case], deterministic=deterministic)
+    ref = reference.attention(qkv, cu, max_seqlen, bias_table=table)
+    ref_dqkv, ref_dtable = grads(ref, (qkv, table), grad_out)
+    assert_close(out, ref, "output")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close(dqkv[:, i], ref_dqkv[:, i], name)
+    assert_close(dtable, ref_dtable, "dtable")
+    # Without the bias the result is another one: the kernels did add it.
+    assert not torch.allclose(out, reference.attention(qkv, cu, max_seqlen), atol=1e-2)
+
+
+@pytest.mark.parametrize("bound", [1, 70])
+def test_triton_max_seqlen_is_an_upper_bound(bound):
+    """The per-distance bias is laid out by max_seqlen: a looser bound gives the same result."""
+    qkv, cu, max_seqlen, table, out, grad_out, (dqkv, dtable) = triton_and_reference([3, 0, 60], 2, 32, bound=bound)
+    ref = reference.attention(qkv, cu, max_seqlen, bias_table=table)
+    ref_dqkv, ref_dtable = grads(ref, (qkv, table), grad_out)
+    assert_close(out, ref, "output")
+    assert_close(dqkv, ref_dqkv, "dqkv")
+    assert_close(dtable, ref_dtable, "dtable")
+
+
+@pytest.mark.parametrize("lengths,deterministic", [([3, 64, 150], True), ([3, 64, 150], False), ([5, 40, 100], True)],
+                         ids=["recompute", "atomic", "store"])
+def test_triton_dropout_with_bias(lengths, deterministic):
+    """Dropout drops probabilities after the softmax; the bias and its gradient are before it."""
+    p, seed = 0.25, torch.tensor(4321)
+    qkv, cu, max_seqlen, table, out, grad_out, (dqkv, dtable) = triton_and_reference(
+        lengths, 2, 32, dropout_p=p, seed=seed, deterministic=deterministic)
+    keep = attn.dropout_keep_mask(seed, cu, 2, max_seqlen, p)
+    ref = reference.attention_with_dropout(qkv, cu, max_seqlen, p, None,
+                                           lambda probs, rows: probs * keep / (1.0 - p), table)
+    ref_dqkv, ref_dtable = grads(ref, (qkv, table), grad_out)
+    assert_close(out, ref, "output")
+    assert_close(dqkv, ref_dqkv, "dqkv")
+    assert_close(dtable, ref_dtable, "dtable")
+
+
+def test_triton_fp16_relative_rule():
+    from numerics import assert_relative_rule
+
+    qkv16, cu, max_seqlen, table = packed_case([1, 17, 64, 150], 2, 64, torch.float16)
+    out = attn.flash_attention(qkv16, cu, max_seqlen, bias_table=table)
+    grad_out = torch.randn_like(out)
+    dqkv, dtable = grads(out, (qkv16, table), grad_out)
+    qkv32 = qkv16.detach().float().requires_grad_()
+    ref16 = reference.attention(qkv16, cu, max_seqlen, bias_table=table)
+    ref32 = reference.attention(qkv32, cu, max_seqlen, bias_table=table)
+    ref_dqkv16, ref_dtable16 = grads(ref16, (qkv16, table), grad_out)
+    ref_dqkv32, ref_dtable32 = grads(ref32, (qkv32, table), grad_out.float())
+    assert out.dtype == dqkv.dtype == torch.float16 and dtable.dtype == torch.float32
+    assert_relative_rule(out, ref32, ref16, atol=1e-3)
+    assert_relative_rule(dqkv, ref_dqkv32, ref_dqkv16, atol=1e-3, name="dqkv")
+    assert_relative_rule(dtable, ref_dtable32, ref_dtable16, atol=1e-3, name="dtable")
+
+
+def test_ops_route_biased_calls_to_the_kernels():
+    qkv, cu, max_seqlen, table = packed_case([6, 20], 2, 32)
+    with ops.use_backend("triton"):
+        assert ops.implementation("attention", qkv, table) == ("triton", attn.attention)
+        # A table that is not floating point is the reference's (which then refuses it).
+        assert ops.implementation("attention", qkv, table.to(torch.int64))[0] == "torch"
+        out = ops.attention(qkv, cu, max_seqlen, bias_table=table)
+    assert_close(out, attn.flash_attention(qkv, cu, max_seqlen, bias_table=table), "ops output")
+    assert_close(out, reference.attention(qkv, cu, max_seqlen, bias_table=table), "reference")
