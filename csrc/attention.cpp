@@ -1,59 +1,56 @@
-// Bidirectional attention on packed short sequences, forward only (inference), on the CPU.
+// Bidirectional attention on packed short sequences, forward only (inference), on the CPU: bertfast::attention.
 //
-// qkv is (T, 3, heads, head_dim) row-major float32: the packed tokens of all sequences, sequence b
+// qkv is (T, 3, heads, head_dim) row-major float32 or bf16: the packed tokens of all sequences, sequence b
 // being tokens [cu[b], cu[b + 1]). Each sequence attends only to itself:
 //   out[t, h] = sum_j softmax_j(scale * q[t, h] . k[j, h]) v[j, h],  j over t's sequence,
-// written as (T, heads, head_dim). One (sequence, head) pair is one task; its K is transposed into a
-// (head_dim, keys) buffer and V copied into a (len, dims) one, both zero-padded to whole register
-// tiles, so that scores and outputs are computed a tile at a time in registers, with no remainder
-// loops; queries go in blocks of kBlock so that each K and V element loaded serves kBlock of them. Softmax is exact (row
-// max subtracted, fp32), with the branch-free exp. The per-head function is compiled per instruction
-// set (BERTFAST_CLONES).
-#include <omp.h>
+// written as (T, heads, head_dim). One (sequence, head) pair is one task. Its scaled queries and its K are
+// staged transposed, (head_dim, keys), and V as (len, dims), in float32, zero-padded to whole register tiles,
+// so that scores and outputs are computed a tile at a time in registers, with no remainder loops; queries go
+// in blocks of kBlock so that each K and V element loaded serves kBlock of them. Softmax is exact (row max
+// subtracted, fp32), with the branch-free exp. The per-head function is compiled per instruction set
+// (BERTFAST_CLONES); staging converts bf16 once, so the arithmetic is float32 for both dtypes.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "fast_math.h"
-#include "ops.h"
+#include "op_utils.h"
 
 namespace bertfast {
 
 namespace {
 
-constexpr int kBlock = 8;   // queries per block
+constexpr int kBlock = 8;       // queries per block
 constexpr int64_t kLanes = 16;  // keys (and head-dim columns) per register tile
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// Per (sequence, head) buffers: a block of queries, K^T (head_dim, keys) and V (len, dims) zero-padded to whole tiles,
-// and kBlock rows of scores.
+// Per (sequence, head) float32 buffers: the scaled queries transposed, (head_dim, keys); K^T (head_dim, keys)
+// and V (keys, dims) zero-padded to whole tiles; kBlock rows of scores; the output rows (len, head_dim).
 struct Scratch {
-  float* q;  // (head_dim, kBlock): a block's scaled queries, transposed
+  float* q;
   float* kt;
   float* v;
   float* s;
-  int64_t keys;  // round_up(len): the row stride of kt and s
+  float* o;
+  int64_t keys;  // round_up(len): the row stride of q, kt and s
   int64_t dims;  // round_up(head_dim): the row stride of v
 };
 
 // Queries [i0, i0 + R) of one (sequence, head). Each tile of kLanes scores (or output columns) stays in
 // registers across the whole reduction, for all R queries at once.
 template <int R>
-BERTFAST_INLINE void attend_block(const float* qkv, float* out, int64_t start, int64_t len, int64_t i0, int64_t h,
-                                  int64_t heads, int64_t head_dim, float scale, const Scratch& w) {
-  const int64_t token_stride = 3 * heads * head_dim;
-  for (int r = 0; r < R; ++r) {
-    const float* q = qkv + (start + i0 + r) * token_stride + h * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) w.q[d * R + r] = q[d] * scale;
-  }
+BERTFAST_INLINE void attend_block(int64_t len, int64_t i0, int64_t head_dim, const Scratch& w) {
   for (int64_t j0 = 0; j0 < w.keys; j0 += kLanes) {
     float acc[R][kLanes] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
       const float* k = w.kt + d * w.keys + j0;
       for (int r = 0; r < R; ++r) {
-        const float qd = w.q[d * R + r];
+        const float qd = w.q[d * w.keys + i0 + r];
 #pragma omp simd
         for (int64_t c = 0; c < kLanes; ++c) acc[r][c] += qd * k[c];
       }
@@ -88,57 +85,92 @@ BERTFAST_INLINE void attend_block(const float* qkv, float* out, int64_t start, i
     }
     const int64_t columns = std::min(kLanes, head_dim - d0);
     for (int r = 0; r < R; ++r) {
-      float* o = out + ((start + i0 + r) * heads + h) * head_dim + d0;
+      float* o = w.o + (i0 + r) * head_dim + d0;
       for (int64_t c = 0; c < columns; ++c) o[c] = acc[r][c] * inv_sum[r];
     }
   }
 }
 
+// The staged (sequence, head) of `len` tokens: w.o = its attention output rows.
 BERTFAST_CLONES
-void attend_head(const float* qkv, float* out, int64_t start, int64_t len, int64_t h, int64_t heads,
-                 int64_t head_dim, float scale, Scratch w) {
-  const int64_t token_stride = 3 * heads * head_dim;
-  w.keys = round_up(len);
-  std::fill(w.kt, w.kt + head_dim * w.keys, 0.0f);
-  std::fill(w.v, w.v + len * w.dims, 0.0f);
-  const float* k0 = qkv + start * token_stride + (heads + h) * head_dim;
-  const float* v0 = qkv + start * token_stride + (2 * heads + h) * head_dim;
-  for (int64_t j = 0; j < len; ++j) {
-    const float* kj = k0 + j * token_stride;
-    for (int64_t d = 0; d < head_dim; ++d) w.kt[d * w.keys + j] = kj[d];
-    std::copy(v0 + j * token_stride, v0 + j * token_stride + head_dim, w.v + j * w.dims);
-  }
+void attend_head(int64_t len, int64_t head_dim, Scratch w) {
   int64_t i = 0;
-  for (; i + kBlock <= len; i += kBlock) attend_block<kBlock>(qkv, out, start, len, i, h, heads, head_dim, scale, w);
+  for (; i + kBlock <= len; i += kBlock) attend_block<kBlock>(len, i, head_dim, w);
   if (i + kBlock / 2 <= len) {
-    attend_block<kBlock / 2>(qkv, out, start, len, i, h, heads, head_dim, scale, w);
+    attend_block<kBlock / 2>(len, i, head_dim, w);
     i += kBlock / 2;
   }
-  for (; i < len; ++i) attend_block<1>(qkv, out, start, len, i, h, heads, head_dim, scale, w);
+  for (; i < len; ++i) attend_block<1>(len, i, head_dim, w);
+}
+
+template <typename T>
+void packed_attention(const T* qkv, const int32_t* cu, T* out, int64_t batch, int64_t heads, int64_t head_dim,
+                      int64_t longest, float scale) {
+  const int64_t tasks = batch * heads;
+  const int64_t token_stride = 3 * heads * head_dim;
+  // Few, cheap tasks (a short query) are not worth waking the other threads for.
+  const int64_t work = static_cast<int64_t>(cu[batch]) * longest * heads * head_dim;
+  at::parallel_for(0, tasks, work > 65536 ? 1 : tasks, [&](int64_t t0, int64_t t1) {
+    const int64_t keys = round_up(longest), dims = round_up(head_dim);
+    std::vector<float> q(head_dim * keys), kt(head_dim * keys), v(keys * dims), s(kBlock * keys),
+        o(longest * head_dim);
+    Scratch w{q.data(), kt.data(), v.data(), s.data(), o.data(), keys, dims};
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const int64_t start = cu[b], len = cu[b + 1] - start;
+      if (len == 0) continue;
+      w.keys = round_up(len);
+      std::fill(w.kt, w.kt + head_dim * w.keys, 0.0f);
+      std::fill(w.v, w.v + len * w.dims, 0.0f);
+      const T* q0 = qkv + start * token_stride + h * head_dim;
+      const T* k0 = q0 + heads * head_dim;
+      const T* v0 = k0 + heads * head_dim;
+      for (int64_t j = 0; j < len; ++j) {
+        for (int64_t d = 0; d < head_dim; ++d) {
+          w.q[d * w.keys + j] = to_float(q0[j * token_stride + d]) * scale;
+          w.kt[d * w.keys + j] = to_float(k0[j * token_stride + d]);
+          w.v[j * w.dims + d] = to_float(v0[j * token_stride + d]);
+        }
+      }
+      attend_head(len, head_dim, w);
+      for (int64_t j = 0; j < len; ++j) {
+        T* dst = out + ((start + j) * heads + h) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = from_float<T>(w.o[j * head_dim + d]);
+      }
+    }
+  });
+}
+
+at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  TORCH_CHECK_VALUE(qkv.dim() == 4 && qkv.size(1) == 3, "qkv must be (tokens, 3, heads, head_dim), got ",
+                    qkv.sizes());
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, "cu_seqlens must be 1-D with batch + 1 offsets");
+  check_cpu(cu_seqlens, "cu_seqlens");
+  const at::Tensor cu = cu_seqlens.to(at::kInt).contiguous();
+  const int64_t total = qkv.size(0), heads = qkv.size(2), head_dim = qkv.size(3);
+  const int64_t batch = cu.size(0) - 1;
+  const int32_t* offsets = cu.const_data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(offsets[0] == 0 && offsets[batch] == total, "cu_seqlens must start at 0 and end at the token count ",
+                    total, ", got ", offsets[0], " and ", offsets[batch]);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = static_cast<int64_t>(offsets[b + 1]) - offsets[b];
+    TORCH_CHECK_VALUE(len >= 0, "cu_seqlens must be nondecreasing");
+    longest = std::max(longest, len);
+  }
+  TORCH_CHECK_VALUE(longest <= max_seqlen, "a sequence of ", longest, " tokens is longer than max_seqlen ", max_seqlen);
+  return dispatch_float_bf16(qkv.scalar_type(), "attention", [&](auto tag) {
+    using T = decltype(tag);
+    const at::Tensor packed = activation(qkv, qkv.scalar_type(), "qkv");
+    at::Tensor out = at::empty({total, heads, head_dim}, qkv.options());
+    packed_attention<T>(data_of<T>(packed), offsets, mutable_data_of<T>(out), batch, heads, head_dim, longest,
+                        static_cast<float>(scale));
+    return out;
+  });
 }
 
 }  // namespace
 
-void packed_attention_forward(const float* qkv, const int32_t* cu_seqlens, float* out, int64_t batch,
-                              int64_t heads, int64_t head_dim, int64_t longest, float scale) {
-  const int64_t tasks = batch * heads;
-  // Few, cheap tasks (a short query) are not worth waking the other threads for.
-  const int64_t work = static_cast<int64_t>(cu_seqlens[batch]) * longest * heads * head_dim;
-#pragma omp parallel if (work > 65536 && tasks > 1)
-  {
-    const int64_t keys = round_up(longest), dims = round_up(head_dim);
-    std::vector<float> q(static_cast<size_t>(head_dim * kBlock)), kt(static_cast<size_t>(head_dim * keys)),
-        v(static_cast<size_t>(keys * dims)), s(static_cast<size_t>(kBlock * keys));
-    const Scratch scratch{q.data(), kt.data(), v.data(), s.data(), keys, dims};
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / heads;
-      const int64_t h = task % heads;
-      const int64_t start = cu_seqlens[b];
-      const int64_t len = cu_seqlens[b + 1] - start;
-      if (len > 0) attend_head(qkv, out, start, len, h, heads, head_dim, scale, scratch);
-    }
-  }
-}
-
 }  // namespace bertfast
+
+TORCH_LIBRARY_IMPL(bertfast, CPU, m) { m.impl("attention", &bertfast::attention_cpu); }

@@ -1,21 +1,22 @@
-// Fused bias + exact (erf) GELU on the CPU, forward and backward.
+// Fused bias + exact (erf) GELU on the CPU, forward and backward: bertfast::bias_gelu(_backward).
 //
 //   forward : y  = gelu(u),  u = x + b,  gelu(u) = u * Phi(u) = 0.5 u (1 + erf(u / sqrt 2))
 //   backward: dx = dy * gelu'(u),  gelu'(u) = Phi(u) + u * phi(u),  db = sum over rows of dx
 //
-// x and dy are (rows, hidden) row-major float32, b is (hidden,). erf and exp are
-// evaluated with branch-free polynomials so that the inner loops vectorise (libm's
-// scalar erf would cost more than the whole memory traffic); both stay within a few
-// 1e-7 of libm. Rows are split across OpenMP threads; the bias gradient is reduced in a
-// fixed order, so it is deterministic.
-#include <omp.h>
+// x and dy are (rows, hidden) row-major float32 or bf16, b is (hidden,) (float32 here). erf and exp are
+// evaluated with branch-free polynomials so that the inner loops vectorise (libm's scalar erf would cost
+// more than the whole memory traffic); both stay within a few 1e-7 of libm. Rows are split across torch's
+// threads; the bias gradient is summed per block of rows and then across blocks in a fixed order, so it
+// does not depend on the number of threads.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "fast_math.h"
-#include "ops.h"
+#include "op_utils.h"
 
 namespace bertfast {
 
@@ -23,6 +24,7 @@ namespace {
 
 constexpr float kInvSqrt2 = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
+constexpr int64_t kBlock = 32;  // rows per partial sum of the bias gradient
 
 // erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (|erf(4)| rounds to 1 in float); max error ~4e-7.
 BERTFAST_INLINE float fast_erf(float x) {
@@ -53,52 +55,98 @@ void gelu_row(const float* xr, const float* b, float* yr, int64_t hidden) {
   }
 }
 
-}  // namespace
-
-void bias_gelu_forward(const float* x, const float* b, float* y, int64_t rows, int64_t hidden) {
-#pragma omp parallel for schedule(static) if (rows * hidden > 32768)
-  for (int64_t r = 0; r < rows; ++r) gelu_row(x + r * hidden, b, y + r * hidden, hidden);
+// dx of one row; its values are added to acc (the block's bias-gradient sum).
+BERTFAST_CLONES
+void gelu_grad_row(const float* dyr, const float* xr, const float* b, float* dxr, float* acc, int64_t hidden) {
+#pragma omp simd
+  for (int64_t c = 0; c < hidden; ++c) {
+    const float u = xr[c] + b[c];
+    const float cdf = 0.5f * (1.0f + fast_erf(u * kInvSqrt2));
+    const float pdf = kInvSqrt2Pi * fast_exp_nonpositive(-0.5f * u * u);
+    const float g = dyr[c] * (cdf + u * pdf);
+    dxr[c] = g;
+    acc[c] += g;
+  }
 }
 
-void bias_gelu_backward(const float* dy, const float* x, const float* b, float* dx, float* db, int64_t rows,
-                        int64_t hidden) {
-  // The bias gradient is summed in float over blocks of rows, then in double across blocks and
-  // threads, which keeps it as accurate as PyTorch's reduction.
-  constexpr int64_t kBlock = 32;
-  const int64_t blocks = (rows + kBlock - 1) / kBlock;
-  const int threads = omp_get_max_threads();
-  std::vector<double> partial(static_cast<size_t>(threads) * hidden, 0.0);
-#pragma omp parallel num_threads(threads)
-  {
-    double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * hidden;
-    std::vector<float> block_sum(hidden);
-    float* acc = block_sum.data();
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      std::fill(acc, acc + hidden, 0.0f);
-      const int64_t last = std::min(rows, (blk + 1) * kBlock);
-      for (int64_t r = blk * kBlock; r < last; ++r) {
-        const float* xr = x + r * hidden;
-        const float* dyr = dy + r * hidden;
-        float* dxr = dx + r * hidden;
-#pragma omp simd
-        for (int64_t c = 0; c < hidden; ++c) {
-          const float u = xr[c] + b[c];
-          const float cdf = 0.5f * (1.0f + fast_erf(u * kInvSqrt2));
-          const float pdf = kInvSqrt2Pi * fast_exp_nonpositive(-0.5f * u * u);
-          const float g = dyr[c] * (cdf + u * pdf);
-          dxr[c] = g;
-          acc[c] += g;
-        }
-      }
-      for (int64_t c = 0; c < hidden; ++c) mine[c] += acc[c];
+template <typename T>
+void bias_gelu_forward(const T* x, const float* b, T* y, int64_t rows, int64_t hidden) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(hidden, 1)), [&](int64_t r0, int64_t r1) {
+    Rows<T> io(hidden, 1);
+    for (int64_t r = r0; r < r1; ++r) {
+      float* yr = io.out(y + r * hidden);
+      gelu_row(io.load(x + r * hidden, 0), b, yr, hidden);
+      io.store(yr, y + r * hidden);
     }
-  }
+  });
+}
+
+template <typename T>
+void bias_gelu_backward(const T* dy, const T* x, const float* b, T* dx, float* db, int64_t rows, int64_t hidden) {
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  std::vector<float> partial(static_cast<size_t>(blocks * hidden), 0.0f);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(kBlock * hidden, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
+    Rows<T> io(hidden, 2);
+    for (int64_t blk = k0; blk < k1; ++blk) {
+      float* acc = partial.data() + blk * hidden;
+      for (int64_t r = blk * kBlock; r < std::min(rows, (blk + 1) * kBlock); ++r) {
+        float* dxr = io.out(dx + r * hidden);
+        gelu_grad_row(io.load(dy + r * hidden, 0), io.load(x + r * hidden, 1), b, dxr, acc, hidden);
+        io.store(dxr, dx + r * hidden);
+      }
+    }
+  });
+  // Across blocks in double, in block order: as accurate as PyTorch's reduction, and deterministic.
   for (int64_t c = 0; c < hidden; ++c) {
     double total = 0.0;
-    for (int t = 0; t < threads; ++t) total += partial[static_cast<size_t>(t) * hidden + c];
+    for (int64_t blk = 0; blk < blocks; ++blk) total += partial[static_cast<size_t>(blk * hidden + c)];
     db[c] = static_cast<float>(total);
   }
 }
 
+int64_t rows_of(const at::Tensor& x, int64_t hidden) { return hidden == 0 ? 0 : x.numel() / hidden; }
+
+at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, int64_t hidden) {
+  return bias ? parameter(*bias, hidden, "bias") : at::zeros({hidden}, at::kFloat);
+}
+
+at::Tensor bias_gelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "bertfast::bias_gelu: x must have a last (hidden) dimension");
+  const int64_t hidden = x.size(-1);
+  const at::Tensor b = bias_or_zeros(bias, hidden);
+  return dispatch_float_bf16(x.scalar_type(), "bias_gelu", [&](auto tag) {
+    using T = decltype(tag);
+    const at::Tensor xc = activation(x, x.scalar_type(), "x");
+    at::Tensor y = at::empty(x.sizes(), x.options());
+    bias_gelu_forward<T>(data_of<T>(xc), b.const_data_ptr<float>(), mutable_data_of<T>(y), rows_of(x, hidden),
+                         hidden);
+    return y;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                          const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && dy.sizes() == x.sizes(), "bertfast::bias_gelu_backward: dy ", dy.sizes(),
+                    " and x ", x.sizes(), " differ in shape");
+  const int64_t hidden = x.size(-1);
+  const at::Tensor b = bias_or_zeros(bias, hidden);
+  return dispatch_float_bf16(x.scalar_type(), "bias_gelu_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const at::Tensor xc = activation(x, x.scalar_type(), "x"), dyc = activation(dy, x.scalar_type(), "dy");
+    at::Tensor dx = at::empty(x.sizes(), x.options());
+    at::Tensor db = at::empty({hidden}, x.options().dtype(at::kFloat));
+    bias_gelu_backward<T>(data_of<T>(dyc), data_of<T>(xc), b.const_data_ptr<float>(), mutable_data_of<T>(dx),
+                          db.mutable_data_ptr<float>(), rows_of(x, hidden), hidden);
+    return std::make_tuple(dx, bias ? db.to(bias->scalar_type()) : db);
+  });
+}
+
+}  // namespace
+
 }  // namespace bertfast
+
+TORCH_LIBRARY_IMPL(bertfast, CPU, m) {
+  m.impl("bias_gelu", &bertfast::bias_gelu_cpu);
+  m.impl("bias_gelu_backward", &bertfast::bias_gelu_backward_cpu);
+}

@@ -1,10 +1,8 @@
 """Triton kernels of bertfast, one op family per module (shipped as ``bertfast.kernels``).
 
-Each module holds the forward and backward kernels, the launcher, the
-``torch.autograd.Function`` and the op function that ``bertfast.ops`` dispatches
-to; the plain-PyTorch reference lives in ``bertfast.ops.reference``.
+Each module holds the forward and backward kernels, their launchers, the ``bertfast::`` custom ops that
+run the launchers (``torch.library.triton_op``s, plain custom ops in the interpreter; see
+``bertfast.common.library``) with their autograd registered once per op (``register_autograd``), and the
+entry function and ``supports`` predicate that ``bertfast.ops`` dispatches to. The modules import only
+``bertfast.common`` and each other; the plain-PyTorch reference is ``bertfast.ops.reference``.
 """
-
-# The op layer registers every kernel module's ops and backend entries; importing it first means a
-# kernel module imported on its own (``from bertfast.kernels import attention``) finds them complete.
-import bertfast.ops  # noqa: E402, F401

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bertfast.ops import library
+from bertfast.common import library
 
 
 @dataclass(frozen=True)

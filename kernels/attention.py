@@ -11,7 +11,7 @@ The softmax runs in base 2: scores are multiplied by ``scale * log2(e)`` once an
 exponentiated with ``exp2``. Dropout keeps P_ij with probability 1 - p and scales
 it by 1 / (1 - p); the keep decision is the shared counter hash of (seed, row
 (packed query token) * heads + head, column = key position in the sequence), the
-rule of every backend (``bertfast.ops.dropout``), so it is regenerated in backward
+rule of every backend (``bertfast.common.dropout``), so it is regenerated in backward
 and never stored (``dropout_keep_mask`` reproduces it).
 
 Backward (``delta = rowsum(dO * O)``, computed by a preprocess kernel):
@@ -54,8 +54,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bertfast.ops import dropout, reference
-from bertfast.ops.library import TRITON_INTERPRETED, kernel_op, wrap_triton
+from bertfast.common import dropout, relative_position
+from bertfast.common.library import TRITON_INTERPRETED, kernel_op, wrap_triton
 
 from .aot import AotSpec, meta, record, spec
 from .layernorm_common import DTYPES, dropout_keep_keyed, dropout_key
@@ -601,7 +601,7 @@ def flash_attention(
 
     ``cu_seqlens`` (batch + 1,) holds the sequence offsets among the T tokens and ``max_seqlen`` is
     an upper bound of the longest sequence. ``dropout_p`` applies as given (no ``training`` flag
-    here), with ``seed`` (a 0-dim int64 tensor) or one drawn by :func:`bertfast.ops.dropout.draw_seed`.
+    here), with ``seed`` (a 0-dim int64 tensor) or one drawn by :func:`bertfast.common.dropout.draw_seed`.
     ``deterministic`` defaults to True unless ``BERTFAST_ATTENTION_DETERMINISTIC=0`` (and is forced by
     ``torch.use_deterministic_algorithms``). ``bias_table`` (num_buckets, heads): MPNet's
     relative-position bias (``bertfast.ops.attention``); the kernels read it per distance.
@@ -625,10 +625,10 @@ def flash_attention(
         deterministic = DETERMINISTIC_DEFAULT
     bias = None
     if bias_table is not None:
-        reference.check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
+        relative_position.check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
         # The bucket of each distance is the reference's own (no float log in the kernels to disagree at a
         # bucket boundary); the gather's backward adds each distance's gradient into its bucket.
-        bias = reference.distance_bias(bias_table, max_seqlen, num_buckets, max_distance).float().contiguous()
+        bias = relative_position.distance_bias(bias_table, max_seqlen, num_buckets, max_distance).float().contiguous()
     cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32)
     return _forward_op(qkv, cu_seqlens, seed, bias, max_seqlen, dropout_p, scale, deterministic)[0]
 

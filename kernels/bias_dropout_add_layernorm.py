@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bertfast.common import dropout
+from bertfast.common.library import kernel_op, wrap_triton
 from bertfast.kernels.aot import AotSpec, meta, record, spec
 from bertfast.kernels.layernorm_common import (
     MAX_HIDDEN,
@@ -42,8 +44,6 @@ from bertfast.kernels.layernorm_common import (
     row_tag,
     store_ln_partials,
 )
-from bertfast.ops import dropout
-from bertfast.ops.library import kernel_op, wrap_triton
 
 
 @triton.jit

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bertfast.common.library import kernel_op, wrap_triton
 from bertfast.kernels.aot import AotSpec, meta, record, spec
 from bertfast.kernels.layernorm_common import (
     DTYPES,
@@ -29,7 +30,6 @@ from bertfast.kernels.layernorm_common import (
     partial_programs,
     reduce_partials,
 )
-from bertfast.ops.library import kernel_op, wrap_triton
 
 _TILE = 2048  # elements per program: 16 per thread with 4 warps
 _NUM_WARPS = 4

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bertfast.common import dropout
+from bertfast.common.library import kernel_op, wrap_triton
 from bertfast.kernels.aot import AotSpec, meta, record, spec
 from bertfast.kernels.layernorm_common import (
     MAX_HIDDEN,
@@ -41,8 +43,6 @@ from bertfast.kernels.layernorm_common import (
     row_outputs,
     row_tag,
 )
-from bertfast.ops import dropout
-from bertfast.ops.library import kernel_op, wrap_triton
 
 _SEGMENT_ROWS = 32  # sorted tokens per program of the gradient scatter
 

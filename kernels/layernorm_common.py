@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bertfast.ops.library import TRITON_INTERPRETED
+from bertfast.common.library import TRITON_INTERPRETED
 
 # Larger rows would not fit one program's registers: the dispatcher runs the reference beyond it.
 MAX_HIDDEN = 4096
@@ -155,9 +155,9 @@ def dropout_keep_keyed(k0, k1, row, cols, threshold):
 
 @triton.jit
 def dropout_keep(seed, row, cols, threshold):
-    """Whether elements (row, cols) survive dropout: the rule of ``bertfast.ops.dropout.keep_mask`` (and of
+    """Whether elements (row, cols) survive dropout: the rule of ``bertfast.common.dropout.keep_mask`` (and of
     the native kernel), bit for bit. ``row`` and ``cols`` broadcast against each other; ``threshold`` is
-    ``bertfast.ops.dropout.threshold(p)``."""
+    ``bertfast.common.dropout.threshold(p)``."""
     k0, k1 = dropout_key(seed)
     return dropout_keep_keyed(k0, k1, row, cols, threshold)
 

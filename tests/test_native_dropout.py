@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from bertfast import _C, ops
+from bertfast import ops
+from bertfast.common.dropout import draw_seed
 from bertfast.ops import dropout, native, reference
-from bertfast.ops.dropout import draw_seed
 
 
 def keep_mask(shape, p: float, seed, rows=None) -> torch.Tensor:
     """What the kernel keeps: its hashes of (seed, row, column) shifted and compared with the threshold."""
     rows = torch.arange(math.prod(shape[:-1])) if rows is None else rows
-    bits = torch.from_numpy(_C.dropout_bits(int(seed), rows.numpy(), shape[-1]).astype("int64"))
+    bits = native.dropout_bits(torch.as_tensor(seed), rows, shape[-1])
     return ((bits >> 1) >= dropout.threshold(p)).view(shape)
 
 
@@ -72,8 +72,13 @@ def test_edge_probabilities_dtypes_and_bad_input():
     assert torch.equal(y, torch.zeros_like(x))
     (dx,) = torch.autograd.grad(y.sum(), x)
     assert torch.equal(dx, torch.zeros_like(x))
-    half = torch.randn(4, 4, dtype=torch.bfloat16)  # not for the native kernel: the dispatcher picks the reference
+    half = torch.randn(4, 4, dtype=torch.float16)  # not for the native kernels: the dispatcher picks the reference
     assert ops.implementation("bias_dropout_add_layernorm", half)[0] == "torch"
+    assert ops.implementation("bias_dropout_add_layernorm", half.bfloat16())[0] == "native"
+    mixed = (half.bfloat16(), None, half.float())  # activations of two dtypes: the reference too
+    assert ops.implementation("bias_dropout_add_layernorm", *mixed)[0] == "torch"
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native.dropout(half, 0.5, True)
     with pytest.raises(ValueError, match="between 0 and 1"):
         native.dropout(x, 1.5, True)
     strided = torch.randn(6, 8).t()  # non-contiguous input: same values as its contiguous copy

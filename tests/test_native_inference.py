@@ -103,8 +103,7 @@ def test_eval_forward_runs_the_fused_kernels_and_equals_the_torch_backend():
     ids = torch.randint(5, 100, (3, 11))
     mask = torch.tensor([[1] * 11, [1] * 4 + [0] * 7, [0] * 11])
     called: list[str] = []
-    kernels = {name: getattr(native, name) for name in ("_attention_kernel", "_add_layernorm_kernel",
-                                                           "_bias_gelu_kernel")}
+    kernels = {name: getattr(native, name) for name in ("_attention_op", "_add_layernorm_op", "_bias_gelu_op")}
 
     def spy(name):
         def run(*args):
@@ -117,8 +116,8 @@ def test_eval_forward_runs_the_fused_kernels_and_equals_the_torch_backend():
             patch.setattr(native, name, spy(name))
         fast = model(ids, attention_mask=mask).last_hidden_state
     layers = model.config.num_hidden_layers
-    assert sorted(called) == sorted(["_attention_kernel"] * layers + ["_add_layernorm_kernel"] * 2 * layers
-                                    + ["_bias_gelu_kernel"] * layers)
+    assert sorted(called) == sorted(["_attention_op"] * layers + ["_add_layernorm_op"] * 2 * layers
+                                    + ["_bias_gelu_op"] * layers)
     with torch.inference_mode(), ops.use_backend("torch"):
         slow = model(ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

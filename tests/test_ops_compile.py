@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bertfast import ops
-from bertfast.ops.library import TRITON_INTERPRETED
+from bertfast.common.library import TRITON_INTERPRETED
 
 HIDDEN, HEADS, VOCAB, INTERMEDIATE = 32, 2, 50, 64
 

@@ -8,8 +8,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from bertfast import ops
-from bertfast.ops import dropout
-from bertfast.ops.library import TRITON_INTERPRETED
+from bertfast.common import dropout
+from bertfast.common.library import TRITON_INTERPRETED
 
 BACKENDS = ["torch", "native"] + (["triton"] if TRITON_INTERPRETED else [])
 HIDDEN, HEADS = 32, 2

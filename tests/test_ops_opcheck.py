@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bertfast.ops import native
+from bertfast.ops import chunked_cross_entropy, native
 
 pytest.importorskip("triton")
 
@@ -48,11 +48,22 @@ def cases():
     out, lse = torch.randn(5, 2, 16), torch.randn(2, 5)
     weight, labels = leaf(11, HIDDEN), torch.tensor([1, -100, 10, 0, 3])
     found = {
-        "native_bias_gelu": (native._bias_gelu_op, (x, bias)),
-        "native_bias_gelu(bias=None)": (native._bias_gelu_op, (x, None)),
-        "native_bias_gelu_backward": (native._bias_gelu_backward_op, (dy, *plain[:2])),
-        "native_dropout": (native._dropout_op, (x, seed(), 0.3, None)),
-        "native_dropout(rows)": (native._dropout_op, (x, seed(), 0.3, torch.tensor([4, 9, 0, 2**31, 7]))),
+        "bias_gelu": (native._bias_gelu_op, (x, bias)),
+        "bias_gelu(bias=None)": (native._bias_gelu_op, (x, None)),
+        "bias_gelu(bf16)": (native._bias_gelu_op, (leaf(ROWS, HIDDEN, dtype=torch.bfloat16), bias)),
+        "bias_gelu_backward": (native._bias_gelu_backward_op, (dy, *plain[:2])),
+        "bias_gelu_backward(bf16, bias=None)": (
+            native._bias_gelu_backward_op, (dy.bfloat16(), plain[0].bfloat16(), None)),
+        "dropout": (native._dropout_op, (x, seed(), 0.3, None)),
+        "dropout(rows)": (native._dropout_op, (x, seed(), 0.3, torch.tensor([4, 9, 0, 2**31, 7]))),
+        "dropout(bf16)": (native._dropout_op, (leaf(ROWS, HIDDEN, dtype=torch.bfloat16), seed(), 0.5, None)),
+        "dropout_bits": (native._dropout_bits_op, (seed(), torch.tensor([3, 0, 2**40]), 7)),
+        # Forward-only (inference) ops: no autograd, so their inputs need no gradient.
+        "attention": (native._attention_op, (qkv.detach(), cu, 4, 0.25)),
+        "attention(bf16)": (native._attention_op, (qkv.detach().bfloat16(), cu, 3, 0.25)),
+        "add_layernorm": (native._add_layernorm_op, (*plain[:3], w.detach(), b.detach(), 1e-5)),
+        "add_layernorm(bf16, bias=None)": (
+            native._add_layernorm_op, (plain[0].bfloat16(), None, plain[2].bfloat16(), w.detach(), b.detach(), 1e-5)),
         "bias_gelu_triton": (bias_gelu._forward_op, (x, bias, "none")),
         "bias_gelu_triton(bias=None,tanh)": (bias_gelu._forward_op, (x, None, "tanh")),
         "bias_gelu_triton_backward": (bias_gelu._backward_op, (dy, *plain[:2], "none")),
@@ -78,7 +89,7 @@ def cases():
     }
     ce_args = (x, weight, leaf(11), labels, -100, 0.1)
     ce_backward_args = ([t.detach() for t in ce_args[:3]], labels, torch.rand(ROWS), -100, 0.1, 64, [True] * 3)
-    for fn in (cross_entropy.linear_cross_entropy, cross_entropy.linear_cross_entropy_torch):
+    for fn in (cross_entropy.linear_cross_entropy, chunked_cross_entropy.linear_cross_entropy):
         name = fn.forward_op._name
         found[name] = (fn.forward_op, (*ce_args, "mean", None, [True, True, True]))
         found[f"{name}(none, no bias)"] = (fn.forward_op, (x, weight, None, labels, -100, 0.0, "none", 64,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bertfast.ops import IGNORE_INDEX
+from bertfast.common import IGNORE_INDEX
 
 
 @dataclass

@@ -1,21 +1,25 @@
 """The op layer: every hot operation of the model goes through one of these functions.
 
-Each op has a plain-PyTorch reference (``bertfast.ops.reference``) and may have faster
-implementations, each a ``torch.library`` custom op in the ``bertfast::`` namespace (schema, fake
-implementation, autograd; see ``bertfast.ops.library``), so that all of them run inside
-``torch.compile(fullgraph=True)`` without a graph break:
+One path per call: the front function here checks its arguments, asks ``bertfast.ops.dispatch`` which
+backend runs the call, and calls that backend's entry, which calls its ``bertfast::`` op:
 
+* ``native``: the CPU ops, C++ kernels registered with torch (``TORCH_LIBRARY``; ``bertfast.ops.native``),
+  float32 and bfloat16: bias+GELU, dropout (of the embeddings, attention and residual ops), and in
+  inference packed attention and add+LayerNorm; and the chunked masked-LM loss
+  (``bertfast.ops.chunked_cross_entropy``);
 * ``triton``: Triton kernels in ``bertfast.kernels`` (CUDA tensors; CPU tensors too when
   ``TRITON_INTERPRET=1``, which is how the tests run them), as ``torch.library.triton_op``s;
-* ``native``: the CPU implementations: C++ kernels in ``bertfast._C`` (bias+GELU, and the dropout of
-  the embeddings, attention and residual ops) registered for the CPU dispatch key and, where that is
-  what is fastest, chunked PyTorch (the masked-LM cross-entropy);
-* ``torch``: the reference.
+* ``torch``: the reference (``bertfast.ops.reference``), plain PyTorch.
 
-``bertfast.ops.dispatch`` picks one per call: CUDA tensors use ``triton``, CPU tensors ``native``,
-each where its ``supports`` predicate accepts the inputs, and the reference otherwise.
-``BERTFAST_BACKEND=torch|triton|native`` (read once, at import) or :func:`use_backend` forces one;
+Every op has a schema, a fake implementation and its autograd registered once, so that all of them run
+inside ``torch.compile(fullgraph=True)`` without a graph break. Unforced, CUDA tensors use ``triton`` and
+CPU tensors ``native``, each where its ``supports`` predicate accepts the inputs, and the reference
+otherwise. The one switch that forces a backend (for benchmarks and tests) is
+``BERTFAST_BACKEND=torch|triton|native`` (read once, at import) or :func:`use_backend`;
 :func:`implementation` reports the backend that runs a call.
+
+The layers below this module import nothing above them: ``bertfast.common`` (op registration helpers, the
+dropout policy, constants), then the implementations (reference, native, Triton), then this front.
 
 Dropout
 -------
@@ -23,13 +27,13 @@ One policy for every op and every backend (this is the one place it is written d
 
 * **Seed.** Each op call with dropout draws one seed: a 0-dim int64 tensor from torch's generator
   of the tensor's device (``torch.randint`` on that device, in the op's traced Python wrapper;
-  ``bertfast.ops.dropout.draw_seed``). The generator advances by one draw per dropout op call, in
+  ``bertfast.common.dropout.draw_seed``). The generator advances by one draw per dropout op call, in
   the order the model calls them. The seed never visits the host, so a CUDA graph can capture the
   step, and ``torch.compile`` traces the draw like any other random op.
 * **Mask.** Within a call the mask is a pure function of (seed, row, column), computed where it is
   used and never stored: backward regenerates it from the saved seed. An element is kept when
   ``mix32(mix32(column ^ k0) + (row ^ k1)) >> 1 >= round(p * 2**31)``, (k0, k1) mixed from the
-  seed (``bertfast.ops.dropout.keep_mask``; mod 2**32 arithmetic). The row is the packed token
+  seed (``bertfast.common.dropout.keep_mask``; mod 2**32 arithmetic). The row is the packed token
   (for attention probabilities, query token * heads + head) and the column the hidden unit (the
   key's position in its sequence), so the mask does not depend on padding or on ``max_seqlen``.
   The Triton kernels, the C++ kernel and the reference compute this same function bit for bit:
@@ -48,9 +52,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bertfast.ops import dispatch, dropout, reference
+from bertfast.common import IGNORE_INDEX, dropout
+from bertfast.ops import chunked_cross_entropy, dispatch, reference
 from bertfast.ops.dispatch import BACKENDS, forced_backend, implementation, use_backend
-from bertfast.ops.reference import IGNORE_INDEX
 from bertfast.padding import Packing
 
 
@@ -63,6 +67,9 @@ def _register_backends() -> None:
     else:
         for op in ("embeddings", "bias_gelu", "bias_dropout_add_layernorm", "attention"):
             dispatch.register(op, "native", getattr(native, op), native.supports)
+    # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.
+    dispatch.register("linear_cross_entropy", "native", chunked_cross_entropy.linear_cross_entropy,
+                      chunked_cross_entropy.supports)
     try:
         from bertfast.kernels import (
             attention,
@@ -72,7 +79,7 @@ def _register_backends() -> None:
             cross_entropy,
             embeddings,
         )
-    except ModuleNotFoundError as e:  # no triton: no triton backend (nor the chunked loss that lives beside it)
+    except ModuleNotFoundError as e:  # no triton: no triton backend
         if e.name != "triton":
             raise
         return
@@ -80,9 +87,6 @@ def _register_backends() -> None:
         op = module.__name__.rsplit(".", 1)[-1]
         dispatch.register(op, "triton", getattr(module, op), module.supports)
     dispatch.register("linear_cross_entropy", "triton", cross_entropy.linear_cross_entropy, cross_entropy.supports)
-    # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.
-    dispatch.register("linear_cross_entropy", "native", cross_entropy.linear_cross_entropy_torch,
-                      cross_entropy.supports_chunked)
 
 
 _register_backends()

@@ -1,49 +1,101 @@
-"""The CPU backend: ops backed by the C++ kernels in ``bertfast._C``, registered as ``bertfast::`` ops
-for the CPU dispatch key.
+"""The CPU backend: the C++ ops of ``bertfast/_C.so`` (``csrc/``), float32 and bfloat16.
 
-The kernels take contiguous float32 buffers (the dispatcher sends nothing else here):
+The library registers the ops' schemas (``TORCH_LIBRARY(bertfast, m)``), their CPU kernels and the
+autograd of the differentiable ones, all in C++, so an eager call costs what an ATen op costs; here they
+get their fake (shape-only) implementations, which ``torch.compile`` traces:
 
-* ``bertfast::native_bias_gelu`` (+ its backward): exact-erf GELU of x + bias.
-* ``bertfast::native_dropout``: dropout whose mask is never stored: element i is kept when a
-  counter-based hash of (seed, i) clears the threshold (``csrc/dropout.cpp``), so backward (the same
-  op on the gradient) regenerates it, and drawing it costs a fraction of ``torch.bernoulli_``'s time
-  (the largest single cost of a small model's training step on a CPU). The seed follows the policy
-  of ``bertfast.ops``.
-* Inference only (forward kernels, no autograd): ``bertfast::native_attention``, attention of the
-  packed sequences themselves, parallel over (sequence, head), with no padded batch
-  (``csrc/attention.cpp``); ``bertfast::native_add_layernorm``, LayerNorm(x + bias + residual) in
-  one pass (``csrc/add_layernorm.cpp``).
+* ``bertfast::bias_gelu`` (+ ``bias_gelu_backward``): exact-erf GELU of x + bias.
+* ``bertfast::dropout``: dropout whose mask is never stored: element (row, col) is kept when a
+  counter-based hash of (seed, row, col) clears the threshold (``csrc/dropout.cpp``), so backward (the same
+  op on the gradient) regenerates it, and drawing it costs a fraction of ``torch.bernoulli_``'s time (the
+  largest single cost of a small model's training step on a CPU). The seed follows the policy of
+  ``bertfast.ops``. ``bertfast::dropout_bits`` gives its hashes (for tests).
+* Inference only (forward kernels, no autograd): ``bertfast::attention``, attention of the packed
+  sequences themselves, parallel over (sequence, head), with no padded batch (``csrc/attention.cpp``);
+  ``bertfast::add_layernorm``, LayerNorm(x + bias + residual) in one pass (``csrc/add_layernorm.cpp``).
 
-Attention and bias + dropout + residual + LayerNorm run those kernels for a call that needs no
-gradient and has no dropout (:func:`inference_call`: ``eval()`` under ``no_grad`` /
-``inference_mode``); training calls get the reference computations with the native dropout in place
-of ``F.dropout``, as do the embeddings.
+Attention and bias + dropout + residual + LayerNorm run those kernels for a call that needs no gradient
+and has no dropout (:func:`inference_call`: ``eval()`` under ``no_grad`` / ``inference_mode``); training
+calls get the reference computations with the native dropout in place of ``F.dropout``, as do the
+embeddings. The kernels compute in float32; bfloat16 tensors are converted row by row as they are loaded
+and stored (AVX512-BF16's conversion where the CPU has it).
 
-Per-call cost. A ``torch.library`` custom op costs tens of microseconds per call in eager mode,
-which at batch 1 is a sizable share of a small model's forward. A call that records no autograd and
-is not being compiled therefore runs the kernel function directly; under ``torch.compile`` it goes
-through the custom op, which the compiler traces (:func:`_run`). Both are this backend's kernel.
+The library is tied to the torch it was built with (``pip install`` builds it against the installed torch).
+Importing this module without it built raises ``ModuleNotFoundError`` for ``bertfast._C``: then there is
+no native backend and the reference runs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bertfast import _C
-from bertfast.ops import dropout as policy
+from bertfast.common import dropout as policy
 from bertfast.ops import reference
-from bertfast.ops.library import custom_op
+
+
+def _load_library() -> None:
+    # The editable and the regular install both map bertfast._C to the built _C.so (a torch library, not a
+    # Python module: it has no PyInit, so it is loaded, not imported).
+    spec = importlib.util.find_spec("bertfast._C")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("bertfast's native library (bertfast/_C.so) is not built", name="bertfast._C")
+    torch.ops.load_library(spec.origin)
+
+
+_load_library()
+_ops = torch.ops.bertfast
+_bias_gelu_op = _ops.bias_gelu.default
+_bias_gelu_backward_op = _ops.bias_gelu_backward.default
+_dropout_op = _ops.dropout.default
+_dropout_bits_op = _ops.dropout_bits.default
+_attention_op = _ops.attention.default
+_add_layernorm_op = _ops.add_layernorm.default
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@torch.library.register_fake("bertfast::bias_gelu")
+def _bias_gelu_fake(x: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("bertfast::bias_gelu_backward")
+def _bias_gelu_backward_fake(dy: Tensor, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    dtype = torch.float32 if bias is None else bias.dtype
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[-1], dtype=dtype)
+
+
+@torch.library.register_fake("bertfast::dropout")
+def _dropout_fake(x: Tensor, seed: Tensor, p: float, rows: Tensor | None) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("bertfast::dropout_bits")
+def _dropout_bits_fake(seed: Tensor, rows: Tensor, n_cols: int) -> Tensor:
+    return rows.new_empty(rows.shape[0], n_cols, dtype=torch.int64)
+
+
+@torch.library.register_fake("bertfast::attention")
+def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
+    return qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
+
+
+@torch.library.register_fake("bertfast::add_layernorm")
+def _add_layernorm_fake(x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                        eps: float) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def supports(*tensors: Tensor | None, approximate: str = "none") -> bool:
-    """float32 CPU tensors (and the exact GELU)."""
+    """CPU tensors of one dtype, float32 or bfloat16 (and the exact GELU)."""
     present = [t for t in tensors if t is not None]
-    return approximate == "none" and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in present)
+    dtype = present[0].dtype if present else torch.float32
+    return approximate == "none" and dtype in DTYPES and all(t.dtype == dtype and t.device.type == "cpu"
+                                                             for t in present)
 
 
 def records_autograd(*tensors: Tensor | None) -> bool:
@@ -56,131 +108,22 @@ def inference_call(dropout_p: float, training: bool, *tensors: Tensor | None) ->
     return (not training or dropout_p == 0.0) and not records_autograd(*tensors)
 
 
-def _run(op: torch.library.CustomOpDef, kernel: Callable[..., Tensor], *args) -> Tensor:
-    """``kernel(*args)`` directly in eager mode, the custom op ``op`` (the same kernel) when compiling.
-
-    Only for calls that record no autograd: the direct call skips the op's autograd registration.
-    """
-    if torch.compiler.is_compiling():
-        return op(*args)
-    if torch._C._autograd._profiler_enabled():  # so that a profile shows the kernel under the op's name
-        with torch.profiler.record_function(f"bertfast::{op._name}"):
-            return kernel(*args)
-    return kernel(*args)
-
-
-def _bias_gelu_fake(x: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.empty_like(x)
-
-
-def _bias_gelu_kernel(x: Tensor, bias: Tensor | None) -> Tensor:
-    hidden = x.shape[-1]
-    b = torch.zeros(hidden) if bias is None else bias.contiguous()
-    y = _C.bias_gelu_forward(x.reshape(-1, hidden).contiguous().numpy(), b.numpy())
-    return torch.from_numpy(y).view(x.shape)
-
-
-_bias_gelu_op = custom_op("native_bias_gelu", _bias_gelu_fake, device_types="cpu")(_bias_gelu_kernel)
-
-
-def _bias_gelu_backward_fake(dy: Tensor, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), x.new_empty(x.shape[-1])
-
-
-@custom_op("native_bias_gelu_backward", _bias_gelu_backward_fake, device_types="cpu")
-def _bias_gelu_backward_op(dy: Tensor, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    hidden = x.shape[-1]
-    b = torch.zeros(hidden) if bias is None else bias.contiguous()
-    dx, db = _C.bias_gelu_backward(dy.reshape(-1, hidden).contiguous().numpy(),
-                                   x.reshape(-1, hidden).contiguous().numpy(), b.numpy())
-    return torch.from_numpy(dx).view(x.shape), torch.from_numpy(db)
-
-
-def _bias_gelu_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _bias_gelu_backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    x, bias = ctx.saved_tensors
-    dx, db = _bias_gelu_backward_op(dy, x, bias)
-    return dx, db if bias is not None else None
-
-
-_bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
-
-
 def bias_gelu(x: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
-    """gelu(x + bias), exact GELU, float32 CPU tensors."""
-    if records_autograd(x, bias):
-        return _bias_gelu_op(x, bias)
-    return _run(_bias_gelu_op, _bias_gelu_kernel, x, bias)
+    """gelu(x + bias), exact GELU."""
+    return _bias_gelu_op(x, bias)
 
 
-def _dropout_fake(x: Tensor, seed: Tensor, p: float, rows: Tensor | None) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@custom_op("native_dropout", _dropout_fake, device_types="cpu")
-def _dropout_op(x: Tensor, seed: Tensor, p: float, rows: Tensor | None) -> Tensor:
-    """Dropout of x (..., cols) with the shared keep rule (``bertfast.ops.dropout.keep_mask``): row i of
-    x.reshape(-1, cols) is ``rows[i]`` (default i)."""
-    n_cols = x.shape[-1]
-    flat = x.reshape(-1, n_cols).contiguous()
-    row_ids = torch.arange(flat.shape[0]) if rows is None else rows.contiguous()
-    y = _C.dropout(flat.numpy(), row_ids.numpy(), int(seed), policy.threshold(p), policy.scale(p))
-    return torch.from_numpy(y).view(x.shape)
-
-
-def _dropout_setup(ctx, inputs, output) -> None:
-    _, seed, ctx.p, rows = inputs
-    ctx.save_for_backward(seed, rows)
-
-
-def _dropout_backward(ctx, dy: Tensor) -> tuple[Tensor | None, None, None, None]:
-    seed, rows = ctx.saved_tensors
-    return _dropout_op(dy, seed, ctx.p, rows), None, None, None
-
-
-_dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+def dropout_bits(seed: Tensor, rows: Tensor, n_cols: int) -> Tensor:
+    """(len(rows), n_cols) int64: the 32-bit hashes that the dropout kernel shifts and compares."""
+    return _dropout_bits_op(seed, rows, n_cols)
 
 
 def dropout(x: Tensor, p: float, training: bool, seed: Tensor | None = None) -> Tensor:
-    """``F.dropout(x, p, training)`` with the shared counter-hash mask (float32 CPU tensors)."""
+    """``F.dropout(x, p, training)`` with the shared counter-hash mask."""
     policy.check_probability(p)
     if not training or p == 0.0:
         return x
     return _dropout_op(x, policy.draw_seed(x.device) if seed is None else seed, p, None)
-
-
-def _add_layernorm_fake(x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-                        eps: float) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _add_layernorm_kernel(x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-                          eps: float) -> Tensor:
-    # NumPy views of any layout: the binding makes C-contiguous copies only of those that are not.
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _C.add_layernorm(x.numpy(), None if bias is None else bias.numpy(), residual.numpy(), ln_weight.numpy(),
-                     ln_bias.numpy(), eps, y.numpy())
-    return y
-
-
-_add_layernorm_op = custom_op("native_add_layernorm", _add_layernorm_fake, device_types="cpu")(_add_layernorm_kernel)
-
-
-def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
-    return qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
-
-
-def _attention_kernel(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
-    """(T, heads, head_dim) attention of packed (T, 3, heads, head_dim) ``qkv``; no gradient."""
-    out = qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
-    _C.packed_attention(qkv.numpy(), cu_seqlens.to(torch.int32).numpy(), max_seqlen, scale, out.numpy())
-    return out
-
-
-_attention_op = custom_op("native_attention", _attention_fake, device_types="cpu")(_attention_kernel)
 
 
 def embeddings(
@@ -201,7 +144,7 @@ def bias_dropout_add_layernorm(
 ) -> Tensor:
     """LayerNorm(dropout(x + bias) + residual): one fused pass in inference, else with the native dropout."""
     if inference_call(dropout_p, training, x, bias, residual, ln_weight, ln_bias):
-        return _run(_add_layernorm_op, _add_layernorm_kernel, x, bias, residual, ln_weight, ln_bias, eps)
+        return _add_layernorm_op(x, bias, residual, ln_weight, ln_bias, eps)
     h = dropout(x if bias is None else x + bias, dropout_p, training) + residual
     return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
 
@@ -219,7 +162,7 @@ def attention(
     """
     if bias_table is None and inference_call(dropout_p, training, qkv):
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
-        return _run(_attention_op, _attention_kernel, qkv, cu_seqlens, max_seqlen, scale)
+        return _attention_op(qkv, cu_seqlens, max_seqlen, scale)
     if not (training and dropout_p > 0.0):
         return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table,
                                    num_buckets, max_distance)

@@ -14,9 +14,9 @@ import torch
 from numerics import assert_relative_rule
 
 from bertfast import ops
+from bertfast.common.dropout import draw_seed
 from bertfast.kernels import attention as attn
 from bertfast.ops import reference
-from bertfast.ops.dropout import draw_seed
 
 
 def make_qkv(lengths: list[int], heads: int, head_dim: int, dtype=torch.float32) -> tuple[torch.Tensor, ...]:

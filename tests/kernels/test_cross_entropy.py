@@ -7,10 +7,12 @@ import torch
 from numerics import assert_relative_rule
 
 from bertfast import ops
+from bertfast.common import chunked_loss
 from bertfast.kernels import cross_entropy as ce
+from bertfast.ops import chunked_cross_entropy as chunked
 from bertfast.ops import reference
 
-IMPLS = {"triton": ce.linear_cross_entropy, "torch": ce.linear_cross_entropy_torch}
+IMPLS = {"triton": ce.linear_cross_entropy, "torch": chunked.linear_cross_entropy}
 IGNORE = -100
 
 
@@ -114,34 +116,34 @@ def test_small_chunks_match_one_chunk(impl, reduction, rows_per_chunk):
 
 
 def test_chunk_size_from_argument_environment_and_default(monkeypatch):
-    monkeypatch.delenv(ce.CHUNK_BYTES_ENV, raising=False)
-    assert ce.chunk_rows(4000, 30522 * 2) == 4000  # BERT pretraining's masked rows: one chunk by default
-    assert ce.chunk_rows(10, 100, chunk_bytes=300) == 3  # 3 rows fit: 4 chunks
-    assert ce.chunk_rows(10, 100, chunk_bytes=800) == 5  # 8 rows fit: 2 chunks, spread evenly
-    monkeypatch.setenv(ce.CHUNK_BYTES_ENV, "250")
-    assert ce.chunk_rows(10, 100) == 2
-    assert ce.chunk_rows(10, 100, chunk_bytes=1000) == 10
-    assert ce.chunk_rows(10, 100, chunk_bytes=1) == 1
+    monkeypatch.delenv(chunked_loss.CHUNK_BYTES_ENV, raising=False)
+    assert chunked_loss.chunk_rows(4000, 30522 * 2) == 4000  # BERT pretraining's masked rows: one chunk by default
+    assert chunked_loss.chunk_rows(10, 100, chunk_bytes=300) == 3  # 3 rows fit: 4 chunks
+    assert chunked_loss.chunk_rows(10, 100, chunk_bytes=800) == 5  # 8 rows fit: 2 chunks, spread evenly
+    monkeypatch.setenv(chunked_loss.CHUNK_BYTES_ENV, "250")
+    assert chunked_loss.chunk_rows(10, 100) == 2
+    assert chunked_loss.chunk_rows(10, 100, chunk_bytes=1000) == 10
+    assert chunked_loss.chunk_rows(10, 100, chunk_bytes=1) == 1
 
 
 @pytest.mark.parametrize("dtype,row_bytes", [(torch.float32, 100 * 4), (torch.bfloat16, 100 * (2 + 4))])
 def test_chunks_stay_within_the_memory_bound(monkeypatch, dtype, row_bytes):
     """fp32 chunks hold their logits; bf16 chunks their logits and an fp32 work copy."""
     seen = []
-    real = ce._softmax_xent_torch
+    real = chunked._softmax_xent_torch
 
     def spy(logits, *args):
         seen.append(logits.shape[0])
         return real(logits, *args)
 
-    monkeypatch.setitem(ce.XENT, "torch", spy)
+    monkeypatch.setattr(chunked, "_softmax_xent_torch", spy)
     x, weight, bias, labels = make_inputs(23, 100, dtype=dtype)
-    monkeypatch.setenv(ce.CHUNK_BYTES_ENV, str(5 * row_bytes + row_bytes // 2))
-    ce.linear_cross_entropy_torch(x, weight, bias, labels)[0].backward()
+    monkeypatch.setenv(chunked_loss.CHUNK_BYTES_ENV, str(5 * row_bytes + row_bytes // 2))
+    chunked.linear_cross_entropy(x, weight, bias, labels)[0].backward()
     assert sum(seen) == 23 and max(seen) <= 5 and len(seen) == 5
     seen.clear()
-    monkeypatch.delenv(ce.CHUNK_BYTES_ENV)
-    ce.linear_cross_entropy_torch(x, weight, bias, labels)
+    monkeypatch.delenv(chunked_loss.CHUNK_BYTES_ENV)
+    chunked.linear_cross_entropy(x, weight, bias, labels)
     assert seen == [23]
 
 
@@ -211,7 +213,7 @@ def test_without_gradients(impl):
     torch.testing.assert_close(loss, expected.detach())
 
 
-@pytest.mark.parametrize("xent", [ce._softmax_xent_triton, ce._softmax_xent_torch])
+@pytest.mark.parametrize("xent", [ce._softmax_xent_triton, chunked._softmax_xent_torch])
 def test_kernel_ties_pick_the_first_maximum_and_gradient_is_softmax_minus_onehot(xent):
     vocab = 5000  # two blocks of 4096: ties within one lane (100, 4196) and across lanes (100, 4300)
     logits = torch.randn(4, vocab)
@@ -232,7 +234,7 @@ def test_kernel_ties_pick_the_first_maximum_and_gradient_is_softmax_minus_onehot
 def test_unknown_reduction_is_rejected():
     x, weight, bias, labels = make_inputs(4, 10)
     with pytest.raises(ValueError, match="reduction"):
-        ce.linear_cross_entropy_torch(x, weight, bias, labels, reduction="max")
+        chunked.linear_cross_entropy(x, weight, bias, labels, reduction="max")
 
 
 def test_triton_backend_routes_to_the_kernel():

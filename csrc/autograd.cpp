@@ -1,0 +1,90 @@
+// The gradients of the differentiable native ops, registered for the Autograd key: the forward calls the op
+// below autograd (so the dispatcher still picks the kernel for the device), the backward calls its backward op.
+// Everything here is C++, so an eager call that records nothing costs what an ATen op costs.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace bertfast {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_bias_gelu(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bertfast::bias_gelu", "")
+                             .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&)>();
+  return op.call(x, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_bias_gelu_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                           const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bertfast::bias_gelu_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const std::optional<at::Tensor>&)>();
+  return op.call(dy, x, bias);
+}
+
+at::Tensor call_dropout(const at::Tensor& x, const at::Tensor& seed, double p, const std::optional<at::Tensor>& rows) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bertfast::dropout", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double,
+                                               const std::optional<at::Tensor>&)>();
+  return op.call(x, seed, p, rows);
+}
+
+class BiasGelu : public torch::autograd::Function<BiasGelu> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, bias.value_or(at::Tensor())});
+    return call_bias_gelu(x, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> bias = saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+    auto [dx, db] = call_bias_gelu_backward(grads[0], saved[0], bias);
+    return {dx, bias ? db : at::Tensor()};
+  }
+};
+
+class Dropout : public torch::autograd::Function<Dropout> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& seed, double p,
+                            const std::optional<at::Tensor>& rows) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({seed, rows.value_or(at::Tensor())});
+    ctx->saved_data["p"] = p;
+    return call_dropout(x, seed, p, rows);
+  }
+
+  // The mask is a function of (seed, row, column): the gradient is the same dropout of dy.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> rows = saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+    return {call_dropout(grads[0], saved[0], ctx->saved_data["p"].toDouble(), rows), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor bias_gelu_autograd(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  return BiasGelu::apply(x, bias);
+}
+
+at::Tensor dropout_autograd(const at::Tensor& x, const at::Tensor& seed, double p,
+                            const std::optional<at::Tensor>& rows) {
+  return Dropout::apply(x, seed, p, rows);
+}
+
+}  // namespace
+
+}  // namespace bertfast
+
+TORCH_LIBRARY_IMPL(bertfast, Autograd, m) {
+  m.impl("bias_gelu", &bertfast::bias_gelu_autograd);
+  m.impl("dropout", &bertfast::dropout_autograd);
+}

@@ -1,0 +1,23 @@
+// The schemas of bertfast's native ops (namespace bertfast::). Their CPU kernels register themselves in
+// their own files (TORCH_LIBRARY_IMPL(bertfast, CPU, m)); the gradients of the differentiable ones are in
+// autograd.cpp; the fake (shape-only) implementations that torch.compile traces are in bertfast/ops/native.py.
+// Every op computes in float32 and takes float32 or bfloat16 activations.
+#include <torch/library.h>
+
+TORCH_LIBRARY(bertfast, m) {
+  // gelu(x + bias), exact erf GELU, over the last dimension of x (bias None: gelu(x)).
+  m.def("bias_gelu(Tensor x, Tensor? bias) -> Tensor");
+  // (dx, dbias) of bias_gelu for the gradient dy (dbias is float32 when bias is None).
+  m.def("bias_gelu_backward(Tensor dy, Tensor x, Tensor? bias) -> (Tensor, Tensor)");
+  // Dropout with the counter-hash mask (see dropout.cpp): row i of x.reshape(-1, cols) is rows[i] (default i),
+  // seed a 0-dim int64 tensor. Its gradient is the same op on dy.
+  m.def("dropout(Tensor x, Tensor seed, float p, Tensor? rows) -> Tensor");
+  // The 32-bit hashes (as int64) of elements (rows[i], col < n_cols) that dropout compares with its threshold.
+  m.def("dropout_bits(Tensor seed, Tensor rows, int n_cols) -> Tensor");
+  // Forward-only attention of packed sequences: qkv (T, 3, heads, head_dim) -> (T, heads, head_dim), each
+  // sequence [cu_seqlens[b], cu_seqlens[b + 1]) attending to itself; max_seqlen bounds the longest.
+  m.def("attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale) -> Tensor");
+  // Forward-only LayerNorm(x + bias + residual) over the last dimension (bias None: LayerNorm(x + residual)).
+  m.def("add_layernorm(Tensor x, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps) "
+        "-> Tensor");
+}
