@@ -253,3 +253,62 @@ def test_ops_route_biased_calls_to_the_kernels():
         out = ops.attention(qkv, cu, max_seqlen, bias_table=table)
     assert_close(out, attn.flash_attention(qkv, cu, max_seqlen, bias_table=table), "ops output")
     assert_close(out, reference.attention(qkv, cu, max_seqlen, bias_table=table), "reference")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The native CPU kernel (inference) against the reference.
+
+
+def native_module():
+    return pytest.importorskip("bertfast.ops.native", exc_type=ModuleNotFoundError)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("bound", [0, 9])
+def test_native_inference_matches_mpnet_math(head_dim, bound):
+    native = native_module()
+    qkv, cu, max_seqlen, table = packed_case([1, 0, 9, 150, 40, 7], 3, head_dim)
+    with torch.no_grad(), ops.use_backend("native"):
+        assert ops.implementation("attention", qkv, table) == ("native", native.attention)
+        out = ops.attention(qkv, cu, max_seqlen + bound, bias_table=table)
+    expected = per_sequence_attention(qkv.detach(), cu, table.detach())
+    assert_close(out, expected, "output")
+    assert not torch.allclose(out, reference.attention(qkv.detach(), cu, max_seqlen), atol=1e-2)
+
+
+def test_native_inference_bf16_relative_rule():
+    from numerics import assert_relative_rule
+
+    native_module()
+    qkv, cu, max_seqlen, table = packed_case([3, 130, 20], 2, 64)
+    qkv16 = qkv.detach().bfloat16()
+    with torch.no_grad(), ops.use_backend("native"):
+        out = ops.attention(qkv16, cu, max_seqlen, bias_table=table.detach())
+        ref16 = reference.attention(qkv16, cu, max_seqlen, bias_table=table.detach())
+    ref32 = reference.attention(qkv.detach(), cu, max_seqlen, bias_table=table.detach())
+    assert out.dtype == torch.bfloat16
+    assert_relative_rule(out, ref32, ref16, atol=2.0**-8)
+
+
+def test_native_kernel_checks_the_bias_layout():
+    native = native_module()
+    qkv, cu, max_seqlen, table = packed_case([4, 6], 2, 16)
+    bias = reference.distance_bias(table.detach(), max_seqlen)
+    with pytest.raises(ValueError, match=r"bias must be \(heads, 2 \* max_seqlen - 1\) = \(2, 11\)"):
+        native._attention_op(qkv.detach(), cu, max_seqlen, 0.25, bias[:, 1:])
+    with pytest.raises(ValueError, match="bias must be float32"):
+        native._attention_op(qkv.detach(), cu, max_seqlen, 0.25, bias.double())
+
+
+def test_native_inference_in_transformers_mpnet_attention():
+    native_module()
+    encoder, attention = mpnet_attention()
+    lengths = [150, 9, 1]
+    mask = (torch.arange(150)[None, :] < torch.tensor(lengths)[:, None]).long()
+    hidden_states = torch.randn(3, 150, 64)
+    extended = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        expected = attention(hidden_states, extended, encoder.compute_position_bias(hidden_states))[0]
+        with ops.use_backend("native"):
+            out = bertfast_mpnet_attention(attention, encoder.relative_attention_bias.weight, hidden_states, mask)
+    assert_close(out[mask.bool()], expected[mask.bool()], "output")
