@@ -312,3 +312,60 @@ def test_native_inference_in_transformers_mpnet_attention():
         with ops.use_backend("native"):
             out = bertfast_mpnet_attention(attention, encoder.relative_attention_bias.weight, hidden_states, mask)
     assert_close(out[mask.bool()], expected[mask.bool()], "output")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile: the biased call traces without a graph break (CPU backends; the Triton op on a GPU).
+
+
+def test_compiles_without_graph_break():
+    """The native backend: its C++ op's fake with the bias in inference, the biased reference in training."""
+    native_module()
+    qkv, cu, max_seqlen, table = packed_case([5, 0, 12], 2, 16)
+    torch._dynamo.reset()
+
+    def step(qkv, table):
+        return ops.attention(qkv, cu, max_seqlen, bias_table=table)
+
+    compiled = torch.compile(step, fullgraph=True)
+    with ops.use_backend("native"):
+        with torch.no_grad():
+            assert_close(compiled(qkv, table), step(qkv, table), "inference")
+        out = compiled(qkv, table)
+        expected = step(qkv, table)
+    grad_out = torch.randn_like(out)
+    assert_close(out, expected, "output")
+    for name, g, r in zip(("dqkv", "dtable"), grads(out, (qkv, table), grad_out),
+                          grads(expected, (qkv, table), grad_out), strict=True):
+        assert_close(g, r, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a GPU: BERT shapes in fp16/bf16.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("max_seqlen,head_dim", [(128, 64), (512, 64), (200, 128), (128, 32)])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_gpu_matches_reference(dtype, max_seqlen, head_dim, deterministic):
+    from numerics import assert_relative_rule
+
+    lengths = [max_seqlen] + [int(n) for n in torch.randint(max_seqlen // 2, max_seqlen + 1, (30,))]
+    qkv, cu, max_seqlen, table = packed_case(lengths, 12, head_dim, dtype)
+    qkv, cu, table = (t.detach().cuda().requires_grad_(t.requires_grad) for t in (qkv, cu, table))
+    out = attn.flash_attention(qkv, cu, max_seqlen, bias_table=table, deterministic=deterministic)
+    grad_out = torch.randn_like(out)
+    dqkv, dtable = grads(out, (qkv, table), grad_out)
+    again = grads(attn.flash_attention(qkv, cu, max_seqlen, bias_table=table, deterministic=deterministic),
+                  (qkv, table), grad_out)
+    assert torch.equal(dtable, again[1]), "the table's gradient is bitwise reproducible"
+    qkv32 = qkv.detach().float().requires_grad_()
+    ref = reference.attention(qkv, cu, max_seqlen, bias_table=table)
+    ref32 = reference.attention(qkv32, cu, max_seqlen, bias_table=table)
+    ref_dqkv, ref_dtable = grads(ref, (qkv, table), grad_out)
+    ref_dqkv32, ref_dtable32 = grads(ref32, (qkv32, table), grad_out.float())
+    assert_relative_rule(out, ref32, ref, atol=1e-3)
+    assert_relative_rule(dqkv, ref_dqkv32, ref_dqkv, atol=1e-3, name="dqkv")
+    assert_relative_rule(dtable, ref_dtable32, ref_dtable, atol=1e-3 * max(ref_dtable32.abs().max().item(), 1.0),
+                         name="dtable")
