@@ -4,7 +4,7 @@ Math, per sequence b and head h, with queries/keys/values of that sequence only
 (``cu_seqlens`` delimits the sequences among the packed tokens; no padding is
 read or computed):
 
-    S = scale * Q K^T                 P = softmax(S) (over the keys)
+    S = scale * Q K^T [+ B]           P = softmax(S) (over the keys)
     O = dropout(P) V                  lse = log(sum_j exp(S_ij))   (kept in fp32, layout (heads, T))
 
 The softmax runs in base 2: scores are multiplied by ``scale * log2(e)`` once and
@@ -18,6 +18,10 @@ Backward (``delta = rowsum(dO * O)``, computed by a preprocess kernel):
 
     dV = dropout(P)^T dO      dP = dropout'(dO V^T)      dS = P * (dP - delta)
     dQ = scale * dS K         dK = scale * dS^T Q
+
+With MPNet's relative-position bias, B[i, j] = bias[h, j - i] (the table gathered once a call per key -
+query distance by the shared bucketing, ``bertfast.common.relative_position``), and backward also gives
+dbias[h, d] = sum of dS over the pairs at distance d (``_add_diagonal_sums``), whence the table's gradient.
 
 One program per (key block, sequence, head) accumulates dK, dV over the query
 blocks. dQ is finished in one of three ways (``DQ_*`` below):

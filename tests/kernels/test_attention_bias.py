@@ -244,6 +244,20 @@ def test_triton_fp16_relative_rule():
     assert_relative_rule(dtable, ref_dtable32, ref_dtable16, atol=1e-3, name="dtable")
 
 
+def test_every_backward_config_can_skew_its_tiles():
+    """The diagonal sums skew a (keys, queries) tile along its keys: that needs no more queries than keys."""
+    for table in attn.CONFIGS.values():
+        for _, bwd in table.values():
+            assert bwd.block_m1 <= bwd.block_n1, bwd
+
+
+def test_aot_specs_include_the_biased_kernels():
+    names = {spec.name for spec in attn.aot_specs()}
+    for kernel in ("attn_fwd", "attn_bwd"):
+        for tag in (",bias", ",dropout,bias"):
+            assert any(name.startswith(kernel + "[") and tag + "," in name for name in names), (kernel, tag)
+
+
 def test_ops_route_biased_calls_to_the_kernels():
     qkv, cu, max_seqlen, table = packed_case([6, 20], 2, 32)
     with ops.use_backend("triton"):
