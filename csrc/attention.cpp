@@ -2,8 +2,10 @@
 //
 // qkv is (T, 3, heads, head_dim) row-major float32 or bf16: the packed tokens of all sequences, sequence b
 // being tokens [cu[b], cu[b + 1]). Each sequence attends only to itself:
-//   out[t, h] = sum_j softmax_j(scale * q[t, h] . k[j, h]) v[j, h],  j over t's sequence,
-// written as (T, heads, head_dim). One (sequence, head) pair is one task. Its scaled queries and its K are
+//   out[t, h] = sum_j softmax_j(scale * q[t, h] . k[j, h] [+ bias[h, j - i]]) v[j, h],  j over t's sequence,
+// written as (T, heads, head_dim), i and j being the query's and the key's positions in the sequence. The
+// optional bias (MPNet's relative-position bias) comes laid out by distance, (heads, 2 * max_seqlen - 1) float32
+// with distance j - i at column j - i + max_seqlen - 1: bucketing it is Python's (bertfast.common), once a call. One (sequence, head) pair is one task. Its scaled queries and its K are
 // staged transposed, (head_dim, keys), and V as (len, dims), in float32, zero-padded to whole register tiles,
 // so that scores and outputs are computed a tile at a time in registers, with no remainder loops; queries go
 // in blocks of kBlock so that each K and V element loaded serves kBlock of them. Softmax is exact (row max
@@ -37,6 +39,7 @@ struct Scratch {
   float* v;
   float* s;
   float* o;
+  const float* bias;  // this head's score bias at key - query distance 0 (indexed by j - i), or null
   int64_t keys;  // round_up(len): the row stride of q, kt and s
   int64_t dims;  // round_up(head_dim): the row stride of v
 };
@@ -62,6 +65,11 @@ BERTFAST_INLINE void attend_block(int64_t len, int64_t i0, int64_t head_dim, con
   float inv_sum[R];
   for (int r = 0; r < R; ++r) {
     float* sr = w.s + r * w.keys;
+    if (w.bias != nullptr) {
+      const float* br = w.bias - (i0 + r);
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) sr[j] += br[j];
+    }
     float m = sr[0];
     for (int64_t j = 1; j < len; ++j) m = std::max(m, sr[j]);
     float sum = 0.0f;
@@ -105,7 +113,7 @@ void attend_head(int64_t len, int64_t head_dim, Scratch w) {
 
 template <typename T>
 void packed_attention(const T* qkv, const int32_t* cu, T* out, int64_t batch, int64_t heads, int64_t head_dim,
-                      int64_t longest, float scale) {
+                      int64_t longest, float scale, const float* bias, int64_t max_seqlen) {
   const int64_t tasks = batch * heads;
   const int64_t token_stride = 3 * heads * head_dim;
   // Few, cheap tasks (a short query) are not worth waking the other threads for.
@@ -114,12 +122,13 @@ void packed_attention(const T* qkv, const int32_t* cu, T* out, int64_t batch, in
     const int64_t keys = round_up(longest), dims = round_up(head_dim);
     std::vector<float> q(head_dim * keys), kt(head_dim * keys), v(keys * dims), s(kBlock * keys),
         o(longest * head_dim);
-    Scratch w{q.data(), kt.data(), v.data(), s.data(), o.data(), keys, dims};
+    Scratch w{q.data(), kt.data(), v.data(), s.data(), o.data(), nullptr, keys, dims};
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / heads, h = task % heads;
       const int64_t start = cu[b], len = cu[b + 1] - start;
       if (len == 0) continue;
       w.keys = round_up(len);
+      if (bias != nullptr) w.bias = bias + h * (2 * max_seqlen - 1) + (max_seqlen - 1);
       std::fill(w.kt, w.kt + head_dim * w.keys, 0.0f);
       std::fill(w.v, w.v + len * w.dims, 0.0f);
       const T* q0 = qkv + start * token_stride + h * head_dim;
@@ -141,7 +150,8 @@ void packed_attention(const T* qkv, const int32_t* cu, T* out, int64_t batch, in
   });
 }
 
-at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
+                         const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(qkv.dim() == 4 && qkv.size(1) == 3, "qkv must be (tokens, 3, heads, head_dim), got ",
                     qkv.sizes());
   TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, "cu_seqlens must be 1-D with batch + 1 offsets");
@@ -159,12 +169,22 @@ at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens, in
     longest = std::max(longest, len);
   }
   TORCH_CHECK_VALUE(longest <= max_seqlen, "a sequence of ", longest, " tokens is longer than max_seqlen ", max_seqlen);
+  at::Tensor bias_rows;
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    const int64_t distances = std::max<int64_t>(2 * max_seqlen - 1, 1);
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == heads && bias->size(1) == distances,
+                      "bias must be (heads, 2 * max_seqlen - 1) = (", heads, ", ", distances, "), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat, "bias must be float32, got ", bias->scalar_type());
+    bias_rows = bias->contiguous();
+  }
+  const float* bias_data = bias_rows.defined() ? bias_rows.const_data_ptr<float>() : nullptr;
   return dispatch_float_bf16(qkv.scalar_type(), "attention", [&](auto tag) {
     using T = decltype(tag);
     const at::Tensor packed = activation(qkv, qkv.scalar_type(), "qkv");
     at::Tensor out = at::empty({total, heads, head_dim}, qkv.options());
     packed_attention<T>(data_of<T>(packed), offsets, mutable_data_of<T>(out), batch, heads, head_dim, longest,
-                        static_cast<float>(scale));
+                        static_cast<float>(scale), bias_data, max_seqlen);
     return out;
   });
 }

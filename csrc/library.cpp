@@ -15,8 +15,9 @@ TORCH_LIBRARY(bertfast, m) {
   // The 32-bit hashes (as int64) of elements (rows[i], col < n_cols) that dropout compares with its threshold.
   m.def("dropout_bits(Tensor seed, Tensor rows, int n_cols) -> Tensor");
   // Forward-only attention of packed sequences: qkv (T, 3, heads, head_dim) -> (T, heads, head_dim), each
-  // sequence [cu_seqlens[b], cu_seqlens[b + 1]) attending to itself; max_seqlen bounds the longest.
-  m.def("attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale) -> Tensor");
+  // sequence [cu_seqlens[b], cu_seqlens[b + 1]) attending to itself; max_seqlen bounds the longest. bias: the
+  // score bias of each key - query distance d at [head, d + max_seqlen - 1], (heads, 2 * max_seqlen - 1) float32.
+  m.def("attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None) -> Tensor");
   // Forward-only LayerNorm(x + bias + residual) over the last dimension (bias None: LayerNorm(x + residual)).
   m.def("add_layernorm(Tensor x, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps) "
         "-> Tensor");

@@ -4,7 +4,7 @@ Math, per sequence b and head h, with queries/keys/values of that sequence only
 (``cu_seqlens`` delimits the sequences among the packed tokens; no padding is
 read or computed):
 
-    S = scale * Q K^T                 P = softmax(S) (over the keys)
+    S = scale * Q K^T [+ B]           P = softmax(S) (over the keys)
     O = dropout(P) V                  lse = log(sum_j exp(S_ij))   (kept in fp32, layout (heads, T))
 
 The softmax runs in base 2: scores are multiplied by ``scale * log2(e)`` once and
@@ -18,6 +18,10 @@ Backward (``delta = rowsum(dO * O)``, computed by a preprocess kernel):
 
     dV = dropout(P)^T dO      dP = dropout'(dO V^T)      dS = P * (dP - delta)
     dQ = scale * dS K         dK = scale * dS^T Q
+
+With MPNet's relative-position bias, B[i, j] = bias[h, j - i] (the table gathered once a call per key -
+query distance by the shared bucketing, ``bertfast.common.relative_position``), and backward also gives
+dbias[h, d] = sum of dS over the pairs at distance d (``_add_diagonal_sums``), whence the table's gradient.
 
 One program per (key block, sequence, head) accumulates dK, dV over the query
 blocks. dQ is finished in one of three ways (``DQ_*`` below):
@@ -44,6 +48,7 @@ on fp32/fp16 CPU tensors. Head dims up to 128 (32/64/128 tuned). Everything else
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -53,7 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bertfast.common import dropout
+from bertfast.common import dropout, relative_position
 from bertfast.common.library import TRITON_INTERPRETED, kernel_op, wrap_triton
 
 from .aot import AotSpec, meta, record, spec
@@ -86,6 +91,38 @@ def _dropout_keep(key, seq_start, h, n_heads, q_idx, k_idx, drop_threshold):
 
 
 @triton.jit
+def _distance_bias(Bias, q_idx, k_idx, mask):
+    """The bias of each (query q_idx, key k_idx) pair (positions in the sequence, broadcasting), in the
+    base-2 units of the scores: Bias[k - q] * log2(e), with ``Bias`` pointing at distance 0."""
+    return tl.load(Bias + (k_idx - q_idx), mask=mask, other=0.0) * 1.4426950408889634
+
+
+@triton.jit
+def _add_diagonal_sums(DBias, dsT, n_dist, offset, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """DBias[offset + a - b] += dsT[a, b] summed over the tile's (a, b) with the same a - b; entries whose
+    index falls outside [0, n_dist) must hold zeros (they are pairs outside the sequence).
+
+    A gather skews the tile (row a' of column b takes row (a' + b) mod BLOCK_N), which turns the diagonals
+    into rows: those that did not wrap hold distance a', the wrapped ones a' - BLOCK_N (BLOCK_M <= BLOCK_N).
+    Read-modify-write by one program only, behind a barrier: deterministic, no atomics.
+    """
+    a = tl.arange(0, BLOCK_N)[:, None]
+    b = tl.arange(0, BLOCK_M)[None, :]
+    shifted = a + b
+    wrapped = shifted >= BLOCK_N
+    skewed = tl.gather(dsT, tl.where(wrapped, shifted - BLOCK_N, shifted), axis=0)
+    same = tl.sum(tl.where(wrapped, 0.0, skewed), 1)
+    wrap = tl.sum(tl.where(wrapped, skewed, 0.0), 1)
+    at = offset + tl.arange(0, BLOCK_N)
+    tl.debug_barrier()  # the previous tile's stores (other threads' lanes) are visible
+    inside = (at >= 0) & (at < n_dist)
+    tl.store(DBias + at, tl.load(DBias + at, mask=inside, other=0.0) + same, mask=inside)
+    at -= BLOCK_N
+    inside = (at >= 0) & (at < n_dist)
+    tl.store(DBias + at, tl.load(DBias + at, mask=inside, other=0.0) + wrap, mask=inside)
+
+
+@triton.jit
 def _tile(Base, rows, stride, offs_d, ALIGNED: tl.constexpr):
     """Pointers to a (rows, head_dim) tile whose rows start ``stride`` elements apart."""
     ptrs = Base + rows[:, None] * stride + offs_d[None, :]
@@ -98,12 +135,12 @@ def _tile(Base, rows, stride, offs_d, ALIGNED: tl.constexpr):
 
 @triton.jit(do_not_specialize=["total", "max_seqlen"])
 def _attn_fwd(
-    Q, K, V, Out, Lse, CuSeqlens, Seed,
-    stride_t, stride_h, stride_ot, stride_oh,
+    Q, K, V, Out, Lse, CuSeqlens, Seed, Bias,
+    stride_t, stride_h, stride_ot, stride_oh, stride_bias,
     total, n_heads, max_seqlen,
     qk_scale, out_scale, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # One program per (query block, sequence, head); query blocks of one head are adjacent, for L2 reuse of K/V.
     pid = tl.program_id(0)
@@ -134,12 +171,16 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if DROPOUT:
         key = dropout_key(tl.load(Seed))
+    if BIAS:
+        Bias += h * stride_bias + (max_seqlen - 1)  # Bias[d] is now the bias of key - query distance d
     for start_n in range(0, seqlen, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < seqlen
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(_tile(K, cols, stride_t, offs_d, ALIGNED), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
+        if BIAS:
+            s += _distance_bias(Bias, offs_m[:, None], cols[None, :], m_mask[:, None] & n_mask[None, :])
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -181,16 +222,17 @@ def _attn_bwd_delta(
 
 @triton.jit(do_not_specialize=["total", "max_seqlen"])
 def _attn_bwd(
-    Q, K, V, DO, Lse, Delta, DQ, DK, DV, CuSeqlens, Seed,
-    stride_t, stride_h, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
+    Q, K, V, DO, Lse, Delta, DQ, DK, DV, CuSeqlens, Seed, Bias, DBias,
+    stride_t, stride_h, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_bias,
     total, n_heads, max_seqlen,
     qk_scale, sm_scale, drop_scale, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
-    DQ_MODE: tl.constexpr, DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    DQ_MODE: tl.constexpr, DROPOUT: tl.constexpr, BIAS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # One program per (key block, sequence, head): dK, dV of its keys; in DQ_RECOMPUTE mode also dQ of the
-    # query block with the same index (BLOCK_M2 = BLOCK_N1).
+    # query block with the same index (BLOCK_M2 = BLOCK_N1). With the bias, also the program's row of
+    # per-distance sums of dS (DBias: (programs, 2 * max_seqlen - 1), zeroed by the launcher).
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(max_seqlen, BLOCK_N1)
     bh = pid // n_blocks
@@ -211,10 +253,14 @@ def _attn_bwd(
     Lse += h.to(tl.int64) * total + seq_start
     Delta += h.to(tl.int64) * total + seq_start
 
+    if BIAS:
+        Bias += h * stride_bias + (max_seqlen - 1)
+        DBias += pid.to(tl.int64) * (2 * max_seqlen - 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     cols = start_n + tl.arange(0, BLOCK_N1)
-    kv_mask = (cols < seqlen)[:, None] & d_mask[None, :]
+    n_valid = cols < seqlen
+    kv_mask = n_valid[:, None] & d_mask[None, :]
     k = tl.load(_tile(K, cols, stride_t, offs_d, ALIGNED), mask=kv_mask, other=0.0)
     v = tl.load(_tile(V, cols, stride_t, offs_d, ALIGNED), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
@@ -232,7 +278,10 @@ def _attn_bwd(
         do = tl.load(_tile(DO, rows, stride_dot, offs_d, ALIGNED), mask=q_mask, other=0.0)
         lse2 = tl.load(Lse + rows, mask=m_mask, other=float("inf")) * 1.4426950408889634
         delta = tl.load(Delta + rows, mask=m_mask, other=0.0)
-        pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+        sT = tl.dot(k, tl.trans(q)) * qk_scale
+        if BIAS:
+            sT += _distance_bias(Bias, rows[None, :], cols[:, None], n_valid[:, None] & m_mask[None, :])
+        pT = tl.exp2(sT - lse2[None, :])
         dpT = tl.dot(v, tl.trans(do))
         if DROPOUT:
             keep = _dropout_keep(key, seq_start, h, n_heads, rows[None, :], cols[:, None], drop_threshold)
@@ -242,6 +291,10 @@ def _attn_bwd(
             pdT = pT
         dv = tl.dot(pdT.to(do.dtype), do, dv)
         dsT = pT * (dpT - delta[None, :])
+        if BIAS:
+            # Key rows past the end see q = 0, not -inf: their dS is not zero, only never stored.
+            _add_diagonal_sums(DBias, tl.where(n_valid[:, None], dsT, 0.0), 2 * max_seqlen - 1,
+                               start_n - start_m + (max_seqlen - 1), BLOCK_N1, BLOCK_M1)
         dk = tl.dot(dsT.to(q.dtype), q, dk)
         if DQ_MODE != _DQ_RECOMPUTE:
             dq = tl.dot(tl.trans(dsT).to(k.dtype), k) * sm_scale
@@ -270,7 +323,10 @@ def _attn_bwd(
             kv2_mask = (cols2 < seqlen)[:, None] & d_mask[None, :]
             k2 = tl.load(_tile(K, cols2, stride_t, offs_d, ALIGNED), mask=kv2_mask, other=0.0)
             v2 = tl.load(_tile(V, cols2, stride_t, offs_d, ALIGNED), mask=kv2_mask, other=0.0)
-            p = tl.exp2(tl.dot(q, tl.trans(k2)) * qk_scale - lse2[:, None])
+            s2 = tl.dot(q, tl.trans(k2)) * qk_scale
+            if BIAS:
+                s2 += _distance_bias(Bias, rows[:, None], cols2[None, :], m_mask[:, None] & (cols2 < seqlen)[None, :])
+            p = tl.exp2(s2 - lse2[:, None])
             dp = tl.dot(do, tl.trans(v2))
             if DROPOUT:
                 keep = _dropout_keep(key, seq_start, h, n_heads, rows[:, None], cols2[None, :], drop_threshold)
@@ -406,7 +462,8 @@ def _rows_aligned(x: Tensor) -> Tensor:
 
 
 def _forward(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dropout_p: float,
-             seed: Tensor | None, cfg: FwdConfig) -> tuple[Tensor, Tensor]:
+             seed: Tensor | None, cfg: FwdConfig, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(out, lse); ``bias``: (heads, 2 * max_seqlen - 1) fp32, the score bias of each key - query distance."""
     total, _, heads, head_dim = qkv.shape
     out = qkv.new_empty(total, heads, head_dim)
     lse = torch.empty(heads, total, device=qkv.device, dtype=torch.float32)
@@ -415,19 +472,21 @@ def _forward(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dro
     # Programs past a sequence's end (max_seqlen is an upper bound) return at once; 0 tokens: none do work.
     grid = (triton.cdiv(max_seqlen, cfg.block_m) * batch * heads,)
     wrap_triton(_attn_fwd)[grid](
-        q, k, v, out, lse, cu_seqlens, seed,
-        qkv.stride(0), qkv.stride(2), out.stride(0), out.stride(1),
+        q, k, v, out, lse, cu_seqlens, seed, bias,
+        qkv.stride(0), qkv.stride(2), out.stride(0), out.stride(1), 0 if bias is None else bias.stride(0),
         total, heads, max_seqlen,
         scale * LOG2E, dropout.scale(dropout_p), dropout.threshold(dropout_p),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DROPOUT=seed is not None, ALIGNED=_aligned(q, k, v, out),
+        DROPOUT=seed is not None, BIAS=bias is not None, ALIGNED=_aligned(q, k, v, out),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
 
 def _backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-              scale: float, dropout_p: float, seed: Tensor | None, cfg: BwdConfig, deterministic: bool) -> Tensor:
+              scale: float, dropout_p: float, seed: Tensor | None, cfg: BwdConfig, deterministic: bool,
+              bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(dqkv, dbias): dbias (heads, 2 * max_seqlen - 1) fp32 with ``bias``, else None."""
     total, _, heads, head_dim = qkv.shape
     block_d = _block_d(head_dim)
     dout = _rows_aligned(dout if dout.stride(-1) == 1 else dout.contiguous())
@@ -443,65 +502,74 @@ def _backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: T
         dq = torch.zeros(total, heads, head_dim, device=qkv.device, dtype=torch.float32)
     q, k, v = qkv.unbind(1)
     batch = cu_seqlens.shape[0] - 1
-    grid = (triton.cdiv(max_seqlen, cfg.block_n1) * batch * heads,)
+    n_blocks = triton.cdiv(max_seqlen, cfg.block_n1)
+    grid = (n_blocks * batch * heads,)
+    # One row of per-distance dS sums per program, summed below in a fixed order (deterministic).
+    partial = None if bias is None else torch.zeros(grid[0], bias.shape[1], device=qkv.device, dtype=torch.float32)
     wrap_triton(_attn_bwd)[grid](
-        q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, seed,
+        q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, seed, bias, partial,
         qkv.stride(0), qkv.stride(2), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-        dk.stride(0), dk.stride(1),
+        dk.stride(0), dk.stride(1), 0 if bias is None else bias.stride(0),
         total, heads, max_seqlen,
         scale * LOG2E, scale, dropout.scale(dropout_p), dropout.threshold(dropout_p),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_N2=cfg.block_n2,
-        DQ_MODE=mode, DROPOUT=seed is not None,
+        DQ_MODE=mode, DROPOUT=seed is not None, BIAS=bias is not None,
         ALIGNED=_aligned(q, k, v, dout, dq, dk, dv), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if mode == DQ_ATOMIC:
         dqkv[:, 0].copy_(dq)
-    return dqkv
+    if partial is None:
+        return dqkv, None
+    return dqkv, partial.view(batch, heads, n_blocks, bias.shape[1]).sum((0, 2))
 
 
 def _packed(qkv: Tensor) -> Tensor:
     return _rows_aligned(qkv if qkv.stride(-1) == 1 else qkv.contiguous())
 
 
-def _forward_fake(qkv, cu_seqlens, seed, max_seqlen, dropout_p, scale, deterministic):
+def _forward_fake(qkv, cu_seqlens, seed, bias, max_seqlen, dropout_p, scale, deterministic):
     total, _, heads, head_dim = qkv.shape
     return qkv.new_empty(total, heads, head_dim), qkv.new_empty(heads, total, dtype=torch.float32)
 
 
 @kernel_op("attention_triton", _forward_fake)
 def _forward_op(
-    qkv: Tensor, cu_seqlens: Tensor, seed: Tensor | None, max_seqlen: int, dropout_p: float, scale: float,
-    deterministic: bool,
+    qkv: Tensor, cu_seqlens: Tensor, seed: Tensor | None, bias: Tensor | None, max_seqlen: int, dropout_p: float,
+    scale: float, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse); dropout on the probabilities where a seed is given. ``deterministic`` is for backward."""
+    """(out, lse); dropout on the probabilities where a seed is given, the per-distance score bias where
+    ``bias`` is. ``deterministic`` is for backward."""
     fwd_cfg, _ = select_configs(qkv.device, qkv.shape[-1], max_seqlen)
-    return _forward(_packed(qkv), cu_seqlens, max_seqlen, scale, dropout_p, seed, fwd_cfg)
+    return _forward(_packed(qkv), cu_seqlens, max_seqlen, scale, dropout_p, seed, fwd_cfg, bias)
 
 
-def _backward_fake(dout, qkv, out, lse, cu_seqlens, seed, max_seqlen, dropout_p, scale, deterministic):
-    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+def _backward_fake(dout, qkv, out, lse, cu_seqlens, seed, bias, max_seqlen, dropout_p, scale, deterministic):
+    dbias = qkv.new_empty(0, dtype=torch.float32) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), dbias
 
 
 @kernel_op("attention_triton_backward", _backward_fake)
 def _backward_op(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, seed: Tensor | None,
-    max_seqlen: int, dropout_p: float, scale: float, deterministic: bool,
-) -> Tensor:
-    """dqkv (T, 3, heads, head_dim)."""
+    bias: Tensor | None, max_seqlen: int, dropout_p: float, scale: float, deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dqkv (T, 3, heads, head_dim), dbias: like ``bias``, or empty without it)."""
     _, bwd_cfg = select_configs(qkv.device, qkv.shape[-1], max_seqlen)
-    return _backward(dout, _packed(qkv), out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, bwd_cfg,
-                     deterministic)
+    dqkv, dbias = _backward(dout, _packed(qkv), out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, bwd_cfg,
+                            deterministic, bias)
+    return dqkv, qkv.new_empty(0, dtype=torch.float32) if dbias is None else dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    qkv, cu_seqlens, seed, *ctx.args = inputs
+    qkv, cu_seqlens, seed, bias, *ctx.args = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens, seed)
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens, seed, bias)
 
 
 def _backward_autograd(ctx, dout: Tensor, _dlse) -> tuple[Tensor | None, ...]:
-    qkv, out, lse, cu_seqlens, seed = ctx.saved_tensors
-    return _backward_op(dout, qkv, out, lse, cu_seqlens, seed, *ctx.args), None, None, None, None, None, None
+    qkv, out, lse, cu_seqlens, seed, bias = ctx.saved_tensors
+    dqkv, dbias = _backward_op(dout, qkv, out, lse, cu_seqlens, seed, bias, *ctx.args)
+    return dqkv, None, None, dbias if bias is not None else None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
@@ -509,9 +577,9 @@ _forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 def supports(qkv: Tensor, bias_table: Tensor | None = None) -> bool:
     """fp16/bf16 on CUDA (fp32 goes to SDPA there: IEEE fp32 dots would be slow and the AOT check compiles no
-    fp32 kernel); fp32/fp16 CPU tensors in the interpreter (whose tl.dot is wrong in bf16); head dims <= 128;
-    no relative-position bias yet."""
-    if bias_table is not None:
+    fp32 kernel); fp32/fp16 CPU tensors in the interpreter (whose tl.dot is wrong in bf16); head dims <= 128.
+    A bias table of any floating dtype on the same device (it is read in fp32)."""
+    if bias_table is not None and (bias_table.device != qkv.device or not bias_table.is_floating_point()):
         return False
     if qkv.dim() == 4 and qkv.shape[-1] > MAX_HEAD_DIM:
         return False
@@ -529,6 +597,9 @@ def flash_attention(
     *,
     deterministic: bool | None = None,
     seed: Tensor | None = None,
+    bias_table: Tensor | None = None,
+    num_buckets: int = 32,
+    max_distance: int = 128,
 ) -> Tensor:
     """Attention over packed sequences: qkv (T, 3, heads, head_dim) -> (T, heads, head_dim).
 
@@ -536,14 +607,17 @@ def flash_attention(
     an upper bound of the longest sequence. ``dropout_p`` applies as given (no ``training`` flag
     here), with ``seed`` (a 0-dim int64 tensor) or one drawn by :func:`bertfast.common.dropout.draw_seed`.
     ``deterministic`` defaults to True unless ``BERTFAST_ATTENTION_DETERMINISTIC=0`` (and is forced by
-    ``torch.use_deterministic_algorithms``).
+    ``torch.use_deterministic_algorithms``). ``bias_table`` (num_buckets, heads): MPNet's
+    relative-position bias (``bertfast.ops.attention``); the kernels read it per distance.
     """
     dropout.check_probability(dropout_p)
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be (tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
-    if not supports(qkv):
+    if not supports(qkv, bias_table):
         raise ValueError(f"the attention kernels do not take {qkv.dtype} qkv of head dim {qkv.shape[-1]} on "
-                         f"{qkv.device.type}; bertfast.ops.attention runs the reference for it")
+                         f"{qkv.device.type}" + ("" if bias_table is None else
+                                                 f" with a {bias_table.dtype} bias table on {bias_table.device}")
+                         + "; bertfast.ops.attention runs the reference for it")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
     if dropout_p > 0.0 and seed is None:
         seed = dropout.draw_seed(qkv.device)
@@ -553,8 +627,14 @@ def flash_attention(
         deterministic = True
     elif deterministic is None:
         deterministic = DETERMINISTIC_DEFAULT
+    bias = None
+    if bias_table is not None:
+        relative_position.check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
+        # The bucket of each distance is the reference's own (no float log in the kernels to disagree at a
+        # bucket boundary); the gather's backward adds each distance's gradient into its bucket.
+        bias = relative_position.distance_bias(bias_table, max_seqlen, num_buckets, max_distance).float().contiguous()
     cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32)
-    return _forward_op(qkv, cu_seqlens, seed, max_seqlen, dropout_p, scale, deterministic)[0]
+    return _forward_op(qkv, cu_seqlens, seed, bias, max_seqlen, dropout_p, scale, deterministic)[0]
 
 
 def attention(
@@ -569,9 +649,8 @@ def attention(
     max_distance: int = 128,
 ) -> Tensor:
     """``bertfast.ops.attention`` on the Triton kernels (same signature and result as the reference)."""
-    if bias_table is not None:
-        raise ValueError("the attention kernels do not take a relative-position bias yet")
-    return flash_attention(qkv, cu_seqlens, max_seqlen, dropout_p if training else 0.0, softmax_scale)
+    return flash_attention(qkv, cu_seqlens, max_seqlen, dropout_p if training else 0.0, softmax_scale,
+                           bias_table=bias_table, num_buckets=num_buckets, max_distance=max_distance)
 
 
 def dropout_keep_mask(seed: Tensor, cu_seqlens: Tensor, heads: int, max_seqlen: int, dropout_p: float) -> Tensor:
@@ -627,16 +706,19 @@ def aot_specs() -> list[AotSpec]:
                                                                                                      dtype=dtype)
         cu_seqlens, lse = meta(3, dtype=torch.int32), meta(2, 8)
         dtype_name = DTYPES[dtype]
-        for seed, p in ((None, 0.0), (meta(dtype=torch.int64), 0.1)):
-            tag = f"D={block_d},{dtype_name}" + (",dropout" if seed is not None else "")
-            (launch,) = record(_forward, qkv, cu_seqlens, SHORT_SEQLEN if short else 512, 0.125, p, seed, fwd)
+        for (seed, p), biased in itertools.product(((None, 0.0), (meta(dtype=torch.int64), 0.1)), (False, True)):
+            tag = f"D={block_d},{dtype_name}" + (",dropout" if seed is not None else "") + (",bias" if biased else "")
+            fwd_seqlen = SHORT_SEQLEN if short else 512
+            bias = meta(2, 2 * fwd_seqlen - 1) if biased else None
+            (launch,) = record(_forward, qkv, cu_seqlens, fwd_seqlen, 0.125, p, seed, fwd, bias)
             name = f"attn_fwd[{tag},M={fwd.block_m},N={fwd.block_n},w={fwd.num_warps},s={fwd.num_stages}]"
             _add(specs, spec(name, launch, capabilities=used_by))
             for mode in _dq_modes(bwd, short):
                 # The smallest bound that reaches the mode: one key block (store), or one key more.
                 max_seqlen = bwd.block_n1 + (mode != DQ_STORE)
+                bias = meta(2, 2 * max_seqlen - 1) if biased else None
                 delta, launch = record(_backward, dout, qkv, out, lse, cu_seqlens, max_seqlen, 0.125, p, seed, bwd,
-                                       mode != DQ_ATOMIC)
+                                       mode != DQ_ATOMIC, bias)
                 name = (f"attn_bwd[{tag},dq={('store', 'atomic', 'recompute')[mode]},M1={bwd.block_m1},"
                         f"N1={bwd.block_n1},N2={bwd.block_n2},w={bwd.num_warps},s={bwd.num_stages}]")
                 _add(specs, spec(name, launch, capabilities=used_by))

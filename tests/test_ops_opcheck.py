@@ -61,6 +61,7 @@ def cases():
         # Forward-only (inference) ops: no autograd, so their inputs need no gradient.
         "attention": (native._attention_op, (qkv.detach(), cu, 4, 0.25)),
         "attention(bf16)": (native._attention_op, (qkv.detach().bfloat16(), cu, 3, 0.25)),
+        "attention(bias)": (native._attention_op, (qkv.detach(), cu, 4, 0.25, torch.randn(2, 7))),
         "add_layernorm": (native._add_layernorm_op, (*plain[:3], w.detach(), b.detach(), 1e-5)),
         "add_layernorm(bf16, bias=None)": (
             native._add_layernorm_op, (plain[0].bfloat16(), None, plain[2].bfloat16(), w.detach(), b.detach(), 1e-5)),
@@ -82,10 +83,15 @@ def cases():
         "embeddings_triton_backward": (
             embeddings._backward_op, (dy, ids, pos, types, *[t.detach() for t in tables], plain[3], mean, rstd,
                                       seed(), 0.1, 0, [True, True, False])),
-        "attention_triton": (attention._forward_op, (qkv, cu, seed(), 4, 0.1, 0.25, True)),
-        "attention_triton(no dropout)": (attention._forward_op, (qkv, cu, None, 3, 0.0, 0.25, True)),
+        "attention_triton": (attention._forward_op, (qkv, cu, seed(), None, 4, 0.1, 0.25, True)),
+        "attention_triton(no dropout)": (attention._forward_op, (qkv, cu, None, None, 3, 0.0, 0.25, True)),
+        "attention_triton(bias)": (attention._forward_op, (qkv, cu, seed(), leaf(2, 7), 4, 0.1, 0.25, True)),
         "attention_triton_backward": (
-            attention._backward_op, (torch.randn(5, 2, 16), qkv.detach(), out, lse, cu, None, 3, 0.0, 0.25, True)),
+            attention._backward_op,
+            (torch.randn(5, 2, 16), qkv.detach(), out, lse, cu, None, None, 3, 0.0, 0.25, True)),
+        "attention_triton_backward(bias)": (
+            attention._backward_op,
+            (torch.randn(5, 2, 16), qkv.detach(), out, lse, cu, None, torch.randn(2, 5), 3, 0.0, 0.25, True)),
     }
     ce_args = (x, weight, leaf(11), labels, -100, 0.1)
     ce_backward_args = ([t.detach() for t in ce_args[:3]], labels, torch.rand(ROWS), -100, 0.1, 64, [True] * 3)

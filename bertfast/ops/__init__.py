@@ -65,8 +65,9 @@ def _register_backends() -> None:
         if e.name != "bertfast._C":
             raise
     else:
-        for op in ("embeddings", "bias_gelu", "bias_dropout_add_layernorm", "attention"):
+        for op in ("embeddings", "bias_gelu", "bias_dropout_add_layernorm"):
             dispatch.register(op, "native", getattr(native, op), native.supports)
+        dispatch.register("attention", "native", native.attention, native.supports_attention)
         dispatch.register("pooling", "native", native.pooling, native.pooling_supports)
     # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.
     dispatch.register("linear_cross_entropy", "native", chunked_cross_entropy.linear_cross_entropy,

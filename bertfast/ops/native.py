@@ -13,7 +13,8 @@ get their fake (shape-only) implementations, which ``torch.compile`` traces:
 * ``bertfast::pooling`` (+ ``pooling_forward`` / ``pooling_backward``): mean or first-row pooling of
   packed sequences, optionally L2-normalised, in one pass each way (sentence embeddings).
 * Inference only (forward kernels, no autograd): ``bertfast::attention``, attention of the packed
-  sequences themselves, parallel over (sequence, head), with no padded batch (``csrc/attention.cpp``);
+  sequences themselves, parallel over (sequence, head), with no padded batch, optionally with MPNet's
+  relative-position bias (``csrc/attention.cpp``);
   ``bertfast::add_layernorm``, LayerNorm(x + bias + residual) in one pass (``csrc/add_layernorm.cpp``).
 
 Attention and bias + dropout + residual + LayerNorm run those kernels for a call that needs no gradient
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bertfast.common import dropout as policy
+from bertfast.common import relative_position
 from bertfast.ops import reference
 
 
@@ -92,7 +94,8 @@ def _dropout_bits_fake(seed: Tensor, rows: Tensor, n_cols: int) -> Tensor:
 
 
 @torch.library.register_fake("bertfast::attention")
-def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
+def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, bias: Tensor | None = None
+                    ) -> Tensor:
     return qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
 
 
@@ -188,20 +191,32 @@ def bias_dropout_add_layernorm(
     return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
 
 
+def supports_attention(qkv: Tensor, bias_table: Tensor | None = None) -> bool:
+    """:func:`supports` for qkv; a bias table of any floating dtype on the CPU (it is read in float32)."""
+    if bias_table is not None and (bias_table.device.type != "cpu" or not bias_table.is_floating_point()):
+        return False
+    return supports(qkv)
+
+
 def attention(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
     num_buckets: int = 32, max_distance: int = 128,
 ) -> Tensor:
-    """Inference: the packed kernel. Training: the reference attention; with dropout, softmax(QK^T) V
+    """Inference: the packed kernel, with the relative-position bias laid out by distance (gathered once per
+    call by the shared bucketing). Training: the reference attention; with dropout, softmax(QK^T [+ bias]) V
     with the native dropout on P.
 
     SDPA on a CPU draws attention dropout with bernoulli_ over every (query, key) pair; this is the
     reference's explicit path with the C++ kernel applying the (same) mask.
     """
-    if bias_table is None and inference_call(dropout_p, training, qkv):
+    if inference_call(dropout_p, training, qkv, bias_table):
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
-        return _attention_op(qkv, cu_seqlens, max_seqlen, scale)
+        bias = None
+        if bias_table is not None:
+            bias = relative_position.distance_bias(bias_table, max_seqlen, num_buckets, max_distance)
+            bias = bias.to(torch.float32).contiguous()
+        return _attention_op(qkv, cu_seqlens, max_seqlen, scale, bias)
     if not (training and dropout_p > 0.0):
         return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table,
                                    num_buckets, max_distance)

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bertfast.common import IGNORE_INDEX, dropout
+from bertfast.common.relative_position import check_bias_table, relative_position_bucket
+from bertfast.common.relative_position import distance_bias as distance_bias  # re-exported: the reference's
 
 
 def embeddings(
@@ -92,54 +94,6 @@ def bias_gelu_layernorm(
     """LayerNorm(gelu(x + bias)): the MLM prediction-head transform after its dense layer."""
     h = F.gelu(_add_bias(x, bias), approximate=approximate)
     return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
-
-
-def relative_position_bucket(relative_position: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
-    """MPNet's bucket of each (key position - query position): exact below ``num_buckets // 4``, log-spaced
-    up to ``max_distance``, one half of the buckets for keys after the query and one for the rest.
-
-    The same computation as transformers' ``MPNetEncoder.relative_position_bucket`` (same float ops in the
-    same order, so the same buckets); the kernels take its result as a per-distance lookup, never their own.
-    """
-    check_bucketing(num_buckets, max_distance)
-    ret = 0
-    n = -relative_position
-    num_buckets //= 2
-    ret += (n < 0).to(torch.long) * num_buckets
-    n = torch.abs(n)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    val_if_large = max_exact + (
-        torch.log(n.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).to(torch.long)
-    val_if_large = torch.min(val_if_large, torch.full_like(val_if_large, num_buckets - 1))
-    return ret + torch.where(is_small, n, val_if_large)
-
-
-def check_bucketing(num_buckets: int, max_distance: int) -> None:
-    if num_buckets < 4:
-        raise ValueError(f"num_buckets must be at least 4 (exact and log-spaced buckets each way), got {num_buckets}")
-    if max_distance <= num_buckets // 4:
-        raise ValueError(f"max_distance must exceed num_buckets // 4 = {num_buckets // 4}, got {max_distance}")
-
-
-def check_bias_table(bias_table: Tensor, heads: int, num_buckets: int, max_distance: int) -> None:
-    check_bucketing(num_buckets, max_distance)
-    if bias_table.shape != (num_buckets, heads):
-        raise ValueError(f"bias_table must be (num_buckets, heads) = ({num_buckets}, {heads}), "
-                         f"got {tuple(bias_table.shape)}")
-
-
-def distance_bias(bias_table: Tensor, max_seqlen: int, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
-    """(heads, 2 * max_seqlen - 1): the bias of each key - query distance d at column d + max_seqlen - 1.
-
-    All that attention within sequences of at most ``max_seqlen`` tokens needs of the table: a gather
-    (differentiable: its backward adds each distance's gradient into its bucket's row). ``max_seqlen`` 0
-    (no tokens) gives the one column of distance 0.
-    """
-    max_seqlen = max(max_seqlen, 1)
-    distances = torch.arange(1 - max_seqlen, max_seqlen, device=bias_table.device)
-    return bias_table[relative_position_bucket(distances, num_buckets, max_distance)].t()
 
 
 def attention(

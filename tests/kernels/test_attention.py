@@ -236,7 +236,7 @@ def test_aot_specs_cover_every_selectable_config():
     for table in attn.CONFIGS.values():
         for (block_d, short), (fwd, bwd) in table.items():
             for dtype in ("fp16", "bf16"):
-                for drop in ("", ",dropout"):
+                for drop in ("", ",dropout", ",bias", ",dropout,bias"):
                     tag = f"D={block_d},{dtype}{drop}"
                     assert (f"attn_fwd[{tag},M={fwd.block_m},N={fwd.block_n},w={fwd.num_warps},"
                             f"s={fwd.num_stages}]") in names

@@ -161,3 +161,225 @@ def test_matches_transformers_mpnet_attention(backend):
     for name, g, r in zip(("dhidden", "dtable", "dq_weight"), grads(out, params, grad_out),
                           grads(expected, params, grad_out), strict=True):
         assert_close(g, r, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Triton kernels (the interpreter on CPU) against the reference.
+
+attn = pytest.importorskip("bertfast.kernels.attention")
+
+TRITON_CASES = {
+    # name: (lengths, heads, head_dim); 8 = the end of the exact buckets, 128 = max_distance
+    "ragged_past_max_distance": ([1, 0, 9, 150, 40], 2, 32),
+    "one_block_store": ([100, 7, 1], 2, 64),  # max_seqlen <= BLOCK_N1 = 128: dQ stored from the one key block
+    "many_key_blocks": ([200, 3], 1, 64),  # dQ recomputed (deterministic) or atomic
+    "empty_sequences": ([0, 5, 0, 33, 0], 2, 32),
+}
+
+
+def triton_and_reference(lengths, heads, head_dim, dtype=torch.float32, bound=0, **kwargs):
+    qkv, cu, max_seqlen, table = packed_case(lengths, heads, head_dim, dtype)
+    out = attn.flash_attention(qkv, cu, max_seqlen + bound, bias_table=table, **kwargs)
+    grad_out = torch.randn_like(out)
+    return qkv, cu, max_seqlen, table, out, grad_out, grads(out, (qkv, table), grad_out)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_matches_reference(case, deterministic):
+    qkv, cu, max_seqlen, table, out, grad_out, (dqkv, dtable) = triton_and_reference(
+        *TRITON_CASES[case], deterministic=deterministic)
+    ref = reference.attention(qkv, cu, max_seqlen, bias_table=table)
+    ref_dqkv, ref_dtable = grads(ref, (qkv, table), grad_out)
+    assert_close(out, ref, "output")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close(dqkv[:, i], ref_dqkv[:, i], name)
+    assert_close(dtable, ref_dtable, "dtable")
+    # Without the bias the result is another one: the kernels did add it.
+    assert not torch.allclose(out, reference.attention(qkv, cu, max_seqlen), atol=1e-2)
+
+
+@pytest.mark.parametrize("bound", [1, 70])
+def test_triton_max_seqlen_is_an_upper_bound(bound):
+    """The per-distance bias is laid out by max_seqlen: a looser bound gives the same result."""
+    qkv, cu, max_seqlen, table, out, grad_out, (dqkv, dtable) = triton_and_reference([3, 0, 60], 2, 32, bound=bound)
+    ref = reference.attention(qkv, cu, max_seqlen, bias_table=table)
+    ref_dqkv, ref_dtable = grads(ref, (qkv, table), grad_out)
+    assert_close(out, ref, "output")
+    assert_close(dqkv, ref_dqkv, "dqkv")
+    assert_close(dtable, ref_dtable, "dtable")
+
+
+@pytest.mark.parametrize("lengths,deterministic", [([3, 64, 150], True), ([3, 64, 150], False), ([5, 40, 100], True)],
+                         ids=["recompute", "atomic", "store"])
+def test_triton_dropout_with_bias(lengths, deterministic):
+    """Dropout drops probabilities after the softmax; the bias and its gradient are before it."""
+    p, seed = 0.25, torch.tensor(4321)
+    qkv, cu, max_seqlen, table, out, grad_out, (dqkv, dtable) = triton_and_reference(
+        lengths, 2, 32, dropout_p=p, seed=seed, deterministic=deterministic)
+    keep = attn.dropout_keep_mask(seed, cu, 2, max_seqlen, p)
+    ref = reference.attention_with_dropout(qkv, cu, max_seqlen, p, None,
+                                           lambda probs, rows: probs * keep / (1.0 - p), table)
+    ref_dqkv, ref_dtable = grads(ref, (qkv, table), grad_out)
+    assert_close(out, ref, "output")
+    assert_close(dqkv, ref_dqkv, "dqkv")
+    assert_close(dtable, ref_dtable, "dtable")
+
+
+def test_triton_fp16_relative_rule():
+    from numerics import assert_relative_rule
+
+    qkv16, cu, max_seqlen, table = packed_case([1, 17, 64, 150], 2, 64, torch.float16)
+    out = attn.flash_attention(qkv16, cu, max_seqlen, bias_table=table)
+    grad_out = torch.randn_like(out)
+    dqkv, dtable = grads(out, (qkv16, table), grad_out)
+    qkv32 = qkv16.detach().float().requires_grad_()
+    ref16 = reference.attention(qkv16, cu, max_seqlen, bias_table=table)
+    ref32 = reference.attention(qkv32, cu, max_seqlen, bias_table=table)
+    ref_dqkv16, ref_dtable16 = grads(ref16, (qkv16, table), grad_out)
+    ref_dqkv32, ref_dtable32 = grads(ref32, (qkv32, table), grad_out.float())
+    assert out.dtype == dqkv.dtype == torch.float16 and dtable.dtype == torch.float32
+    assert_relative_rule(out, ref32, ref16, atol=1e-3)
+    assert_relative_rule(dqkv, ref_dqkv32, ref_dqkv16, atol=1e-3, name="dqkv")
+    assert_relative_rule(dtable, ref_dtable32, ref_dtable16, atol=1e-3, name="dtable")
+
+
+def test_every_backward_config_can_skew_its_tiles():
+    """The diagonal sums skew a (keys, queries) tile along its keys: that needs no more queries than keys."""
+    for table in attn.CONFIGS.values():
+        for _, bwd in table.values():
+            assert bwd.block_m1 <= bwd.block_n1, bwd
+
+
+def test_aot_specs_include_the_biased_kernels():
+    names = {spec.name for spec in attn.aot_specs()}
+    for kernel in ("attn_fwd", "attn_bwd"):
+        for tag in (",bias", ",dropout,bias"):
+            assert any(name.startswith(kernel + "[") and tag + "," in name for name in names), (kernel, tag)
+
+
+def test_ops_route_biased_calls_to_the_kernels():
+    qkv, cu, max_seqlen, table = packed_case([6, 20], 2, 32)
+    with ops.use_backend("triton"):
+        assert ops.implementation("attention", qkv, table) == ("triton", attn.attention)
+        # A table that is not floating point is the reference's (which then refuses it).
+        assert ops.implementation("attention", qkv, table.to(torch.int64))[0] == "torch"
+        out = ops.attention(qkv, cu, max_seqlen, bias_table=table)
+    assert_close(out, attn.flash_attention(qkv, cu, max_seqlen, bias_table=table), "ops output")
+    assert_close(out, reference.attention(qkv, cu, max_seqlen, bias_table=table), "reference")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The native CPU kernel (inference) against the reference.
+
+
+def native_module():
+    return pytest.importorskip("bertfast.ops.native", exc_type=ModuleNotFoundError)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("bound", [0, 9])
+def test_native_inference_matches_mpnet_math(head_dim, bound):
+    native = native_module()
+    qkv, cu, max_seqlen, table = packed_case([1, 0, 9, 150, 40, 7], 3, head_dim)
+    with torch.no_grad(), ops.use_backend("native"):
+        assert ops.implementation("attention", qkv, table) == ("native", native.attention)
+        out = ops.attention(qkv, cu, max_seqlen + bound, bias_table=table)
+    expected = per_sequence_attention(qkv.detach(), cu, table.detach())
+    assert_close(out, expected, "output")
+    assert not torch.allclose(out, reference.attention(qkv.detach(), cu, max_seqlen), atol=1e-2)
+
+
+def test_native_inference_bf16_relative_rule():
+    from numerics import assert_relative_rule
+
+    native_module()
+    qkv, cu, max_seqlen, table = packed_case([3, 130, 20], 2, 64)
+    qkv16 = qkv.detach().bfloat16()
+    with torch.no_grad(), ops.use_backend("native"):
+        out = ops.attention(qkv16, cu, max_seqlen, bias_table=table.detach())
+        ref16 = reference.attention(qkv16, cu, max_seqlen, bias_table=table.detach())
+    ref32 = reference.attention(qkv.detach(), cu, max_seqlen, bias_table=table.detach())
+    assert out.dtype == torch.bfloat16
+    assert_relative_rule(out, ref32, ref16, atol=2.0**-8)
+
+
+def test_native_kernel_checks_the_bias_layout():
+    native = native_module()
+    qkv, cu, max_seqlen, table = packed_case([4, 6], 2, 16)
+    bias = reference.distance_bias(table.detach(), max_seqlen)
+    with pytest.raises(ValueError, match=r"bias must be \(heads, 2 \* max_seqlen - 1\) = \(2, 11\)"):
+        native._attention_op(qkv.detach(), cu, max_seqlen, 0.25, bias[:, 1:])
+    with pytest.raises(ValueError, match="bias must be float32"):
+        native._attention_op(qkv.detach(), cu, max_seqlen, 0.25, bias.double())
+
+
+def test_native_inference_in_transformers_mpnet_attention():
+    native_module()
+    encoder, attention = mpnet_attention()
+    lengths = [150, 9, 1]
+    mask = (torch.arange(150)[None, :] < torch.tensor(lengths)[:, None]).long()
+    hidden_states = torch.randn(3, 150, 64)
+    extended = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        expected = attention(hidden_states, extended, encoder.compute_position_bias(hidden_states))[0]
+        with ops.use_backend("native"):
+            out = bertfast_mpnet_attention(attention, encoder.relative_attention_bias.weight, hidden_states, mask)
+    assert_close(out[mask.bool()], expected[mask.bool()], "output")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile: the biased call traces without a graph break (CPU backends; the Triton op on a GPU).
+
+
+def test_compiles_without_graph_break():
+    """The native backend: its C++ op's fake with the bias in inference, the biased reference in training."""
+    native_module()
+    qkv, cu, max_seqlen, table = packed_case([5, 0, 12], 2, 16)
+    torch._dynamo.reset()
+
+    def step(qkv, table):
+        return ops.attention(qkv, cu, max_seqlen, bias_table=table)
+
+    compiled = torch.compile(step, fullgraph=True)
+    with ops.use_backend("native"):
+        with torch.no_grad():
+            assert_close(compiled(qkv, table), step(qkv, table), "inference")
+        out = compiled(qkv, table)
+        expected = step(qkv, table)
+    grad_out = torch.randn_like(out)
+    assert_close(out, expected, "output")
+    for name, g, r in zip(("dqkv", "dtable"), grads(out, (qkv, table), grad_out),
+                          grads(expected, (qkv, table), grad_out), strict=True):
+        assert_close(g, r, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a GPU: BERT shapes in fp16/bf16.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("max_seqlen,head_dim", [(128, 64), (512, 64), (200, 128), (128, 32)])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_gpu_matches_reference(dtype, max_seqlen, head_dim, deterministic):
+    from numerics import assert_relative_rule
+
+    lengths = [max_seqlen] + [int(n) for n in torch.randint(max_seqlen // 2, max_seqlen + 1, (30,))]
+    qkv, cu, max_seqlen, table = packed_case(lengths, 12, head_dim, dtype)
+    qkv, cu, table = (t.detach().cuda().requires_grad_(t.requires_grad) for t in (qkv, cu, table))
+    out = attn.flash_attention(qkv, cu, max_seqlen, bias_table=table, deterministic=deterministic)
+    grad_out = torch.randn_like(out)
+    dqkv, dtable = grads(out, (qkv, table), grad_out)
+    again = grads(attn.flash_attention(qkv, cu, max_seqlen, bias_table=table, deterministic=deterministic),
+                  (qkv, table), grad_out)
+    assert torch.equal(dtable, again[1]), "the table's gradient is bitwise reproducible"
+    qkv32 = qkv.detach().float().requires_grad_()
+    ref = reference.attention(qkv, cu, max_seqlen, bias_table=table)
+    ref32 = reference.attention(qkv32, cu, max_seqlen, bias_table=table)
+    ref_dqkv, ref_dtable = grads(ref, (qkv, table), grad_out)
+    ref_dqkv32, ref_dtable32 = grads(ref32, (qkv32, table), grad_out.float())
+    assert_relative_rule(out, ref32, ref, atol=1e-3)
+    assert_relative_rule(dqkv, ref_dqkv32, ref_dqkv, atol=1e-3, name="dqkv")
+    assert_relative_rule(dtable, ref_dtable32, ref_dtable, atol=1e-3 * max(ref_dtable32.abs().max().item(), 1.0),
+                         name="dtable")

@@ -32,6 +32,13 @@ padded batch held to one backend (a backend that refuses the inputs says so); `f
 (forward 4 * heads * head_dim * sum(len^2), backward 2.5x that), so padded baselines' wasted work
 shows as lower throughput; "% peak" is of the device's measured dense matmul throughput for the
 dtype; `max_err` is the largest difference of the output from the reference's.
+
+"attention bias" groups: MPNet's relative-position bias (`bias_table`, 32 buckets x heads) on the
+same packed batch. `<subject>+bias` is `bertfast.ops.attention` with the bias, `<subject>` the same call
+without it (what the bias costs), `reference+bias` the reference with the bias (SDPA with a float
+mask of (batch, heads, S, S)). Mode `inference` is the forward under `torch.inference_mode` (on a CPU:
+the C++ kernel; with gradients recorded the CPU runs the reference); backward includes the table's
+gradient.
 """
 
 SDPA_BACKENDS = {
@@ -161,6 +168,56 @@ def _group(max_seqlen: int, heads: int, head_dim: int, tokens: int, ragged: bool
                  info={"series": f"{heads} heads {kind} {dtype_name}"})
 
 
+BIAS_MODES = ("inference", "fwd", "fwd+bwd")
+BIAS_FLOP_FACTOR = {"inference": 1.0, "fwd": 1.0, "fwd+bwd": 3.5}
+
+
+def _inference(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return fn()
+    return run
+
+
+def _bias_entries(batch: Batch, subject: str) -> dict[str, Entry | str]:
+    table = torch.randn(32, batch.heads, device=batch.qkv.device).requires_grad_()
+    args = (batch.qkv, batch.cu_seqlens, batch.max_seqlen)
+    impls = {
+        f"{subject}+bias": (lambda: ops.attention(*args, bias_table=table), [batch.qkv, table]),
+        subject: (lambda: ops.attention(*args), [batch.qkv]),
+        "reference+bias": (lambda: reference.attention(*args, bias_table=table), [batch.qkv, table]),
+    }
+    ref_out = reference.attention(*args, bias_table=table).detach()
+    entries: dict[str, Entry | str] = {}
+    for name, (forward, inputs) in impls.items():
+        out = forward()
+        grad = torch.randn_like(out)
+        info = {"max_err": (out.detach().float() - ref_out.float()).abs().max().item()} if "bias" in name else {}
+        entries[name] = Entry({
+            "inference": _inference(forward),
+            "fwd": forward,
+            "fwd+bwd": lambda forward=forward, inputs=inputs, grad=grad: torch.autograd.grad(forward(), inputs, grad),
+        }, info)
+    return entries
+
+
+def _bias_group(max_seqlen: int, heads: int, head_dim: int, tokens: int, dtype_name: str, ctx: Context) -> Group:
+    lengths = make_lengths(max_seqlen, tokens, True, torch.Generator().manual_seed(0))
+    subject = dispatched_name("attention", torch.empty(0, device=ctx.device))
+    names = (f"{subject}+bias", subject, "reference+bias")
+
+    def build() -> dict[str, Entry | str]:
+        torch.manual_seed(0)
+        return _bias_entries(Batch(lengths, max_seqlen, heads, head_dim, DTYPES[dtype_name], ctx.device), subject)
+
+    flops = forward_flops(lengths, heads, head_dim)
+    shape = (f"{len(lengths)} x <={max_seqlen} ragged ({sum(lengths)} tokens), {heads}x{head_dim} heads, "
+             f"{dtype_name}, 32 buckets")
+    return Group(f"attention bias max_seqlen {max_seqlen}", shape, sum(lengths), "tokens", names, build,
+                 BIAS_MODES, {mode: factor * flops for mode, factor in BIAS_FLOP_FACTOR.items()}, "TFLOP/s",
+                 dtype_name, f"{subject}+bias", info={"series": f"{heads} heads bias {dtype_name}"})
+
+
 def groups(ctx: Context) -> list[Group]:
     if ctx.quick:
         configs, dtypes = [(16, 2, 16, 32)], ["fp32"]
@@ -169,5 +226,6 @@ def groups(ctx: Context) -> list[Group]:
         dtypes = ["bf16"]
     else:
         configs, dtypes = [(128, 12, 64, t) for t in (512, 2048)], ["fp32"]
-    return [_group(s, h, d, t, ragged, dtype, ctx) for s, h, d, t in configs for ragged in (False, True)
-            for dtype in dtypes]
+    unbiased = [_group(s, h, d, t, ragged, dtype, ctx) for s, h, d, t in configs for ragged in (False, True)
+                for dtype in dtypes]
+    return unbiased + [_bias_group(s, h, d, t, dtype, ctx) for s, h, d, t in configs for dtype in dtypes]
