@@ -411,6 +411,15 @@ CONFIGS: dict[str, dict[tuple[int, bool], tuple[FwdConfig, BwdConfig]]] = {
         (128, False): (FwdConfig(128, 32, 8, 2), BwdConfig(16, 64, 32, 8, 2)),
     },
 }
+# The bias adds registers to backward (the gathered bias tile, the skewed dS tile of the diagonal sums):
+# where a table's backward then spills, the biased call takes its own tiles (same keys as CONFIGS). sm_80,
+# head_dim 64, short: one 128-key block (DQ_STORE) spilled 8 bytes (64 with dropout) at 255 registers, also
+# with 16-key dQ steps; 64-key blocks do not. sm_90, head_dim 128: DQ_RECOMPUTE with dropout spilled 64
+# bytes (116 with one stage); 16-key dQ steps do not.
+BIASED_BWD: dict[str, dict[tuple[int, bool], BwdConfig]] = {
+    "sm_80": {(64, True): BwdConfig(16, 64, 32, 8, 2)},
+    "sm_90": {(128, True): BwdConfig(16, 64, 16, 8, 2), (128, False): BwdConfig(16, 64, 16, 8, 2)},
+}
 DELTA_BLOCK_T = 64
 
 
@@ -430,9 +439,12 @@ def _table(device: torch.device) -> str:
     return table_for(10 * major + minor)
 
 
-def select_configs(device: torch.device, head_dim: int, max_seqlen: int) -> tuple[FwdConfig, BwdConfig]:
-    """The (forward, backward) configuration the launchers use for these inputs."""
-    return CONFIGS[_table(device)][(max(32, _block_d(head_dim)), max_seqlen <= SHORT_SEQLEN)]
+def select_configs(device: torch.device, head_dim: int, max_seqlen: int,
+                   biased: bool = False) -> tuple[FwdConfig, BwdConfig]:
+    """The (forward, backward) configuration the launchers use for these inputs (``biased``: with a bias)."""
+    table, key = _table(device), (max(32, _block_d(head_dim)), max_seqlen <= SHORT_SEQLEN)
+    fwd, bwd = CONFIGS[table][key]
+    return fwd, (BIASED_BWD[table].get(key, bwd) if biased else bwd)
 
 
 def _dq_mode(max_seqlen: int, cfg: BwdConfig, deterministic: bool) -> int:
@@ -554,7 +566,7 @@ def _backward_op(
     bias: Tensor | None, max_seqlen: int, dropout_p: float, scale: float, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dqkv (T, 3, heads, head_dim), dbias: like ``bias``, or empty without it)."""
-    _, bwd_cfg = select_configs(qkv.device, qkv.shape[-1], max_seqlen)
+    _, bwd_cfg = select_configs(qkv.device, qkv.shape[-1], max_seqlen, biased=bias is not None)
     dqkv, dbias = _backward(dout, _packed(qkv), out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, bwd_cfg,
                             deterministic, bias)
     return dqkv, qkv.new_empty(0, dtype=torch.float32) if dbias is None else dbias
@@ -697,10 +709,11 @@ def aot_specs() -> list[AotSpec]:
     tables: dict[tuple, set[str]] = {}
     for table, entries in CONFIGS.items():
         for (block_d, short), (fwd, bwd) in entries.items():
+            biased_bwd = BIASED_BWD[table].get((block_d, short), bwd)
             for dtype in (torch.float16, torch.bfloat16):
-                tables.setdefault((fwd, bwd, block_d, short, dtype), set()).add(table)
+                tables.setdefault((fwd, bwd, biased_bwd, block_d, short, dtype), set()).add(table)
     specs: dict[str, AotSpec] = {}
-    for (fwd, bwd, block_d, short, dtype), used_in in tables.items():
+    for (fwd, unbiased_bwd, biased_bwd, block_d, short, dtype), used_in in tables.items():
         used_by = _UsedBy(used_in)
         qkv, out, dout = meta(8, 3, 2, block_d, dtype=dtype), meta(8, 2, block_d, dtype=dtype), meta(8, 2, block_d,
                                                                                                      dtype=dtype)
@@ -713,6 +726,7 @@ def aot_specs() -> list[AotSpec]:
             (launch,) = record(_forward, qkv, cu_seqlens, fwd_seqlen, 0.125, p, seed, fwd, bias)
             name = f"attn_fwd[{tag},M={fwd.block_m},N={fwd.block_n},w={fwd.num_warps},s={fwd.num_stages}]"
             _add(specs, spec(name, launch, capabilities=used_by))
+            bwd = biased_bwd if biased else unbiased_bwd
             for mode in _dq_modes(bwd, short):
                 # The smallest bound that reaches the mode: one key block (store), or one key more.
                 max_seqlen = bwd.block_n1 + (mode != DQ_STORE)

@@ -233,11 +233,13 @@ def test_max_seqlen_is_an_upper_bound(bound):
 
 def test_aot_specs_cover_every_selectable_config():
     names = {spec.name for spec in attn.aot_specs()}
-    for table in attn.CONFIGS.values():
-        for (block_d, short), (fwd, bwd) in table.items():
+    for table_name, table in attn.CONFIGS.items():
+        for (block_d, short), (fwd, unbiased_bwd) in table.items():
             for dtype in ("fp16", "bf16"):
                 for drop in ("", ",dropout", ",bias", ",dropout,bias"):
                     tag = f"D={block_d},{dtype}{drop}"
+                    bwd = attn.BIASED_BWD[table_name].get((block_d, short), unbiased_bwd) if "bias" in drop \
+                        else unbiased_bwd
                     assert (f"attn_fwd[{tag},M={fwd.block_m},N={fwd.block_n},w={fwd.num_warps},"
                             f"s={fwd.num_stages}]") in names
                     seqlens = range(1, 129) if short else range(129, 4097)

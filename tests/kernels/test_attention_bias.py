@@ -171,7 +171,8 @@ attn = pytest.importorskip("bertfast.kernels.attention")
 TRITON_CASES = {
     # name: (lengths, heads, head_dim); 8 = the end of the exact buckets, 128 = max_distance
     "ragged_past_max_distance": ([1, 0, 9, 150, 40], 2, 32),
-    "one_block_store": ([100, 7, 1], 2, 64),  # max_seqlen <= BLOCK_N1 = 128: dQ stored from the one key block
+    "one_block_store": ([60, 7, 1], 2, 64),  # max_seqlen <= BLOCK_N1 (64 biased): dQ stored from one key block
+    "short_many_key_blocks": ([100, 7, 1], 2, 64),  # biased, head_dim 64, short: two 64-key blocks
     "many_key_blocks": ([200, 3], 1, 64),  # dQ recomputed (deterministic) or atomic
     "empty_sequences": ([0, 5, 0, 33, 0], 2, 32),
 }
@@ -246,9 +247,39 @@ def test_triton_fp16_relative_rule():
 
 def test_every_backward_config_can_skew_its_tiles():
     """The diagonal sums skew a (keys, queries) tile along its keys: that needs no more queries than keys."""
-    for table in attn.CONFIGS.values():
-        for _, bwd in table.values():
-            assert bwd.block_m1 <= bwd.block_n1, bwd
+    biased = [bwd for table in attn.BIASED_BWD.values() for bwd in table.values()]
+    for bwd in [bwd for table in attn.CONFIGS.values() for _, bwd in table.values()] + biased:
+        assert bwd.block_m1 <= bwd.block_n1, bwd
+
+
+BIASED_OVERRIDES = [(table, key) for table, entries in attn.BIASED_BWD.items() for key in entries]
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+@pytest.mark.parametrize("table,key", BIASED_OVERRIDES, ids=[f"{t}-D{k[0]}-{'short' if k[1] else 'long'}"
+                                                             for t, k in BIASED_OVERRIDES])
+def test_biased_backward_tiles_of_each_table(table, key, dropout, monkeypatch):
+    """The biased calls' own backward tiles (each table's, as its GPUs get them), in every dQ mode they reach."""
+    block_d, short = key
+    monkeypatch.setattr(attn, "_table", lambda device: table)
+    _, bwd = attn.select_configs(torch.device("cpu"), block_d, attn.SHORT_SEQLEN if short else 512, biased=True)
+    assert bwd == attn.BIASED_BWD[table][key]
+    longest = min(attn.SHORT_SEQLEN, bwd.block_n1 + 3) if short else attn.SHORT_SEQLEN + 3
+    kwargs = {"dropout_p": 0.25, "seed": torch.tensor(99)} if dropout else {}
+    for deterministic in (True, False):
+        qkv, cu, max_seqlen, table_, out, grad_out, (dqkv, dtable) = triton_and_reference(
+            [longest, 5], 1, block_d, deterministic=deterministic, **kwargs)
+        assert attn.select_configs(qkv.device, block_d, max_seqlen, biased=True)[1] == bwd
+        if dropout:
+            keep = attn.dropout_keep_mask(kwargs["seed"], cu, 1, max_seqlen, 0.25)
+            ref = reference.attention_with_dropout(qkv, cu, max_seqlen, 0.25, None,
+                                                   lambda probs, rows, keep=keep: probs * keep / 0.75, table_)
+        else:
+            ref = reference.attention(qkv, cu, max_seqlen, bias_table=table_)
+        ref_dqkv, ref_dtable = grads(ref, (qkv, table_), grad_out)
+        assert_close(out, ref, "output")
+        assert_close(dqkv, ref_dqkv, "dqkv")
+        assert_close(dtable, ref_dtable, "dtable")
 
 
 def test_aot_specs_include_the_biased_kernels():
