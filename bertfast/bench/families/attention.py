@@ -185,9 +185,9 @@ def _bias_entries(batch: Batch, subject: str) -> dict[str, Entry | str]:
     impls = {
         f"{subject}+bias": (lambda: ops.attention(*args, bias_table=table), [batch.qkv, table]),
         subject: (lambda: ops.attention(*args), [batch.qkv]),
-        "reference+bias": (lambda: reference.attention(*args, bias_table=table), [batch.qkv, table]),
+        "reference+bias": (lambda: under_backend("torch", ops.attention)(*args, bias_table=table), [batch.qkv, table]),
     }
-    ref_out = reference.attention(*args, bias_table=table).detach()
+    ref_out = under_backend("torch", ops.attention)(*args, bias_table=table).detach()
     entries: dict[str, Entry | str] = {}
     for name, (forward, inputs) in impls.items():
         out = forward()
