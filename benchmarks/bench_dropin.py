@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dropin.py                 # CPU, 2 threads, all three cases
     python benchmarks/bench_dropin.py --rounds 5 --output benchmarks/results/dropin_cpu.json
+    python benchmarks/bench_dropin.py families --output benchmarks/results/dropin_families_cpu.json
 
 Cases (plain and accelerated alternate within each round; each reports the best round):
   trainer  transformers.Trainer fine-tuning MiniLM-L6 (the real checkpoint) for sentence
@@ -9,6 +10,9 @@ Cases (plain and accelerated alternate within each round; each reports the best 
   encode   sentence-transformers ``encode`` throughput on MiniLM-L6 (it sorts by length, so it pads little)
   step     a BertForPreTraining training step (MLM 15% + NSP) and a BertModel forward in eval mode,
            preset mini, 8 x 128 with lengths 50-100%: the shapes of bench_model.py
+  families MPNet-base (all-mpnet-base-v2's architecture) and DistilBERT-base at their real sizes,
+           random weights: the base model's forward in eval mode and a sequence-classification
+           training step (forward, loss, backward), 8 x 128 with lengths 16-128 (about 45% padding)
 """
 
 from __future__ import annotations
@@ -131,19 +135,82 @@ def bench_step(rounds: int) -> dict:
     return result
 
 
+def family_shapes() -> dict[str, transformers.PretrainedConfig]:
+    """The real architectures: all-mpnet-base-v2's MPNet and distilbert-base-uncased."""
+    return {
+        "MPNet-base": transformers.MPNetConfig(vocab_size=30527, hidden_size=768, num_hidden_layers=12,
+                                               num_attention_heads=12, intermediate_size=3072,
+                                               max_position_embeddings=514, num_labels=2),
+        "DistilBERT-base": transformers.DistilBertConfig(vocab_size=30522, dim=768, n_layers=6, n_heads=12,
+                                                         hidden_dim=3072, num_labels=2),
+    }
+
+
+def bench_families(rounds: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(16, 129, (8,), generator=g)
+    mask = (torch.arange(128)[None] < lengths[:, None]).long()
+    results = []
+    for shape, config in family_shapes().items():
+        ids = torch.randint(5, config.vocab_size, (8, 128), generator=g)
+        ids[mask == 0] = config.pad_token_id
+        labels = torch.randint(0, 2, (8,), generator=g)
+        results.append(bench_family(shape, config, dict(input_ids=ids, attention_mask=mask), labels, rounds))
+    return results
+
+
+def bench_family(shape: str, config: transformers.PretrainedConfig, batch: dict, labels: torch.Tensor,
+                 rounds: int) -> dict:
+    """The base model's eval forward and a classification training step, transformers vs accelerated."""
+    torch.manual_seed(0)
+    plain = transformers.AutoModelForSequenceClassification.from_config(config)
+    fast = bertfast.accelerate(copy.deepcopy(plain))
+
+    def step(model):
+        def fn():
+            model(**batch, labels=labels).loss.backward()
+            model.zero_grad(set_to_none=True)
+        return fn
+
+    def forward(model):
+        def fn():
+            with torch.inference_mode():
+                model.base_model(**batch)
+        return fn
+
+    result = {"case": f"{shape}, 8 x 128, lengths 16-128", "fill": float(batch["attention_mask"].float().mean())}
+    for label, make, train in (("forward_ms", forward, False), ("train_step_ms", step, True)):
+        times = {"transformers": [], "accelerated": []}
+        for _ in range(rounds):
+            for name, model in (("transformers", plain), ("accelerated", fast)):
+                model.train(train)
+                times[name].append(median_ms(make(model), torch.device("cpu"), reps=3, warmup=1))
+        best = {k: min(v) for k, v in times.items()}
+        result[label] = best
+        result[label.replace("_ms", "_speedup")] = best["transformers"] / best["accelerated"]
+        # each round's pair ran back to back: its ratio is what a shared machine disturbs least
+        result[label.replace("_ms", "_round_speedups")] = [
+            a / b for a, b in zip(times["transformers"], times["accelerated"], strict=True)]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="*", default=["trainer", "encode", "step"])
+    parser.add_argument("cases", nargs="*", default=["trainer", "encode", "step", "families"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    cases = {"trainer": bench_trainer, "encode": bench_encode, "step": bench_step}
+    cases = {"trainer": bench_trainer, "encode": bench_encode, "step": bench_step, "families": bench_families}
+    measured = []
+    for case in args.cases:
+        result = cases[case](args.rounds)
+        measured += result if isinstance(result, list) else [result]
     results = {"threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
                "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
-               "results": [cases[c](args.rounds) for c in args.cases]}
+               "results": measured}
     print(json.dumps(results, indent=2))
     if args.output:
         args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -36,6 +36,7 @@ class Family:
     module: str
     base_class: str
     positions_after_padding: bool  # RoBERTa-style: position ids start at padding_idx + 1 and skip padding
+    encoder: str | None = None  # a bertfast.encoders module, for a module tree that is not BERT's
 
 
 # model_type -> family. One registry for accelerate() and patch_transformers().
@@ -44,6 +45,12 @@ FAMILIES: dict[str, Family] = {
     "roberta": Family("transformers.models.roberta.modeling_roberta", "RobertaModel", True),
     "xlm-roberta": Family("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaModel", True),
     "camembert": Family("transformers.models.camembert.modeling_camembert", "CamembertModel", True),
+    "distilbert": Family("transformers.models.distilbert.modeling_distilbert", "DistilBertModel", False,
+                         "bertfast.encoders.distilbert"),
+    "electra": Family("transformers.models.electra.modeling_electra", "ElectraModel", False,
+                      "bertfast.encoders.electra"),
+    "albert": Family("transformers.models.albert.modeling_albert", "AlbertModel", False, "bertfast.encoders.albert"),
+    "mpnet": Family("transformers.models.mpnet.modeling_mpnet", "MPNetModel", True, "bertfast.encoders.mpnet"),
 }
 
 # Arguments the packed path understands; any other keyword sends the call to transformers' forward.
@@ -85,7 +92,15 @@ def _unsupported_config(config: Any) -> str | None:
     position_type = getattr(config, "position_embedding_type", "absolute")
     if position_type not in (None, "absolute"):
         return f"position_embedding_type={position_type!r}"
-    return None
+    check = _encoder_check(FAMILIES.get(getattr(config, "model_type", None)), "unsupported")
+    return None if check is None else check(config)
+
+
+def _encoder_check(family: Family | None, name: str) -> Callable | None:
+    """A family encoder's own ``unsupported`` / ``fallback`` check, where it has one."""
+    if family is None or family.encoder is None:
+        return None
+    return getattr(importlib.import_module(family.encoder), name, None)
 
 
 def _flatten(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +141,8 @@ def fallback_reason(model: nn.Module, arguments: dict[str, Any]) -> str | None:
         return reason
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
         return "tracing or ONNX export"
-    return None
+    check = _encoder_check(_family_of(model), "fallback")
+    return None if check is None else check(merged)
 
 
 def _roberta_positions(model: nn.Module, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
@@ -150,6 +166,8 @@ def _packed_forward(model: nn.Module, family: Family, merged: dict[str, Any]) ->
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         position_ids = _roberta_positions(model, input_ids, inputs_embeds)
+    if family.encoder is not None:
+        return importlib.import_module(family.encoder).packed_forward(model, {**merged, "position_ids": position_ids})
     output_hidden_states = merged.get("output_hidden_states")
     if output_hidden_states is None:
         output_hidden_states = getattr(config, "output_hidden_states", False)
@@ -206,7 +224,8 @@ def _supported_names() -> str:
 def accelerate(model: nn.Module) -> nn.Module:
     """Run every supported transformers base model inside ``model`` on bertfast, in place; returns ``model``.
 
-    ``model`` is a transformers BERT, RoBERTa, XLM-RoBERTa or CamemBERT model (base or any head), or
+    ``model`` is a transformers model of a family in ``FAMILIES`` (BERT, RoBERTa, XLM-RoBERTa,
+    CamemBERT, DistilBERT, ELECTRA, ALBERT, MPNet; base or any head), or
     any module holding them (a SentenceTransformer, a PeftModel, a user's model). Parameters, state
     dict keys, classes and forward signatures stay as they were, so an optimizer built before the
     call keeps working and ``save_pretrained`` writes the same checkpoint. bertfast's own models are
@@ -239,7 +258,7 @@ def accelerate(model: nn.Module) -> nn.Module:
 
 
 def patch_transformers() -> None:
-    """From now on, every transformers BERT / RoBERTa / XLM-RoBERTa / CamemBERT model runs on bertfast.
+    """From now on, every transformers model of a family in ``FAMILIES`` runs on bertfast.
 
     Patches the base classes' ``forward``, so models built by ``AutoModel*``, ``pipeline``,
     sentence-transformers or a Trainer script are accelerated (and existing ones too). Calling it

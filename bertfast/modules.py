@@ -69,8 +69,13 @@ def packed_embeddings(
     )
 
 
-def _fused_qkv_weights(attention: nn.Module, training: bool) -> tuple[Tensor, Tensor]:
+def _fused_qkv_weights(
+    attention: nn.Module, training: bool, linears: tuple[nn.Linear, nn.Linear, nn.Linear] | None = None,
+) -> tuple[Tensor, Tensor]:
     """q, k and v weights (and biases) concatenated for one matmul.
+
+    ``linears`` are the three projections, ``attention.query/key/value`` by default (other families
+    name them otherwise); ``attention`` is the module that holds them and the inference cache.
 
     With autograd recording, the concatenation is part of the graph. Without it (inference), the
     result is cached on the module, so a served model pays for it once. The cache is dropped when one
@@ -78,7 +83,8 @@ def _fused_qkv_weights(attention: nn.Module, training: bool) -> tuple[Tensor, Te
     training-mode forward: fused optimizers update parameters without moving version counters, but
     any optimizer step follows a training forward.
     """
-    linears = (attention.query, attention.key, attention.value)
+    if linears is None:
+        linears = (attention.query, attention.key, attention.value)
     tensors = [t for lin in linears for t in (lin.weight, lin.bias)]
     if training:
         attention.__dict__.pop("_bertfast_qkv", None)

@@ -507,9 +507,12 @@ def _backward_autograd(ctx, dout: Tensor, _dlse) -> tuple[Tensor | None, ...]:
 _forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
-def supports(qkv: Tensor) -> bool:
+def supports(qkv: Tensor, bias_table: Tensor | None = None) -> bool:
     """fp16/bf16 on CUDA (fp32 goes to SDPA there: IEEE fp32 dots would be slow and the AOT check compiles no
-    fp32 kernel); fp32/fp16 CPU tensors in the interpreter (whose tl.dot is wrong in bf16); head dims <= 128."""
+    fp32 kernel); fp32/fp16 CPU tensors in the interpreter (whose tl.dot is wrong in bf16); head dims <= 128;
+    no relative-position bias yet."""
+    if bias_table is not None:
+        return False
     if qkv.dim() == 4 and qkv.shape[-1] > MAX_HEAD_DIM:
         return False
     if qkv.device.type == "cuda":
@@ -561,8 +564,13 @@ def attention(
     dropout_p: float = 0.0,
     training: bool = False,
     softmax_scale: float | None = None,
+    bias_table: Tensor | None = None,
+    num_buckets: int = 32,
+    max_distance: int = 128,
 ) -> Tensor:
     """``bertfast.ops.attention`` on the Triton kernels (same signature and result as the reference)."""
+    if bias_table is not None:
+        raise ValueError("the attention kernels do not take a relative-position bias yet")
     return flash_attention(qkv, cu_seqlens, max_seqlen, dropout_p if training else 0.0, softmax_scale)
 
 

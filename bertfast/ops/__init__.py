@@ -150,30 +150,43 @@ def bias_gelu_layernorm(
 
 def attention(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
-    training: bool = False, softmax_scale: float | None = None,
+    training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
+    num_buckets: int = 32, max_distance: int = 128,
 ) -> Tensor:
     """Bidirectional attention on packed sequences: (T, 3, heads, head_dim) -> (T, heads, head_dim).
 
     ``max_seqlen`` is an upper bound of the longest sequence (the padded width serves, and needs no
     host sync); sequences may be empty.
+
+    ``bias_table`` (num_buckets, heads), differentiable: MPNet's relative-position bias, added to the
+    scaled scores before the softmax: ``bias_table[relative_position_bucket(k - q), head]`` for key
+    position k and query position q inside their sequence (``reference.relative_position_bucket``,
+    with ``num_buckets`` and ``max_distance``).
     """
     dropout.check_probability(dropout_p)
-    _, fn = implementation("attention", qkv)
-    return fn(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale)
+    if bias_table is not None:
+        if qkv.dim() != 4:
+            raise ValueError(f"qkv must be (tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
+        reference.check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
+    _, fn = implementation("attention", qkv, bias_table)
+    return fn(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table, num_buckets, max_distance)
 
 
 def padded_attention(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, dropout_p: float = 0.0,
-    training: bool = False, softmax_scale: float | None = None,
+    training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
+    num_buckets: int = 32, max_distance: int = 128,
 ) -> Tensor:
     """Attention on a padded (B, S, heads, head_dim) batch with a (B, S) key-padding mask (True = real).
 
     Packs the real tokens, runs :func:`attention` (whichever backend it picks) and unpacks; padded
-    query rows come back as zeros.
+    query rows come back as zeros. With ``bias_table``, positions are counted among each row's real
+    tokens (for right-padded rows, their index in the row).
     """
     packing = Packing.from_mask(key_padding_mask)
     qkv = packing.pack(torch.stack([q, k, v], dim=2))
-    out = attention(qkv, packing.cu_seqlens, packing.max_seqlen, dropout_p, training, softmax_scale)
+    out = attention(qkv, packing.cu_seqlens, packing.max_seqlen, dropout_p, training, softmax_scale,
+                    bias_table, num_buckets, max_distance)
     return packing.unpack(out)
 
 

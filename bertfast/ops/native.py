@@ -160,7 +160,8 @@ def bias_dropout_add_layernorm(
 
 def attention(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
-    training: bool = False, softmax_scale: float | None = None,
+    training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
+    num_buckets: int = 32, max_distance: int = 128,
 ) -> Tensor:
     """Inference: the packed kernel. Training: the reference attention; with dropout, softmax(QK^T) V
     with the native dropout on P.
@@ -168,13 +169,14 @@ def attention(
     SDPA on a CPU draws attention dropout with bernoulli_ over every (query, key) pair; this is the
     reference's explicit path with the C++ kernel applying the (same) mask.
     """
-    if inference_call(dropout_p, training, qkv):
+    if bias_table is None and inference_call(dropout_p, training, qkv):
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
         return _attention_op(qkv, cu_seqlens, max_seqlen, scale)
     if not (training and dropout_p > 0.0):
-        return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale)
+        return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table,
+                                   num_buckets, max_distance)
     seed = policy.draw_seed(qkv.device)
     return reference.attention_with_dropout(
         qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-        lambda probs, rows: _dropout_op(probs, seed, dropout_p, rows),
+        lambda probs, rows: _dropout_op(probs, seed, dropout_p, rows), bias_table, num_buckets, max_distance,
     )

@@ -94,6 +94,54 @@ def bias_gelu_layernorm(
     return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
 
 
+def relative_position_bucket(relative_position: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
+    """MPNet's bucket of each (key position - query position): exact below ``num_buckets // 4``, log-spaced
+    up to ``max_distance``, one half of the buckets for keys after the query and one for the rest.
+
+    The same computation as transformers' ``MPNetEncoder.relative_position_bucket`` (same float ops in the
+    same order, so the same buckets); the kernels take its result as a per-distance lookup, never their own.
+    """
+    check_bucketing(num_buckets, max_distance)
+    ret = 0
+    n = -relative_position
+    num_buckets //= 2
+    ret += (n < 0).to(torch.long) * num_buckets
+    n = torch.abs(n)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    val_if_large = max_exact + (
+        torch.log(n.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    val_if_large = torch.min(val_if_large, torch.full_like(val_if_large, num_buckets - 1))
+    return ret + torch.where(is_small, n, val_if_large)
+
+
+def check_bucketing(num_buckets: int, max_distance: int) -> None:
+    if num_buckets < 4:
+        raise ValueError(f"num_buckets must be at least 4 (exact and log-spaced buckets each way), got {num_buckets}")
+    if max_distance <= num_buckets // 4:
+        raise ValueError(f"max_distance must exceed num_buckets // 4 = {num_buckets // 4}, got {max_distance}")
+
+
+def check_bias_table(bias_table: Tensor, heads: int, num_buckets: int, max_distance: int) -> None:
+    check_bucketing(num_buckets, max_distance)
+    if bias_table.shape != (num_buckets, heads):
+        raise ValueError(f"bias_table must be (num_buckets, heads) = ({num_buckets}, {heads}), "
+                         f"got {tuple(bias_table.shape)}")
+
+
+def distance_bias(bias_table: Tensor, max_seqlen: int, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
+    """(heads, 2 * max_seqlen - 1): the bias of each key - query distance d at column d + max_seqlen - 1.
+
+    All that attention within sequences of at most ``max_seqlen`` tokens needs of the table: a gather
+    (differentiable: its backward adds each distance's gradient into its bucket's row). ``max_seqlen`` 0
+    (no tokens) gives the one column of distance 0.
+    """
+    max_seqlen = max(max_seqlen, 1)
+    distances = torch.arange(1 - max_seqlen, max_seqlen, device=bias_table.device)
+    return bias_table[relative_position_bucket(distances, num_buckets, max_distance)].t()
+
+
 def attention(
     qkv: Tensor,
     cu_seqlens: Tensor,
@@ -101,6 +149,9 @@ def attention(
     dropout_p: float = 0.0,
     training: bool = False,
     softmax_scale: float | None = None,
+    bias_table: Tensor | None = None,
+    num_buckets: int = 32,
+    max_distance: int = 128,
 ) -> Tensor:
     """Bidirectional attention on packed sequences.
 
@@ -109,23 +160,40 @@ def attention(
     Each sequence attends only to itself. Runs SDPA on a padded (batch, heads, max_seqlen,
     head_dim) view. Nothing branches on T or on tensor values, so that it traces with a
     data-dependent T.
+
+    ``bias_table`` (num_buckets, heads): MPNet's relative-position bias, added to the scaled scores:
+    S[q, k] = scale * q . k + bias_table[relative_position_bucket(k - q), head], positions counted
+    inside each sequence.
     """
+    if bias_table is not None:
+        check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
     if training and dropout_p > 0.0:
         seed = dropout.draw_seed(qkv.device)
         return attention_with_dropout(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                      lambda probs, rows: dropout.apply(probs, seed, dropout_p, rows))
+                                      lambda probs, rows: dropout.apply(probs, seed, dropout_p, rows),
+                                      bias_table, num_buckets, max_distance)
     view = PaddedHeads(qkv, cu_seqlens, max_seqlen)
-    out = F.scaled_dot_product_attention(
-        view.q, view.k, view.v, attn_mask=view.key_mask[:, None, None, :], scale=softmax_scale,
-    )
+    mask = view.key_mask[:, None, None, :]
+    if bias_table is not None:
+        bias = _score_bias(bias_table, max_seqlen, num_buckets, max_distance).to(qkv.dtype)
+        mask = bias[None].masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(view.q, view.k, view.v, attn_mask=mask, scale=softmax_scale)
     return view.pack(out)
+
+
+def _score_bias(bias_table: Tensor, max_seqlen: int, num_buckets: int, max_distance: int) -> Tensor:
+    """(heads, max_seqlen, max_seqlen): the bias of (query i, key j) at [:, i, j]."""
+    positions = torch.arange(max_seqlen, device=bias_table.device)
+    buckets = relative_position_bucket(positions[None, :] - positions[:, None], num_buckets, max_distance)
+    return bias_table[buckets].permute(2, 0, 1)
 
 
 def attention_with_dropout(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, softmax_scale: float | None,
-    apply_dropout: Callable[[Tensor, Tensor], Tensor],
+    apply_dropout: Callable[[Tensor, Tensor], Tensor], bias_table: Tensor | None = None,
+    num_buckets: int = 32, max_distance: int = 128,
 ) -> Tensor:
-    """softmax(scale Q K^T) with ``apply_dropout(probs, rows)`` on the probabilities, times V.
+    """softmax(scale Q K^T [+ bias]) with ``apply_dropout(probs, rows)`` on the probabilities, times V.
 
     ``probs`` is (batch, heads, max_seqlen, max_seqlen); ``rows`` gives each of its (query) rows the
     row of the shared dropout mask: (packed query token) * heads + head, so that the mask does not
@@ -135,6 +203,8 @@ def attention_with_dropout(
     heads = qkv.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
     scores = (view.q @ view.k.transpose(-1, -2)) * scale
+    if bias_table is not None:
+        scores = scores + _score_bias(bias_table, max_seqlen, num_buckets, max_distance).to(scores.dtype)
     scores = scores.masked_fill(~view.key_mask[:, None, None, :], float("-inf"))
     starts = cu_seqlens[:-1].long()[:, None, None]
     query = torch.arange(max_seqlen, device=qkv.device)[None, None, :]

@@ -1,0 +1,54 @@
+"""DistilBERT (``DistilBertModel``) on packed tokens.
+
+No token types and no pooler; positions are the table in ``embeddings.position_embeddings``, learned
+or (``sinusoidal_pos_embds``) the fixed sinusoids transformers writes there, so reading the table is
+exact either way. A block is attention -> out_lin -> sa_layer_norm(+ residual, no dropout) ->
+ffn.lin1 -> activation (gelu or relu, from the config) -> ffn.lin2 -> dropout ->
+output_layer_norm(+ residual).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from bertfast.encoders import common
+from bertfast.padding import Packing
+
+
+def embed(base: nn.Module, packed: dict[str, Tensor | None], training: bool) -> Tensor:
+    return common.packed_embeddings(base.embeddings, packed, training)
+
+
+def layers(base: nn.Module) -> list[nn.Module]:
+    return list(base.transformer.layer)
+
+
+def block(layer: nn.Module, hidden: Tensor, packing: Packing, training: bool) -> Tensor:
+    """One ``TransformerBlock`` on packed tokens, (T, dim) -> (T, dim)."""
+    attention, ffn = layer.attention, layer.ffn
+    context = common.packed_attention(attention, (attention.q_lin, attention.k_lin, attention.v_lin),
+                                      attention.n_heads, attention.attention_head_size, attention.dropout.p,
+                                      hidden, packing, training)
+    attended = common.add_norm(attention.out_lin, layer.sa_layer_norm, 0.0, context, hidden, training)
+    inner = common.feed_forward_in(ffn.lin1, ffn.activation, attended)
+    return common.add_norm(ffn.lin2, layer.output_layer_norm, ffn.dropout.p, inner, attended, training)
+
+
+def layer_step(base: nn.Module) -> common.LayerStep:
+    return block
+
+
+def packed_forward(base: nn.Module, arguments: dict[str, Any]) -> Any:
+    from transformers.modeling_outputs import BaseModelOutput
+
+    config = base.config
+    limits = common.InputLimits(config.dim, config.vocab_size, config.max_position_embeddings)
+    packed_args = {k: v for k, v in arguments.items() if k != "token_type_ids"}  # DistilBERT has none
+    packing, packed = common.pack(base, limits, packed_args)
+    states = common.run_layers(layers(base), block, embed(base, packed, base.training), packing, base.training)
+    hidden_states = common.selected_states(
+        base, packing, states, common.flag(arguments, config, "output_hidden_states", False))
+    output = BaseModelOutput(last_hidden_state=packing.unpack(states[-1]), hidden_states=hidden_states)
+    return common.finish(output, arguments, config)

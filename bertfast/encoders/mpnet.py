@@ -1,0 +1,96 @@
+"""MPNet (``MPNetModel`` and its heads; sentence-transformers' ``all-mpnet-base-v2``) on packed tokens.
+
+Embeddings without token types, positions RoBERTa-style after ``padding_idx`` (1, whatever the
+config says: ``MPNetEmbeddings`` fixes it); BERT-shaped layers with other names (``attention.attn.q``,
+``k``, ``v``, ``o``; ``attention.LayerNorm``); one relative-position bias,
+``encoder.relative_attention_bias``, added to every layer's scores. transformers buckets key - query
+positions of the padded batch into 32 buckets (``compute_position_bias``'s default, whatever
+``relative_attention_num_buckets`` is); inside a sequence without holes those are the packed
+offsets' differences, so a mask with holes runs transformers' forward (``fallback``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bertfast import modules
+from bertfast.encoders import common
+from bertfast.padding import Packing
+
+NUM_BUCKETS = 32  # MPNetEncoder.compute_position_bias's, used whatever the config's table size
+MAX_DISTANCE = 128  # MPNetEncoder.relative_position_bucket's
+
+
+def unsupported(config: Any) -> str | None:
+    if config.relative_attention_num_buckets < NUM_BUCKETS:
+        return (f"relative_attention_num_buckets={config.relative_attention_num_buckets} "
+                f"(transformers looks up {NUM_BUCKETS} buckets)")
+    return None
+
+
+def fallback(arguments: dict[str, Any]) -> str | None:
+    """Why a call must run transformers' forward: a mask whose real tokens are not one run per row."""
+    mask = arguments.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.shape[1] < 2 or torch.compiler.is_compiling():
+        return None
+    real = mask != 0
+    runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)
+    if bool((runs > 1).any()):
+        return "an attention_mask with padding between tokens (the relative positions would move)"
+    return None
+
+
+def embed(base: nn.Module, packed: dict[str, Tensor | None], training: bool) -> Tensor:
+    return common.packed_embeddings(base.embeddings, packed, training)
+
+
+def layers(base: nn.Module) -> list[nn.Module]:
+    return list(base.encoder.layer)
+
+
+def bias_table(base: nn.Module) -> Tensor:
+    """The (32, heads) rows of ``relative_attention_bias`` that transformers' buckets reach."""
+    return base.encoder.relative_attention_bias.weight[:NUM_BUCKETS]
+
+
+def mpnet_layer(layer: nn.Module, hidden: Tensor, packing: Packing, training: bool, table: Tensor) -> Tensor:
+    """One ``MPNetLayer`` on packed tokens with the relative-position bias ``table``."""
+    attention = layer.attention
+    attn = attention.attn
+    context = common.packed_attention(attn, (attn.q, attn.k, attn.v), attn.num_attention_heads,
+                                      attn.attention_head_size, attn.dropout.p, hidden, packing, training,
+                                      bias_table=table, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
+    attended = common.add_norm(attn.o, attention.LayerNorm, attention.dropout.p, context, hidden, training)
+    return modules.packed_add_norm(layer.output, modules.packed_intermediate(layer.intermediate, attended),
+                                   attended, training)
+
+
+def layer_step(base: nn.Module) -> common.LayerStep:
+    table = bias_table(base)
+
+    def step(layer: nn.Module, hidden: Tensor, packing: Packing, training: bool) -> Tensor:
+        return mpnet_layer(layer, hidden, packing, training, table)
+
+    return step
+
+
+def packed_forward(base: nn.Module, arguments: dict[str, Any]) -> Any:
+    """``arguments["position_ids"]``: the RoBERTa-style positions (the drop-in computes them)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    config = base.config
+    limits = common.InputLimits(config.hidden_size, config.vocab_size, config.max_position_embeddings)
+    packed_args = {k: v for k, v in arguments.items() if k != "token_type_ids"}  # MPNet has none
+    packing, packed = common.pack(base, limits, packed_args)
+    states = common.run_layers(layers(base), layer_step(base), embed(base, packed, base.training), packing,
+                               base.training)
+    last = packing.unpack(states[-1])
+    hidden_states = common.selected_states(
+        base, packing, states, common.flag(arguments, config, "output_hidden_states", False), by_index=False)
+    output = BaseModelOutputWithPooling(last_hidden_state=last,
+                                        pooler_output=None if base.pooler is None else base.pooler(last),
+                                        hidden_states=hidden_states)
+    return common.finish(output, arguments, config)
