@@ -51,6 +51,8 @@ FAMILIES: dict[str, Family] = {
                       "bertfast.encoders.electra"),
     "albert": Family("transformers.models.albert.modeling_albert", "AlbertModel", False, "bertfast.encoders.albert"),
     "mpnet": Family("transformers.models.mpnet.modeling_mpnet", "MPNetModel", True, "bertfast.encoders.mpnet"),
+    "modernbert": Family("transformers.models.modernbert.modeling_modernbert", "ModernBertModel", False,
+                         "bertfast.encoders.modernbert"),
 }
 
 # Arguments the packed path understands; any other keyword sends the call to transformers' forward.
@@ -126,6 +128,8 @@ def fallback_reason(model: nn.Module, arguments: dict[str, Any]) -> str | None:
     if merged.get("head_mask") is not None:
         return "head_mask"
     mask = merged.get("attention_mask")
+    if isinstance(mask, dict):
+        return "a precomputed attention mask mapping"
     if mask is not None and mask.dim() != 2:
         return f"a {mask.dim()}-D attention_mask"
     for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "cu_seq_lens_q",
