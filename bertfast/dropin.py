@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from bertfast import sentence_embeddings
-from bertfast.encoders import albert, distilbert, electra, mpnet
+from bertfast.encoders import albert, distilbert, electra, modernbert, mpnet
 from bertfast.models.base import encode
 from bertfast.modules import PACKING_KEY, ROWS_KEY, packed_embeddings, packed_layer
 
@@ -71,6 +71,8 @@ FAMILIES: dict[str, Family] = {
                      albert.packed_layer, encoder=albert),
     "mpnet": Family("transformers.models.mpnet.modeling_mpnet", "MPNetModel", "MPNetLayer", True, mpnet.packed_layer,
                     encoder=mpnet),
+    "modernbert": Family("transformers.models.modernbert.modeling_modernbert", "ModernBertModel",
+                         "ModernBertEncoderLayer", False, modernbert.packed_layer, encoder=modernbert),
 }
 
 # Arguments the packed path understands; any other keyword sends the call to transformers' forward.
@@ -141,6 +143,8 @@ def fallback_reason(model: nn.Module, arguments: dict[str, Any]) -> str | None:
     if merged.get("head_mask") is not None:
         return "head_mask"
     mask = merged.get("attention_mask")
+    if isinstance(mask, dict):
+        return "a precomputed attention mask mapping"
     if mask is not None and mask.dim() != 2:
         return f"a {mask.dim()}-D attention_mask"
     for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "cu_seq_lens_q",
@@ -225,7 +229,7 @@ def _hook_reason(model: nn.Module) -> str | None:
     for attr, kind in _HOOKS:
         if getattr(torch_module, "_global" + attr, None):
             return f"a global module {kind} (torch.nn.modules.module.register_module_{kind.replace(' ', '_')})"
-    input_embeddings = getattr(getattr(model, "embeddings", None), "word_embeddings", None)
+    input_embeddings = _input_embeddings(model)
     # A plain walk of the module tree: Module.modules() costs more than the checks on every call
     stack = [child for name, child in model._modules.items() if name != "pooler" and child is not None]
     while stack:
@@ -238,9 +242,17 @@ def _hook_reason(model: nn.Module) -> str | None:
     return None
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The token embedding module (``word_embeddings``, ModernBERT's ``tok_embeddings``), as transformers finds it."""
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def _requires_input_grads(model: nn.Module) -> bool:
     """Whether ``enable_input_require_grads`` hooked the input embeddings (the packed path then does the same)."""
-    words = getattr(getattr(model, "embeddings", None), "word_embeddings", None)
+    words = _input_embeddings(model)
     return words is not None and any(_is_input_grad_hook(h) for h in words._forward_hooks.values())
 
 

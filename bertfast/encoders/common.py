@@ -33,7 +33,7 @@ class InputLimits:
 
 def pack(base: nn.Module, limits: InputLimits, arguments: dict[str, Any]) -> tuple[Packing, dict[str, Tensor | None]]:
     """The call's inputs checked (naming whatever is wrong) and packed to (T,) / (T, width) tensors."""
-    weight = base.embeddings.word_embeddings.weight
+    weight = base.get_input_embeddings().weight
     names = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids")
     for name in names:
         tensor = arguments.get(name)
@@ -128,20 +128,21 @@ def run_layers(layers: Sequence[nn.Module], hidden: Tensor, packing: Packing) ->
 
 def encode(base: nn.Module, limits: InputLimits, arguments: dict[str, Any],
            embed: Callable[[nn.Module, dict[str, Tensor | None], bool], Tensor], layers: Sequence[nn.Module],
-           embeddings_require_grad: bool, packing_of: Callable[[Packing], Packing] = lambda p: p,
+           embeddings_require_grad: bool,
+           packing_of: Callable[[Packing, dict[str, Tensor | None]], Packing] = lambda p, _: p,
            ) -> tuple[Packing, list[Tensor]]:
     """Pack the call's inputs, embed them and run ``layers``: (packing, every hidden state, packed).
 
     ``embeddings_require_grad`` marks the embeddings' output as requiring grad, as transformers'
     ``enable_input_require_grads`` hook does (reentrant checkpointing of frozen embeddings then still
-    reaches the layers' parameters). ``packing_of`` gives the packing the layers see (MPNet's carries
-    its bias table).
+    reaches the layers' parameters). ``packing_of(packing, packed inputs)`` gives the packing the
+    layers see (MPNet's carries its bias table, ModernBERT's the rotary positions).
     """
     packing, packed = pack(base, limits, arguments)
     hidden = embed(base, packed, base.training)
     if embeddings_require_grad and torch.is_grad_enabled():
         hidden.requires_grad_(True)
-    return packing, run_layers(layers, hidden, packing_of(packing))
+    return packing, run_layers(layers, hidden, packing_of(packing, packed))
 
 
 def keep_rows(rows: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:

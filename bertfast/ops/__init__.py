@@ -154,7 +154,7 @@ def bias_gelu_layernorm(
 def attention(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
-    num_buckets: int = 32, max_distance: int = 128,
+    num_buckets: int = 32, max_distance: int = 128, window: int | None = None,
 ) -> Tensor:
     """Bidirectional attention on packed sequences: (T, 3, heads, head_dim) -> (T, heads, head_dim).
 
@@ -165,14 +165,48 @@ def attention(
     scaled scores before the softmax: ``bias_table[relative_position_bucket(k - q), head]`` for key
     position k and query position q inside their sequence (``reference.relative_position_bucket``,
     with ``num_buckets`` and ``max_distance``).
+
+    ``window``: sliding-window (local) attention, each query sees the keys of its sequence at most
+    ``window`` positions away (ModernBERT's local layers). The reference runs windowed calls.
     """
     dropout.check_probability(dropout_p)
     if bias_table is not None:
         if qkv.dim() != 4:
             raise ValueError(f"qkv must be (tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
         reference.check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
+    if window is not None:
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table,
+                                   num_buckets, max_distance, window)
     _, fn = implementation("attention", qkv, bias_table)
     return fn(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table, num_buckets, max_distance)
+
+
+def rotary(qkv: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotary position embeddings applied to q and k of packed qkv (T, 3, heads, head_dim); v unchanged.
+
+    ``positions`` (T,) integer positions of the tokens (inside their sequence, or as the caller counts
+    them); ``inv_freq`` (head_dim / 2,) the frequencies, e.g. ``1 / theta ** (arange(0, d, 2) / d)``.
+    """
+    if qkv.dim() != 4 or qkv.shape[1] != 3 or qkv.shape[-1] % 2:
+        raise ValueError(f"qkv must be (tokens, 3, heads, even head_dim), got {tuple(qkv.shape)}")
+    if positions.shape != (qkv.shape[0],) or positions.dtype.is_floating_point:
+        raise ValueError(f"positions must be ({qkv.shape[0]},) integers, got {tuple(positions.shape)} "
+                         f"{positions.dtype}")
+    if inv_freq.shape != (qkv.shape[-1] // 2,):
+        raise ValueError(f"inv_freq must be ({qkv.shape[-1] // 2},), got {tuple(inv_freq.shape)}")
+    _, fn = implementation("rotary", qkv, inv_freq)
+    return fn(qkv, positions, inv_freq)
+
+
+def geglu(x: Tensor, approximate: str = "none") -> Tensor:
+    """Gated GELU of a bias-free projection: (rows, 2 N) -> (rows, N), gelu(x[:, :N]) * x[:, N:]."""
+    _check_approximate(approximate)
+    if x.shape[-1] % 2:
+        raise ValueError(f"geglu needs an even last dimension (value and gate halves), got {tuple(x.shape)}")
+    _, fn = implementation("geglu", x, approximate=approximate)
+    return fn(x, approximate)
 
 
 def padded_attention(

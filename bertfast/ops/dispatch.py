@@ -22,7 +22,7 @@ from bertfast.ops import reference
 
 BACKENDS = ("torch", "triton", "native")
 OPS = ("embeddings", "bias_gelu", "bias_dropout_add_layernorm", "bias_gelu_layernorm", "attention",
-       "linear_cross_entropy", "pooling")
+       "linear_cross_entropy", "pooling", "rotary", "geglu")
 ENVIRONMENT_VARIABLE = "BERTFAST_BACKEND"
 
 

@@ -106,6 +106,7 @@ def attention(
     bias_table: Tensor | None = None,
     num_buckets: int = 32,
     max_distance: int = 128,
+    window: int | None = None,
 ) -> Tensor:
     """Bidirectional attention on packed sequences.
 
@@ -118,6 +119,9 @@ def attention(
     ``bias_table`` (num_buckets, heads): MPNet's relative-position bias, added to the scaled scores:
     S[q, k] = scale * q . k + bias_table[relative_position_bucket(k - q), head], positions counted
     inside each sequence.
+
+    ``window``: sliding-window (local) attention, query i sees key j of its sequence only where
+    |i - j| <= window (ModernBERT's local layers: ``local_attention // 2``); None: every key.
     """
     if bias_table is not None:
         check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
@@ -125,9 +129,11 @@ def attention(
         seed = dropout.draw_seed(qkv.device)
         return attention_with_dropout(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                                       lambda probs, rows: dropout.apply(probs, seed, dropout_p, rows),
-                                      bias_table, num_buckets, max_distance)
+                                      bias_table, num_buckets, max_distance, window)
     view = PaddedHeads(qkv, cu_seqlens, max_seqlen)
     mask = view.key_mask[:, None, None, :]
+    if window is not None:
+        mask = mask & _windowed(view.key_mask, max_seqlen, window)
     if bias_table is not None:
         bias = _score_bias(bias_table, max_seqlen, num_buckets, max_distance).to(qkv.dtype)
         mask = bias[None].masked_fill(~mask, float("-inf"))
@@ -145,7 +151,7 @@ def _score_bias(bias_table: Tensor, max_seqlen: int, num_buckets: int, max_dista
 def attention_with_dropout(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, softmax_scale: float | None,
     apply_dropout: Callable[[Tensor, Tensor], Tensor], bias_table: Tensor | None = None,
-    num_buckets: int = 32, max_distance: int = 128,
+    num_buckets: int = 32, max_distance: int = 128, window: int | None = None,
 ) -> Tensor:
     """softmax(scale Q K^T [+ bias]) with ``apply_dropout(probs, rows)`` on the probabilities, times V.
 
@@ -159,7 +165,10 @@ def attention_with_dropout(
     scores = (view.q @ view.k.transpose(-1, -2)) * scale
     if bias_table is not None:
         scores = scores + _score_bias(bias_table, max_seqlen, num_buckets, max_distance).to(scores.dtype)
-    scores = scores.masked_fill(~view.key_mask[:, None, None, :], float("-inf"))
+    visible = view.key_mask[:, None, None, :]
+    if window is not None:
+        visible = visible & _windowed(view.key_mask, max_seqlen, window)
+    scores = scores.masked_fill(~visible, float("-inf"))
     starts = cu_seqlens[:-1].long()[:, None, None]
     query = torch.arange(max_seqlen, device=qkv.device)[None, None, :]
     head = torch.arange(heads, device=qkv.device)[None, :, None]
@@ -261,3 +270,37 @@ def pooling(hidden: Tensor, cu_seqlens: Tensor, mode: str = "mean", normalize: b
     if normalize:
         pooled = F.normalize(pooled, p=2.0, dim=-1, eps=NORMALIZE_EPS)
     return pooled.to(hidden.dtype)
+
+
+def rotary(qkv: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotary position embeddings on the queries and keys of packed qkv (T, 3, heads, head_dim).
+
+    ``positions`` (T,): each token's position; ``inv_freq`` (head_dim / 2,): the rotation frequencies.
+    transformers' (Llama/ModernBERT) convention: the angles are (pos * inv_freq) twice over, cos and sin
+    rounded to qkv's dtype, and q * cos + rotate_half(q) * sin computed in fp32. v is returned unchanged.
+    """
+    freqs = positions[:, None].float() * inv_freq.float()[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+    cos, sin = angles.cos().to(qkv.dtype).float(), angles.sin().to(qkv.dtype).float()
+    qk = qkv[:, :2].float()
+    half = qk.shape[-1] // 2
+    rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+    return torch.cat(((qk * cos + rotated * sin).to(qkv.dtype), qkv[:, 2:]), dim=1)
+
+
+def geglu(x: Tensor, approximate: str = "none") -> Tensor:
+    """Gated GELU: (rows, 2 N) -> (rows, N), gelu(x[:, :N]) * x[:, N:]."""
+    value, gate = x.chunk(2, dim=-1)
+    return F.gelu(value, approximate=approximate) * gate
+
+
+def window_mask(max_seqlen: int, window: int, device: torch.device) -> Tensor:
+    """(max_seqlen, max_seqlen) True where query i may see key j: |i - j| <= window."""
+    positions = torch.arange(max_seqlen, device=device)
+    return (positions[None, :] - positions[:, None]).abs() <= window
+
+
+def _windowed(key_mask: Tensor, max_seqlen: int, window: int) -> Tensor:
+    """(batch, 1, max_seqlen, max_seqlen): the window for real queries; padded query rows (never packed
+    back) see every key, so that no row of the softmax is empty."""
+    return window_mask(max_seqlen, window, key_mask.device) | ~key_mask[:, None, :, None]
