@@ -75,14 +75,18 @@ class _Exported(nn.Module):
 
 
 def _transformers_base(model: nn.Module) -> tuple[nn.Module, object] | None:
-    """(base model, its bertfast family) of a transformers model of a supported family, or None."""
-    from bertfast.dropin import _family_of
+    """(base model, its bertfast family) of a transformers model of a BERT-tree family, or None.
+
+    Families with their own encoder module (DistilBERT, ELECTRA, ALBERT, MPNet, ...) are not exported."""
+    from bertfast.dropin import _family_base
 
     base = getattr(model, "base_model", None)
     if not isinstance(base, nn.Module):
         return None
-    family = _family_of(base)
-    return None if family is None else (base, family)
+    found = _family_base(base)
+    if found is None or found[1].encoder is not None:
+        return None
+    return base, found[1]
 
 
 def describe(model: nn.Module) -> tuple[str, tuple[str, ...], int]:
