@@ -393,3 +393,42 @@ def test_fit_runs_accelerated(tiny_dirs, fused_calls):
               show_progress_bar=False)
     assert fused_calls
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------- other families: MPNet
+
+
+@pytest.fixture(scope="module")
+def tiny_mpnet_dir(minilm, tmp_path_factory) -> Path:
+    """all-mpnet-base-v2's layout at test size (2 layers, hidden 64), random weights, no dropout: MPNet's
+    vocabulary is BERT's uncased WordPiece with <s> <pad> </s> <unk> before it and <mask> after."""
+    words = (minilm / "vocab.txt").read_text().splitlines()
+    out = tmp_path_factory.mktemp("tiny-mpnet")
+    vocab = out / "vocab.txt"
+    vocab.write_text("\n".join(["<s>", "<pad>", "</s>", "<unk>", *words, "<mask>"]) + "\n")
+    tokenizer = transformers.MPNetTokenizer(vocab=str(vocab))
+    torch.manual_seed(0)
+    config = transformers.MPNetConfig(vocab_size=len(words) + 5, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=128, max_position_embeddings=514,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    transformers.MPNetModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_mpnet_pools_with_the_fused_op_and_trains_like_the_plain_model(tiny_mpnet_dir, fused_calls):
+    transformer = Transformer(str(tiny_mpnet_dir), max_seq_length=48)
+    plain = st.SentenceTransformer(modules=[transformer, Pooling(64, "mean"), Normalize()], device="cpu")
+    fast = bertfast.accelerate(copy.deepcopy(plain))
+    texts = ANCHORS + POSITIVES
+    expected = plain.encode(texts, batch_size=5, convert_to_tensor=True)
+    assert not fused_calls
+    torch.testing.assert_close(fast.encode(texts, batch_size=5, convert_to_tensor=True), expected,
+                               rtol=1e-5, atol=1e-5)
+    assert fused_calls  # the family encoder's packed rows reached Pooling and Normalize
+    fused_calls.clear()
+    plain.train(), fast.train()
+    assert_same_training_signal(
+        loss_and_grads(plain, losses.MultipleNegativesRankingLoss(plain), [ANCHORS, POSITIVES], None),
+        loss_and_grads(fast, losses.MultipleNegativesRankingLoss(fast), [ANCHORS, POSITIVES], None))
+    assert fused_calls and all(fused_calls[1::2]) and not any(fused_calls[::2])  # pooling, then normalize

@@ -36,6 +36,7 @@ class Context:
     compile: bool  # whether to time the torch.compile baselines
     plan: Plan  # repetitions on a CPU (a GPU sizes them by time)
     rounds_given: bool = False  # --rounds was given: families with their own round count follow it
+    st_models: tuple[str, ...] = ()  # --st-model: the st-train family's models (empty: all of them)
 
     @property
     def on_gpu(self) -> bool:

@@ -51,7 +51,7 @@ def packed_forward(base: nn.Module, arguments: dict[str, Any], embeddings_requir
     limits = common.InputLimits(config.embedding_size, config.vocab_size, config.max_position_embeddings,
                                 config.type_vocab_size)
     packing, states = common.encode(base, limits, arguments, embed, layers(base), embeddings_require_grad)
-    last = packing.unpack(states[-1])
+    last = common.last_hidden_state(packing, states, arguments)
     pooled = None if base.pooler is None else base.pooler_activation(base.pooler(last[:, 0]))
     hidden_states = common.selected_states(base, packing, states,
                                            common.option(arguments, config, "output_hidden_states", False))

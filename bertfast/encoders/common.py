@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertfast import modules, ops
+from bertfast import modules, ops, sentence_embeddings
 from bertfast.models.base import pack_inputs
 from bertfast.modules import PACKING_KEY, ROWS_KEY
 from bertfast.padding import Packing
@@ -143,6 +143,17 @@ def encode(base: nn.Module, limits: InputLimits, arguments: dict[str, Any],
     if embeddings_require_grad and torch.is_grad_enabled():
         hidden.requires_grad_(True)
     return packing, run_layers(layers, hidden, packing_of(packing, packed))
+
+
+def last_hidden_state(packing: Packing, states: list[Tensor], arguments: dict[str, Any]) -> Tensor:
+    """The last layer's output padded as transformers returns it, carrying the packed rows it came from.
+
+    sentence-transformers' Pooling / Normalize then read those rows with the fused pooling op
+    (``bertfast.sentence_embeddings``), as they do for the BERT path.
+    """
+    last = packing.unpack(states[-1])
+    sentence_embeddings.attach(last, states[-1], packing, arguments.get("attention_mask"))
+    return last
 
 
 def keep_rows(rows: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -33,6 +33,6 @@ def packed_forward(base: nn.Module, arguments: dict[str, Any], embeddings_requir
     packing, states = common.encode(base, limits, arguments, embed, layers(base), embeddings_require_grad)
     hidden_states = common.selected_states(base, packing, states,
                                            common.option(arguments, config, "output_hidden_states", False))
-    output = BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=packing.unpack(states[-1]),
-                                                       hidden_states=hidden_states)
+    last = common.last_hidden_state(packing, states, arguments)
+    output = BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=last, hidden_states=hidden_states)
     return common.finish(output, arguments, config)

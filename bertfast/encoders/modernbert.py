@@ -122,7 +122,7 @@ def packed_forward(base: nn.Module, arguments: dict[str, Any], embeddings_requir
     packing, states = common.encode(base, limits, inputs, embed, list(base.layers), embeddings_require_grad,
                                     packing_of=lambda p, packed: with_rotary(base, p, packed["position_ids"]))
     states[-1] = _norm(base.final_norm, states[-1])  # transformers hands out the final norm's output last
-    last = packing.unpack(states[-1])
+    last = common.last_hidden_state(packing, states, arguments)
     requested = common.option(arguments, config, "output_hidden_states", False, none_is_unset=True)
     hidden_states = common.selected_states(base, packing, states, requested)
     output = BaseModelOutput(last_hidden_state=last, hidden_states=hidden_states)

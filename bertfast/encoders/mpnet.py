@@ -91,7 +91,7 @@ def packed_forward(base: nn.Module, arguments: dict[str, Any], embeddings_requir
     inputs = {k: v for k, v in arguments.items() if k != "token_type_ids"}  # MPNet has none
     packing, states = common.encode(base, limits, inputs, embed, layers(base), embeddings_require_grad,
                                     packing_of=lambda p, _: with_bias(base, p))
-    last = packing.unpack(states[-1])
+    last = common.last_hidden_state(packing, states, arguments)
     requested = common.option(arguments, config, "output_hidden_states", False, none_is_unset=True)
     hidden_states = common.selected_states(base, packing, states, requested, by_index=False)
     output = BaseModelOutputWithPooling(last_hidden_state=last,

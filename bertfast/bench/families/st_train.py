@@ -6,6 +6,7 @@ import copy
 import random
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,9 @@ pooling), same loss; `+ CachedMNRL` swaps in sentence-transformers' `CachedMulti
 (GradCache: mini-batches of 32, the memory-flat path; the same loss value, one more forward).
 Steps/s is 1000 / ms; tokens/s counts real tokens of both columns. `peak_mb`: memory a step allocates
 beyond what exists before it (on a CPU the peak resident set, as in the MLM-head family).
+`MPNet-base` has all-mpnet-base-v2's sizes and tokenizer layout with random weights (no checkpoint is
+shipped); its accelerated path is bertfast's MPNet family encoder (relative-position bias in the
+attention op) with the same fused pooling. `--st-model` selects the models.
 """
 
 MAX_SEQ_LENGTH = 128
@@ -57,6 +61,33 @@ def _tiny_model_dir(workdir: str) -> str:
     transformers.BertModel(config).save_pretrained(workdir)
     tokenizer.save_pretrained(workdir)
     return workdir
+
+
+def _mpnet_base_dir(workdir: str) -> str:
+    """all-mpnet-base-v2's sizes (12 layers, hidden 768, 12 heads, intermediate 3072, vocabulary 30527),
+    random weights; its tokenizer layout: MiniLM's uncased WordPiece with <s> <pad> </s> <unk> before it
+    and <mask> after, so padding is id 1 as in the real model."""
+    import transformers
+
+    words = (minilm_dir() / "vocab.txt").read_text().splitlines()
+    path = Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(["<s>", "<pad>", "</s>", "<unk>", *words, "<mask>"]) + "\n")
+    tokenizer = transformers.MPNetTokenizer(vocab=str(path / "vocab.txt"))
+    config = transformers.MPNetConfig(vocab_size=len(words) + 5, hidden_size=768, num_hidden_layers=12,
+                                      num_attention_heads=12, intermediate_size=3072, max_position_embeddings=514)
+    torch.manual_seed(0)
+    transformers.MPNetModel(config).save_pretrained(workdir)
+    tokenizer.save_pretrained(workdir)
+    return workdir
+
+
+def _model_path(model_name: str, workdir: str) -> str:
+    if model_name == "MiniLM-L6":
+        return str(minilm_dir())
+    if model_name == "MPNet-base":
+        return _mpnet_base_dir(workdir + "/mpnet-base")
+    return _tiny_model_dir(workdir + "/tiny")
 
 
 def _stream(loader) -> Iterator[dict]:
@@ -115,11 +146,7 @@ def _group(model_name: str, batch: int, n_pairs: int, names: tuple[str, ...], ct
         import bertfast
 
         workdir = tempfile.TemporaryDirectory()
-        if model_name == "MiniLM-L6":
-            path = str(minilm_dir())
-        else:
-            path = _tiny_model_dir(workdir.name + "/tiny")
-        base = SentenceTransformer(path, device=str(ctx.device))
+        base = SentenceTransformer(_model_path(model_name, workdir.name), device=str(ctx.device))
         base.max_seq_length = MAX_SEQ_LENGTH
         anchors, positives = ragged_pairs(n_pairs)
         dataset = Dataset.from_dict({"anchor": anchors, "positive": positives})
@@ -155,10 +182,17 @@ def groups(ctx: Context) -> list[Group]:
         return []
     if ctx.quick:
         return [_group("tiny", 8, 64, (PLAIN, FAST, FAST_CACHED), ctx)]
-    if ctx.on_gpu:
-        return [_group("MiniLM-L6", 256, 8192, (PLAIN, FAST, FAST_CACHED, PLAIN_CACHED), ctx),
-                _group("MiniLM-L6", 1024, 16384, (PLAIN, FAST, FAST_CACHED, PLAIN_CACHED), ctx)]
-    # Batch 256 is for its peak memory (and a step's time, once). The plain model with MNRL is left out there:
-    # it holds every sequence's padded activations, more than 18 GB (the OOM killer stopped it on a 23 GB machine).
-    return [_group("MiniLM-L6", 32, 4096, (PLAIN, FAST, FAST_CACHED), ctx),
-            _group("MiniLM-L6", 256, 4096, (FAST, FAST_CACHED, PLAIN_CACHED), ctx, Plan(warmup=0, reps=1, rounds=1))]
+    cases = _GPU_CASES if ctx.on_gpu else _CPU_CASES
+    return [_group(model, batch, n_pairs, names, ctx, plan(ctx) if plan else None)
+            for model, batch, n_pairs, names, plan in cases if not ctx.st_models or model in ctx.st_models]
+
+
+_GPU_CASES = [("MiniLM-L6", 256, 8192, (PLAIN, FAST, FAST_CACHED, PLAIN_CACHED), None),
+              ("MiniLM-L6", 1024, 16384, (PLAIN, FAST, FAST_CACHED, PLAIN_CACHED), None),
+              ("MPNet-base", 128, 8192, (PLAIN, FAST, FAST_CACHED), None)]
+# Batch 256 is for its peak memory (and a step's time, once). The plain model with MNRL is left out there:
+# it holds every sequence's padded activations, more than 18 GB (the OOM killer stopped it on a 23 GB machine).
+# MPNet-base: a step of 8 pairs takes seconds on a few cores, so few of them are timed.
+_CPU_CASES = [("MiniLM-L6", 32, 4096, (PLAIN, FAST, FAST_CACHED), None),
+              ("MiniLM-L6", 256, 4096, (FAST, FAST_CACHED, PLAIN_CACHED), lambda ctx: Plan(warmup=0, reps=1, rounds=1)),
+              ("MPNet-base", 8, 512, (PLAIN, FAST), lambda ctx: Plan(warmup=1, reps=2, rounds=ctx.plan.rounds))]
