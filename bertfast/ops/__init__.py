@@ -8,7 +8,10 @@ backend runs the call, and calls that backend's entry, which calls its ``bertfas
   inference packed attention and add+LayerNorm; and the chunked masked-LM loss
   (``bertfast.ops.chunked_cross_entropy``);
 * ``triton``: Triton kernels in ``bertfast.kernels`` (CUDA tensors; CPU tensors too when
-  ``TRITON_INTERPRET=1``, which is how the tests run them), as ``torch.library.triton_op``s;
+  ``TRITON_INTERPRET=1``, which is how the tests run them), as ``torch.library.triton_op``s. Their
+  sources are the top-level ``kernels/`` folder, one op family per module; it has no ``__init__.py`` on
+  purpose, so that Python started in a clone's root never takes it for the PyPI package ``kernels``
+  that transformers imports (a regular package outranks a namespace portion);
 * ``torch``: the reference (``bertfast.ops.reference``), plain PyTorch.
 
 Every op has a schema, a fake implementation and its autograd registered once, so that all of them run
