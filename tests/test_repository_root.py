@@ -37,8 +37,8 @@ def test_kernels_folder_is_no_regular_package():
 @pytest.mark.parametrize("start", ["-c", "-m"])
 def test_a_process_started_in_the_root_imports_transformers_and_bertfast_kernels(start, tmp_path):
     pytest.importorskip("transformers")
-    # The PyPI `kernels` is a dependency of the transformers the test extras resolve (5.25 and later); the
-    # child checks that this one, not our folder, is what `import kernels` finds. `-c` and `-m` (how
+    # The PyPI `kernels` is in the test group (and a dependency of transformers from 5.25); the child checks
+    # that this one, not our folder, is what `import kernels` finds. `-c` and `-m` (how
     # `python -m bertfast` and `python -m torch.distributed.run -m bertfast` start) both put the working
     # directory first on sys.path; the `-m` module itself comes from PYTHONPATH.
     if start == "-c":
