@@ -1,4 +1,5 @@
-// Bidirectional attention on packed short sequences, forward only (inference), on the CPU: bertfast::attention.
+// Bidirectional attention on packed short sequences, on the CPU: bertfast::attention without dropout (with
+// dropout, and in training, the kernels of attention_train.cpp run).
 //
 // qkv is (T, 3, heads, head_dim) row-major float32 or bf16: the packed tokens of all sequences, sequence b
 // being tokens [cu[b], cu[b + 1]). Each sequence attends only to itself:
@@ -19,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_args.h"
 #include "fast_math.h"
 #include "op_utils.h"
 
@@ -151,40 +153,23 @@ void packed_attention(const T* qkv, const int32_t* cu, T* out, int64_t batch, in
 }
 
 at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
-                         const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(qkv.dim() == 4 && qkv.size(1) == 3, "qkv must be (tokens, 3, heads, head_dim), got ",
-                    qkv.sizes());
-  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, "cu_seqlens must be 1-D with batch + 1 offsets");
-  check_cpu(cu_seqlens, "cu_seqlens");
-  const at::Tensor cu = cu_seqlens.to(at::kInt).contiguous();
-  const int64_t total = qkv.size(0), heads = qkv.size(2), head_dim = qkv.size(3);
-  const int64_t batch = cu.size(0) - 1;
-  const int32_t* offsets = cu.const_data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(offsets[0] == 0 && offsets[batch] == total, "cu_seqlens must start at 0 and end at the token count ",
-                    total, ", got ", offsets[0], " and ", offsets[batch]);
-  int64_t longest = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t len = static_cast<int64_t>(offsets[b + 1]) - offsets[b];
-    TORCH_CHECK_VALUE(len >= 0, "cu_seqlens must be nondecreasing");
-    longest = std::max(longest, len);
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& seed,
+                         double dropout_p) {
+  if (dropout_p != 0.0) {  // the training kernel applies the mask (attention_train.cpp)
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bertfast::attention_forward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, c10::SymInt, double,
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double)>();
+    return std::get<0>(op.call(qkv, cu_seqlens, c10::SymInt(max_seqlen), scale, bias, seed, dropout_p));
   }
-  TORCH_CHECK_VALUE(longest <= max_seqlen, "a sequence of ", longest, " tokens is longer than max_seqlen ", max_seqlen);
-  at::Tensor bias_rows;
-  if (bias.has_value()) {
-    check_cpu(*bias, "bias");
-    const int64_t distances = std::max<int64_t>(2 * max_seqlen - 1, 1);
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == heads && bias->size(1) == distances,
-                      "bias must be (heads, 2 * max_seqlen - 1) = (", heads, ", ", distances, "), got ", bias->sizes());
-    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat, "bias must be float32, got ", bias->scalar_type());
-    bias_rows = bias->contiguous();
-  }
-  const float* bias_data = bias_rows.defined() ? bias_rows.const_data_ptr<float>() : nullptr;
+  const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias);
   return dispatch_float_bf16(qkv.scalar_type(), "attention", [&](auto tag) {
     using T = decltype(tag);
     const at::Tensor packed = activation(qkv, qkv.scalar_type(), "qkv");
-    at::Tensor out = at::empty({total, heads, head_dim}, qkv.options());
-    packed_attention<T>(data_of<T>(packed), offsets, mutable_data_of<T>(out), batch, heads, head_dim, longest,
-                        static_cast<float>(scale), bias_data, max_seqlen);
+    at::Tensor out = at::empty({a.total, a.heads, a.head_dim}, qkv.options());
+    packed_attention<T>(data_of<T>(packed), a.offsets(), mutable_data_of<T>(out), a.batch, a.heads, a.head_dim,
+                        a.longest, static_cast<float>(scale), a.bias_data(), max_seqlen);
     return out;
   });
 }

@@ -36,6 +36,69 @@ at::Tensor call_dropout(const at::Tensor& x, const at::Tensor& seed, double p, c
   return op.call(x, seed, p, rows);
 }
 
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor call_attention(const at::Tensor& qkv, const at::Tensor& cu, const c10::SymInt& max_seqlen, double scale,
+                          const OptTensor& bias, const OptTensor& seed, double p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bertfast::attention", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, double,
+                                               const OptTensor&, const OptTensor&, double)>();
+  return op.call(qkv, cu, max_seqlen, scale, bias, seed, p);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_attention_forward(const at::Tensor& qkv, const at::Tensor& cu,
+                                                          const c10::SymInt& max_seqlen, double scale,
+                                                          const OptTensor& bias, const OptTensor& seed, double p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bertfast::attention_forward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       c10::SymInt, double, const OptTensor&,
+                                                                       const OptTensor&, double)>();
+  return op.call(qkv, cu, max_seqlen, scale, bias, seed, p);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_attention_backward(const at::Tensor& dout, const at::Tensor& qkv,
+                                                           const at::Tensor& lse,
+                                                           const at::Tensor& cu, const c10::SymInt& max_seqlen,
+                                                           double scale, const OptTensor& bias, const OptTensor& seed,
+                                                           double p) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bertfast::attention_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, c10::SymInt, double,
+                                                    const OptTensor&, const OptTensor&, double)>();
+  return op.call(dout, qkv, lse, cu, max_seqlen, scale, bias, seed, p);
+}
+
+OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// Saves qkv and the log-sum-exp; backward recomputes the probabilities (and the dropout mask) from them.
+class Attention : public torch::autograd::Function<Attention> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv, const at::Tensor& cu,
+                            const c10::SymInt& max_seqlen, double scale, const OptTensor& bias, const OptTensor& seed,
+                            double p) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = call_attention_forward(qkv, cu, max_seqlen, scale, bias, seed, p);
+    ctx->save_for_backward({qkv, cu, lse, bias.value_or(at::Tensor()), seed.value_or(at::Tensor())});
+    ctx->saved_data["max_seqlen"] = max_seqlen;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["p"] = p;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const OptTensor bias = optional_of(s[3]);
+    auto [dqkv, dbias] = call_attention_backward(
+        grads[0].contiguous(), s[0], s[2], s[1], ctx->saved_data["max_seqlen"].toSymInt(),
+        ctx->saved_data["scale"].toDouble(), bias, optional_of(s[4]), ctx->saved_data["p"].toDouble());
+    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), bias ? dbias : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 class BiasGelu : public torch::autograd::Function<BiasGelu> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
@@ -71,6 +134,15 @@ class Dropout : public torch::autograd::Function<Dropout> {
   }
 };
 
+// A call that records nothing runs the op below autograd: the inference kernel when there is no dropout.
+at::Tensor attention_autograd(const at::Tensor& qkv, const at::Tensor& cu, c10::SymInt max_seqlen, double scale,
+                              const OptTensor& bias, const OptTensor& seed, double p) {
+  const bool records = at::GradMode::is_enabled() && (qkv.requires_grad() || (bias && bias->requires_grad()));
+  if (records) return Attention::apply(qkv, cu, max_seqlen, scale, bias, seed, p);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call_attention(qkv, cu, max_seqlen, scale, bias, seed, p);
+}
+
 at::Tensor bias_gelu_autograd(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   return BiasGelu::apply(x, bias);
 }
@@ -87,4 +159,5 @@ at::Tensor dropout_autograd(const at::Tensor& x, const at::Tensor& seed, double 
 TORCH_LIBRARY_IMPL(bertfast, Autograd, m) {
   m.impl("bias_gelu", &bertfast::bias_gelu_autograd);
   m.impl("dropout", &bertfast::dropout_autograd);
+  m.impl("attention", &bertfast::attention_autograd);
 }

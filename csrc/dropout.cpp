@@ -20,28 +20,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "dropout_hash.h"
 #include "fast_math.h"
 #include "op_utils.h"
 
 namespace bertfast {
 
 namespace {
-
-BERTFAST_INLINE uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-struct Key {
-  uint32_t k0, k1;
-  explicit Key(uint64_t seed)
-      : k0(mix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9U)),
-        k1(mix32(static_cast<uint32_t>(seed >> 32) ^ 0x7f4a7c15U)) {}
-};
 
 BERTFAST_CLONES
 void dropout_row(const float* xr, float* yr, const uint32_t* col_hash, uint32_t row_term, int64_t cols,
@@ -70,16 +55,6 @@ void dropout_apply(const T* x, T* y, int64_t rows, int64_t cols, const int64_t* 
   });
 }
 
-uint64_t seed_of(const at::Tensor& seed) {
-  TORCH_CHECK_VALUE(seed.numel() == 1 && !seed.is_floating_point(), "seed must be a one-element integer tensor");
-  return static_cast<uint64_t>(seed.item<int64_t>());
-}
-
-// The threshold and scale of bertfast.common.dropout: min(round(p 2^31), 2^31 - 1), and 1 / (1 - p) (0 at p = 1).
-uint32_t threshold_of(double p) {
-  return static_cast<uint32_t>(std::min(std::nearbyint(p * 2147483648.0), 2147483647.0));
-}
-
 at::Tensor row_ids_of(const std::optional<at::Tensor>& rows, int64_t n_rows) {
   if (!rows) return at::Tensor();
   check_cpu(*rows, "rows");
@@ -95,7 +70,7 @@ at::Tensor dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p, co
   const int64_t n_rows = cols == 0 ? 0 : x.numel() / cols;
   const at::Tensor ids = row_ids_of(rows, n_rows);
   const uint64_t s = seed_of(seed);
-  const float scale = p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - p));
+  const float scale = keep_scale_of(p);
   return dispatch_float_bf16(x.scalar_type(), "dropout", [&](auto tag) {
     using T = decltype(tag);
     const at::Tensor xc = activation(x, x.scalar_type(), "x");

@@ -14,10 +14,19 @@ TORCH_LIBRARY(bertfast, m) {
   m.def("dropout(Tensor x, Tensor seed, float p, Tensor? rows) -> Tensor");
   // The 32-bit hashes (as int64) of elements (rows[i], col < n_cols) that dropout compares with its threshold.
   m.def("dropout_bits(Tensor seed, Tensor rows, int n_cols) -> Tensor");
-  // Forward-only attention of packed sequences: qkv (T, 3, heads, head_dim) -> (T, heads, head_dim), each
-  // sequence [cu_seqlens[b], cu_seqlens[b + 1]) attending to itself; max_seqlen bounds the longest. bias: the
-  // score bias of each key - query distance d at [head, d + max_seqlen - 1], (heads, 2 * max_seqlen - 1) float32.
-  m.def("attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None) -> Tensor");
+  // Attention of packed sequences: qkv (T, 3, heads, head_dim) -> (T, heads, head_dim), each sequence
+  // [cu_seqlens[b], cu_seqlens[b + 1]) attending to itself; max_seqlen bounds the longest. bias: the score bias
+  // of each key - query distance d at [head, d + max_seqlen - 1], (heads, 2 * max_seqlen - 1) float32,
+  // differentiable. seed and dropout_p: dropout on the probabilities with the shared mask (row token * heads +
+  // head, column the key's position in its sequence). Differentiable in qkv and bias (autograd.cpp).
+  m.def("attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None, "
+        "Tensor? seed=None, float dropout_p=0.0) -> Tensor");
+  // attention's output and the log-sum-exp of each (token, head) score row, (T, heads) float32.
+  m.def("attention_forward(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None, "
+        "Tensor? seed=None, float dropout_p=0.0) -> (Tensor, Tensor)");
+  // (dqkv, dbias) of attention for the gradient dout, from qkv and the log-sum-exp (dbias (0,) without bias).
+  m.def("attention_backward(Tensor dout, Tensor qkv, Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, "
+        "float scale, Tensor? bias=None, Tensor? seed=None, float dropout_p=0.0) -> (Tensor, Tensor)");
   // Forward-only LayerNorm(x + bias + residual) over the last dimension (bias None: LayerNorm(x + residual)).
   m.def("add_layernorm(Tensor x, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps) "
         "-> Tensor");

@@ -58,10 +58,18 @@ def cases():
         "dropout(rows)": (native._dropout_op, (x, seed(), 0.3, torch.tensor([4, 9, 0, 2**31, 7]))),
         "dropout(bf16)": (native._dropout_op, (leaf(ROWS, HIDDEN, dtype=torch.bfloat16), seed(), 0.5, None)),
         "dropout_bits": (native._dropout_bits_op, (seed(), torch.tensor([3, 0, 2**40]), 7)),
-        # Forward-only (inference) ops: no autograd, so their inputs need no gradient.
-        "attention": (native._attention_op, (qkv.detach(), cu, 4, 0.25)),
-        "attention(bf16)": (native._attention_op, (qkv.detach().bfloat16(), cu, 3, 0.25)),
-        "attention(bias)": (native._attention_op, (qkv.detach(), cu, 4, 0.25, torch.randn(2, 7))),
+        "attention": (native._attention_op, (qkv, cu, 4, 0.25)),
+        "attention(inference)": (native._attention_op, (qkv.detach(), cu, 4, 0.25)),
+        "attention(bf16)": (native._attention_op, (leaf(5, 3, 2, 16, dtype=torch.bfloat16), cu, 3, 0.25)),
+        "attention(bias, dropout)": (native._attention_op, (qkv, cu, 4, 0.25, leaf(2, 7), seed(), 0.2)),
+        "attention(bf16, dropout)": (
+            native._attention_op, (qkv.detach().bfloat16().requires_grad_(), cu, 3, 0.25, None, seed(), 0.5)),
+        "attention_forward": (
+            native._attention_forward_op, (qkv.detach(), cu, 4, 0.25, torch.randn(2, 7), seed(), 0.2)),
+        "attention_backward": (native._attention_backward_op, (
+            torch.randn(5, 2, 16), qkv.detach(), torch.randn(5, 2), cu, 4, 0.25,
+            torch.randn(2, 7), seed(), 0.2)),
+        # Forward-only (inference) op: no autograd, so its inputs need no gradient.
         "add_layernorm": (native._add_layernorm_op, (*plain[:3], w.detach(), b.detach(), 1e-5)),
         "add_layernorm(bf16, bias=None)": (
             native._add_layernorm_op, (plain[0].bfloat16(), None, plain[2].bfloat16(), w.detach(), b.detach(), 1e-5)),

@@ -12,16 +12,19 @@ get their fake (shape-only) implementations, which ``torch.compile`` traces:
   ``bertfast.ops``. ``bertfast::dropout_bits`` gives its hashes (for tests).
 * ``bertfast::pooling`` (+ ``pooling_forward`` / ``pooling_backward``): mean or first-row pooling of
   packed sequences, optionally L2-normalised, in one pass each way (sentence embeddings).
-* Inference only (forward kernels, no autograd): ``bertfast::attention``, attention of the packed
+* ``bertfast::attention`` (+ ``attention_forward`` / ``attention_backward``): attention of the packed
   sequences themselves, parallel over (sequence, head), with no padded batch, optionally with MPNet's
-  relative-position bias (``csrc/attention.cpp``);
-  ``bertfast::add_layernorm``, LayerNorm(x + bias + residual) in one pass (``csrc/add_layernorm.cpp``).
+  relative-position bias and dropout on the probabilities; its autograd saves the output and the
+  log-sum-exp (not the output), and backward recomputes the probabilities (``csrc/attention.cpp`` for calls that record
+  nothing and have no dropout, ``csrc/attention_train.cpp`` otherwise).
+* Inference only (forward kernel, no autograd): ``bertfast::add_layernorm``, LayerNorm(x + bias +
+  residual) in one pass (``csrc/add_layernorm.cpp``).
 
-Attention and bias + dropout + residual + LayerNorm run those kernels for a call that needs no gradient
-and has no dropout (:func:`inference_call`: ``eval()`` under ``no_grad`` / ``inference_mode``); training
-calls get the reference computations with the native dropout in place of ``F.dropout``, as do the
-embeddings. The kernels compute in float32; bfloat16 tensors are converted row by row as they are loaded
-and stored (AVX512-BF16's conversion where the CPU has it).
+Bias + dropout + residual + LayerNorm runs its kernel for a call that needs no gradient and has no
+dropout (:func:`inference_call`: ``eval()`` under ``no_grad`` / ``inference_mode``); training calls get the
+reference computations with the native dropout in place of ``F.dropout``, as do the embeddings. The
+kernels compute in float32; bfloat16 tensors are converted row by row as they are loaded and stored
+(AVX512-BF16's conversion where the CPU has it).
 
 The library is tied to the torch it was built with (``pip install`` builds it against the installed torch).
 Importing this module without it built raises ``ModuleNotFoundError`` for ``bertfast._C``: then there is
@@ -67,6 +70,8 @@ _bias_gelu_backward_op = _ops.bias_gelu_backward.default
 _dropout_op = _ops.dropout.default
 _dropout_bits_op = _ops.dropout_bits.default
 _attention_op = _ops.attention.default
+_attention_forward_op = _ops.attention_forward.default
+_attention_backward_op = _ops.attention_backward.default
 _add_layernorm_op = _ops.add_layernorm.default
 _pooling_op = _ops.pooling.default
 DTYPES = (torch.float32, torch.bfloat16)
@@ -94,9 +99,25 @@ def _dropout_bits_fake(seed: Tensor, rows: Tensor, n_cols: int) -> Tensor:
 
 
 @torch.library.register_fake("bertfast::attention")
-def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, bias: Tensor | None = None
-                    ) -> Tensor:
+def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, bias: Tensor | None = None,
+                    seed: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
     return qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
+
+
+@torch.library.register_fake("bertfast::attention_forward")
+def _attention_forward_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
+                            bias: Tensor | None = None, seed: Tensor | None = None, dropout_p: float = 0.0
+                            ) -> tuple[Tensor, Tensor]:
+    out = qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
+    return out, qkv.new_empty(qkv.shape[0], qkv.shape[2], dtype=torch.float32)
+
+
+@torch.library.register_fake("bertfast::attention_backward")
+def _attention_backward_fake(dout: Tensor, qkv: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                             max_seqlen: int, scale: float, bias: Tensor | None = None, seed: Tensor | None = None,
+                             dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    dbias = torch.empty_like(bias) if bias is not None else qkv.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), dbias
 
 
 @torch.library.register_fake("bertfast::add_layernorm")
@@ -203,25 +224,15 @@ def attention(
     training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
     num_buckets: int = 32, max_distance: int = 128,
 ) -> Tensor:
-    """Inference: the packed kernel, with the relative-position bias laid out by distance (gathered once per
-    call by the shared bucketing). Training: the reference attention; with dropout, softmax(QK^T [+ bias]) V
-    with the native dropout on P.
-
-    SDPA on a CPU draws attention dropout with bernoulli_ over every (query, key) pair; this is the
-    reference's explicit path with the C++ kernel applying the (same) mask.
-    """
-    if inference_call(dropout_p, training, qkv, bias_table):
-        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
-        bias = None
-        if bias_table is not None:
-            bias = relative_position.distance_bias(bias_table, max_seqlen, num_buckets, max_distance)
-            bias = bias.to(torch.float32).contiguous()
-        return _attention_op(qkv, cu_seqlens, max_seqlen, scale, bias)
-    if not (training and dropout_p > 0.0):
-        return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table,
-                                   num_buckets, max_distance)
-    seed = policy.draw_seed(qkv.device)
-    return reference.attention_with_dropout(
-        qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-        lambda probs, rows: _dropout_op(probs, seed, dropout_p, rows), bias_table, num_buckets, max_distance,
-    )
+    """The packed kernels, in inference and in training: each sequence costs its own length squared. The
+    relative-position bias is laid out by distance (gathered once per call by the shared bucketing, which
+    autograd takes back to the table); dropout on the probabilities uses the shared mask, with a seed drawn
+    by the policy of ``bertfast.ops``."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
+    bias = None
+    if bias_table is not None:
+        bias = relative_position.distance_bias(bias_table, max_seqlen, num_buckets, max_distance)
+        bias = bias.to(torch.float32).contiguous()
+    p = dropout_p if training else 0.0
+    seed = policy.draw_seed(qkv.device) if p > 0.0 else None
+    return _attention_op(qkv, cu_seqlens, max_seqlen, scale, bias, seed, p)

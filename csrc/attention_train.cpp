@@ -1,0 +1,331 @@
+// Training attention on packed sequences, on the CPU: bertfast::attention_forward (the output and each query
+// row's log-sum-exp) and bertfast::attention_backward (dqkv and the score bias's gradient).
+//
+// The math is attention.cpp's, with dropout on the probabilities (the shared counter-hash mask of
+// dropout_hash.h: row (token * heads + head) of the query, column the key's position in its sequence, as the
+// reference's padded layout numbers them):
+//   S = scale Q K^T [+ bias],  P = softmax(S) = exp(S - lse),  O = (P * Z) V,  Z = keep ? 1 / (1 - p) : 0
+// and backward, with D_i = dO_i . O_i:
+//   dV = (P * Z)^T dO,  dS = P * ((dO V^T) * Z - D),  dQ = scale dS K,  dK = scale dS^T Q,
+//   dbias[h, j - i] = sum of dS[i, j] over the (i, j) at that distance, in every sequence.
+// One (sequence, head) pair is one task, computed whole in float32: its L x L scores live in per-thread
+// scratch (1 MB at L = 512), and the products are single-threaded sgemm calls of the BLAS that torch
+// links (MKL or OpenBLAS), so a sequence costs its own L^2, never the batch's longest. Tasks are dealt out
+// longest first, round robin over the threads, so that one long sequence among short ones does not leave a
+// thread idle. The bias gradient is summed per sequence, then over the sequences in order: deterministic.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "attention_args.h"
+#include "dropout_hash.h"
+#include "fast_math.h"
+#include "op_utils.h"
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+// MKL (torch's BLAS on x86) would otherwise start threads of its own inside torch's parallel region; weak, so
+// that a torch built with another BLAS loads the library too (there the call is skipped).
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+
+namespace bertfast {
+
+namespace {
+
+// Row-major C (m x n) = alpha op(A) op(B) + beta C, through column-major sgemm (C^T = op(B)^T op(A)^T).
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+}
+
+struct Dropout {
+  Key key;
+  uint32_t threshold;
+  float scale;
+  bool on;
+};
+
+Dropout dropout_of(const std::optional<at::Tensor>& seed, double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
+  const bool on = p > 0.0;
+  TORCH_CHECK_VALUE(!on || seed.has_value(), "attention with dropout_p > 0 needs a seed");
+  return Dropout{Key(on ? seed_of(*seed) : 0), threshold_of(p), keep_scale_of(p), on};
+}
+
+// Row i of P (len keys) times Z: the mask row of query token `row_id` (= token * heads + head).
+BERTFAST_CLONES
+void drop_row(float* pr, int64_t len, const uint32_t* col_hash, uint32_t row_term, uint32_t threshold, float scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t bits = mix32(col_hash[j] + row_term);
+    pr[j] *= (bits >> 1) >= threshold ? scale : 0.0f;
+  }
+}
+
+// S row i += bias at distance j - i (bias_h points at distance 0).
+BERTFAST_INLINE void add_bias_row(float* sr, int64_t len, const float* bias_at_i) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) sr[j] += bias_at_i[j];
+}
+
+// Softmax of a score row in place; returns its log-sum-exp.
+BERTFAST_CLONES
+float softmax_row(float* sr, int64_t len) {
+  float m = sr[0];
+  for (int64_t j = 1; j < len; ++j) m = std::max(m, sr[j]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < len; ++j) {
+    const float e = fast_exp_nonpositive(sr[j] - m);
+    sr[j] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) sr[j] *= inv;
+  return m + std::log(sum);
+}
+
+// P row from scores and the saved log-sum-exp: exp(s - lse) (s <= lse up to rounding: clamp to stay in range).
+BERTFAST_CLONES
+void probabilities_row(float* sr, int64_t len, float lse) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) sr[j] = fast_exp_nonpositive(std::min(sr[j] - lse, 0.0f));
+}
+
+BERTFAST_CLONES
+float dot(const float* x, const float* y, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += x[j] * y[j];
+  return acc;
+}
+
+// dS row: p * (dpd * z - d), where z is recovered from pd = p * z (p > 0; where p is 0, dS is 0 anyway).
+BERTFAST_CLONES
+void score_gradient_row(const float* p, const float* pd, float* dp, int64_t len, float d, bool dropout, float scale) {
+  if (dropout) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) dp[j] = p[j] * ((pd[j] != 0.0f ? dp[j] * scale : 0.0f) - d);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) dp[j] = p[j] * (dp[j] - d);
+  }
+}
+
+// The (sequence, head) tasks, longest first, dealt round robin to `threads` workers: worker w runs order[w],
+// order[w + threads], ...
+std::vector<int64_t> task_order(const int32_t* cu, int64_t batch, int64_t heads) {
+  std::vector<int64_t> order(static_cast<size_t>(batch * heads));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return cu[x / heads + 1] - cu[x / heads] > cu[y / heads + 1] - cu[y / heads];
+  });
+  return order;
+}
+
+template <typename F>
+void for_each_task(const PackedAttentionArgs& a, F&& run_task) {
+  const std::vector<int64_t> order = task_order(a.offsets(), a.batch, a.heads);
+  const int64_t tasks = static_cast<int64_t>(order.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    const int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t t = w; t < tasks; t += workers) run_task(order[t], w);
+    }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  });
+}
+
+// Staging of one (sequence, head): rows [start, start + len) of q, k or v (which = 0, 1, 2) as float (len, D).
+template <typename T>
+void stage(const T* qkv, int64_t start, int64_t len, int64_t which, int64_t h, const PackedAttentionArgs& a,
+           float* dst, float factor) {
+  const int64_t token_stride = 3 * a.heads * a.head_dim;
+  const T* src = qkv + start * token_stride + (which * a.heads + h) * a.head_dim;
+  for (int64_t j = 0; j < len; ++j) {
+    for (int64_t d = 0; d < a.head_dim; ++d) dst[j * a.head_dim + d] = to_float(src[j * token_stride + d]) * factor;
+  }
+}
+
+// Rows [start, start + len) of a (T, heads, D) tensor's head h as float (len, D), and back.
+template <typename T>
+void stage_heads(const T* x, int64_t start, int64_t len, int64_t h, const PackedAttentionArgs& a, float* dst) {
+  for (int64_t j = 0; j < len; ++j) {
+    const T* row = x + ((start + j) * a.heads + h) * a.head_dim;
+    for (int64_t d = 0; d < a.head_dim; ++d) dst[j * a.head_dim + d] = to_float(row[d]);
+  }
+}
+
+template <typename T>
+void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, float scale, const Dropout& drop,
+             T* out, float* lse) {
+  const int64_t L = a.longest, D = a.head_dim;
+  std::vector<uint32_t> col_hash(static_cast<size_t>(L));
+  for (int64_t j = 0; j < L; ++j) col_hash[j] = mix32(static_cast<uint32_t>(j) ^ drop.key.k0);
+  const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<std::vector<float>> scratch(static_cast<size_t>(workers));
+  for_each_task(a, [&](int64_t task, int64_t w) {
+    const int64_t b = task / a.heads, h = task % a.heads;
+    const int64_t start = a.offsets()[b], len = a.offsets()[b + 1] - start;
+    if (len == 0) return;
+    std::vector<float>& buf = scratch[w];
+    buf.resize(static_cast<size_t>(4 * L * D + L * L));
+    float *q = buf.data(), *k = q + L * D, *v = k + L * D, *o = v + L * D, *s = o + L * D;
+    stage(qkv, start, len, 0, h, a, q, scale);
+    stage(qkv, start, len, 1, h, a, k, 1.0f);
+    stage(qkv, start, len, 2, h, a, v, 1.0f);
+    gemm(false, true, len, len, D, 1.0f, q, D, k, D, 0.0f, s, len);
+    const float* bias_h = a.bias_data() ? a.bias_data() + h * (2 * max_seqlen - 1) + (max_seqlen - 1) : nullptr;
+    for (int64_t i = 0; i < len; ++i) {
+      float* sr = s + i * len;
+      if (bias_h) add_bias_row(sr, len, bias_h - i);
+      lse[(start + i) * a.heads + h] = softmax_row(sr, len);
+      if (drop.on) {
+        const uint32_t row_term = static_cast<uint32_t>((start + i) * a.heads + h) ^ drop.key.k1;
+        drop_row(sr, len, col_hash.data(), row_term, drop.threshold, drop.scale);
+      }
+    }
+    gemm(false, false, len, D, len, 1.0f, s, len, v, D, 0.0f, o, D);
+    for (int64_t i = 0; i < len; ++i) {
+      T* dst = out + ((start + i) * a.heads + h) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(o[i * D + d]);
+    }
+  });
+}
+
+template <typename T>
+void backward(const T* dout, const T* qkv, const float* lse, const PackedAttentionArgs& a,
+              int64_t max_seqlen, float scale, const Dropout& drop, T* dqkv, float* dbias_per_sequence) {
+  const int64_t L = a.longest, D = a.head_dim, distances = 2 * max_seqlen - 1;
+  std::vector<uint32_t> col_hash(static_cast<size_t>(L));
+  for (int64_t j = 0; j < L; ++j) col_hash[j] = mix32(static_cast<uint32_t>(j) ^ drop.key.k0);
+  const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<std::vector<float>> scratch(static_cast<size_t>(workers));
+  const int64_t token_stride = 3 * a.heads * D;
+  for_each_task(a, [&](int64_t task, int64_t w) {
+    const int64_t b = task / a.heads, h = task % a.heads;
+    const int64_t start = a.offsets()[b], len = a.offsets()[b + 1] - start;
+    if (len == 0) return;
+    std::vector<float>& buf = scratch[w];
+    buf.resize(static_cast<size_t>(7 * L * D + 3 * L * L));
+    float *q = buf.data(), *k = q + L * D, *v = k + L * D, *dout_h = v + L * D, *dq = dout_h + L * D,
+          *dk = dq + L * D, *dv = dk + L * D, *p = dv + L * D, *pd = p + L * L, *ds = pd + L * L;
+    stage(qkv, start, len, 0, h, a, q, scale);
+    stage(qkv, start, len, 1, h, a, k, 1.0f);
+    stage(qkv, start, len, 2, h, a, v, 1.0f);
+    stage_heads(dout, start, len, h, a, dout_h);
+    gemm(false, true, len, len, D, 1.0f, q, D, k, D, 0.0f, p, len);
+    const float* bias_h = a.bias_data() ? a.bias_data() + h * distances + (max_seqlen - 1) : nullptr;
+    for (int64_t i = 0; i < len; ++i) {
+      float* pr = p + i * len;
+      if (bias_h) add_bias_row(pr, len, bias_h - i);
+      probabilities_row(pr, len, lse[(start + i) * a.heads + h]);
+      float* pdr = pd + i * len;
+      std::copy(pr, pr + len, pdr);
+      if (drop.on) {
+        const uint32_t row_term = static_cast<uint32_t>((start + i) * a.heads + h) ^ drop.key.k1;
+        drop_row(pdr, len, col_hash.data(), row_term, drop.threshold, drop.scale);
+      }
+    }
+    gemm(true, false, len, D, len, 1.0f, pd, len, dout_h, D, 0.0f, dv, D);
+    gemm(false, true, len, len, D, 1.0f, dout_h, D, v, D, 0.0f, ds, len);
+    for (int64_t i = 0; i < len; ++i) {
+      const float d_i = dot(pd + i * len, ds + i * len, len);
+      score_gradient_row(p + i * len, pd + i * len, ds + i * len, len, d_i, drop.on, drop.scale);
+    }
+    if (dbias_per_sequence != nullptr) {
+      float* db = dbias_per_sequence + (b * a.heads + h) * distances + (max_seqlen - 1);
+      for (int64_t i = 0; i < len; ++i) {
+        const float* dsr = ds + i * len;
+        float* dbi = db - i;
+        for (int64_t j = 0; j < len; ++j) dbi[j] += dsr[j];
+      }
+    }
+    gemm(false, false, len, D, len, scale, ds, len, k, D, 0.0f, dq, D);
+    gemm(true, false, len, D, len, 1.0f, ds, len, q, D, 0.0f, dk, D);
+    for (int64_t i = 0; i < len; ++i) {
+      T* row = dqkv + (start + i) * token_stride + h * D;
+      for (int64_t d = 0; d < D; ++d) {
+        row[d] = from_float<T>(dq[i * D + d]);
+        row[a.heads * D + d] = from_float<T>(dk[i * D + d]);
+        row[2 * a.heads * D + d] = from_float<T>(dv[i * D + d]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
+                                                         int64_t max_seqlen, double scale,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const std::optional<at::Tensor>& seed, double dropout_p) {
+  const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias);
+  const Dropout drop = dropout_of(seed, dropout_p);
+  return dispatch_float_bf16(qkv.scalar_type(), "attention_forward", [&](auto tag) {
+    using T = decltype(tag);
+    const at::Tensor packed = activation(qkv, qkv.scalar_type(), "qkv");
+    at::Tensor out = at::empty({a.total, a.heads, a.head_dim}, qkv.options());
+    at::Tensor lse = at::empty({a.total, a.heads}, qkv.options().dtype(at::kFloat));
+    forward<T>(data_of<T>(packed), a, max_seqlen, static_cast<float>(scale), drop, mutable_data_of<T>(out),
+               lse.mutable_data_ptr<float>());
+    return std::make_tuple(out, lse);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& lse,
+    const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& seed, double dropout_p) {
+  const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias);
+  const Dropout drop = dropout_of(seed, dropout_p);
+  const std::vector<int64_t> rows_shape{a.total, a.heads, a.head_dim};
+  TORCH_CHECK_VALUE(dout.sizes() == rows_shape, "dout must be ", rows_shape, ", got ", dout.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == std::vector<int64_t>({a.total, a.heads}) && lse.scalar_type() == at::kFloat,
+                    "lse must be (tokens, heads) float32");
+  const at::Tensor lse_c = lse.contiguous();
+  const int64_t distances = 2 * max_seqlen - 1;
+  at::Tensor dbias_parts;
+  if (a.bias.defined()) {
+    dbias_parts = at::zeros({std::max<int64_t>(a.batch, 1), a.heads, std::max<int64_t>(distances, 1)}, lse.options());
+  }
+  return dispatch_float_bf16(qkv.scalar_type(), "attention_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const at::Tensor packed = activation(qkv, qkv.scalar_type(), "qkv");
+    const at::Tensor dout_c = activation(dout, qkv.scalar_type(), "dout");
+    at::Tensor dqkv = at::empty_like(packed);  // every (token, head) belongs to one task, which writes it
+    backward<T>(data_of<T>(dout_c), data_of<T>(packed), lse_c.const_data_ptr<float>(), a,
+                max_seqlen, static_cast<float>(scale), drop, mutable_data_of<T>(dqkv),
+                dbias_parts.defined() ? dbias_parts.mutable_data_ptr<float>() : nullptr);
+    if (!dbias_parts.defined()) return std::make_tuple(dqkv, at::empty({0}, lse.options()));
+    // The sequences' bias gradients summed in sequence order: the same bits for any thread count.
+    at::Tensor dbias = dbias_parts[0].clone();
+    float* total = dbias.mutable_data_ptr<float>();
+    const float* part = dbias_parts.const_data_ptr<float>();
+    const int64_t n = dbias.numel();
+    for (int64_t b = 1; b < a.batch; ++b) {
+      for (int64_t e = 0; e < n; ++e) total[e] += part[b * n + e];
+    }
+    return std::make_tuple(dqkv, dbias);
+  });
+}
+
+}  // namespace
+
+}  // namespace bertfast
+
+TORCH_LIBRARY_IMPL(bertfast, CPU, m) {
+  m.impl("attention_forward", &bertfast::attention_forward_cpu);
+  m.impl("attention_backward", &bertfast::attention_backward_cpu);
+}
