@@ -22,8 +22,8 @@ view with a key-padding mask. "full" batches have every sequence max_seqlen long
 lengths uniform in 50-100% of it.
 
 Baselines: `bertfast[<backend>]` is `bertfast.ops.attention`, the entry the model calls, as dispatched
-(the Triton kernels on a GPU; on a CPU the native kernel in inference and the reference when a gradient
-is recorded, so its fwd row is the reference's); `bertfast[triton]` on a CPU is the same entry with the
+(the Triton kernels on a GPU; on a CPU the native kernels: the forward-only one in inference, the
+training pair, which saves the log-sum-exp, when a gradient is recorded); `bertfast[triton]` on a CPU is the same entry with the
 Triton backend forced, run by the interpreter (correctness, not speed); `reference` is the same entry with
 the `torch` backend forced (`bertfast.ops.use_backend`): it pads, runs SDPA with the key mask and unpacks;
 `reference-compile` is it under `torch.compile`; `sdpa-<backend>` is `F.scaled_dot_product_attention` on the
@@ -37,8 +37,8 @@ dtype; `max_err` is the largest difference of the output from the reference's.
 same packed batch. `<subject>+bias` is `bertfast.ops.attention` with the bias, `<subject>` the same call
 without it (what the bias costs), `reference+bias` the reference with the bias (SDPA with a float
 mask of (batch, heads, S, S)). Mode `inference` is the forward under `torch.inference_mode` (on a CPU:
-the C++ kernel; with gradients recorded the CPU runs the reference); backward includes the table's
-gradient.
+the forward-only C++ kernel; with gradients recorded, the training kernels); backward includes the
+table's gradient.
 """
 
 SDPA_BACKENDS = {
