@@ -23,7 +23,8 @@ lengths uniform in 50-100% of it.
 
 Baselines: `bertfast[<backend>]` is `bertfast.ops.attention`, the entry the model calls, as dispatched
 (the Triton kernels on a GPU; on a CPU the native kernels: the forward-only one in inference, the
-training pair, which saves the log-sum-exp, when a gradient is recorded); `bertfast[triton]` on a CPU is the same entry with the
+training pair, which saves the log-sum-exp, when a gradient is recorded); `bertfast[triton]` on a CPU is
+the same entry with the
 Triton backend forced, run by the interpreter (correctness, not speed); `reference` is the same entry with
 the `torch` backend forced (`bertfast.ops.use_backend`): it pads, runs SDPA with the key mask and unpacks;
 `reference-compile` is it under `torch.compile`; `sdpa-<backend>` is `F.scaled_dot_product_attention` on the
