@@ -408,7 +408,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     """Run every supported transformers base model inside ``model`` on bertfast, in place; returns ``model``.
 
     ``model`` is a transformers model of a family in ``FAMILIES`` (BERT, RoBERTa, XLM-RoBERTa,
-    CamemBERT, DistilBERT, ELECTRA, ALBERT, MPNet; base or any head), or
+    CamemBERT, DistilBERT, ELECTRA, ALBERT, MPNet, ModernBERT; base or any head), or
     any module holding them (a SentenceTransformer, a PeftModel, a user's model). Parameters, state
     dict keys, classes and forward signatures stay as they were, so an optimizer built before the
     call keeps working and ``save_pretrained`` writes the same checkpoint. bertfast's own models are

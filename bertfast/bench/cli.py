@@ -26,6 +26,8 @@ Families (default: all):
   pretrain          tokens/s of `bertfast pretrain` steps, bare model loops, transformers, the data pipeline
   inference         CPU/GPU inference: MiniLM-L6 (the real checkpoint) and BERT-base vs transformers,
                     torch.compile(transformers) and ONNX Runtime, fp32/bf16/int8, vs the measured GEMM rate
+  st-train          sentence-transformers' trainer step (MNRL, cached MNRL), plain vs bertfast.accelerate:
+                    tokens/s, peak memory
 
 Outputs in --output-dir (default benchmarks/results/<device>-<date>/): run.json (environment, versions,
 commit, every measurement with its samples' statistics), <family>.md and <family>.png, and
