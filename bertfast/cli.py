@@ -33,7 +33,7 @@ non-finite losses, a stalled process (--dist-timeout) or a failed write, 2 bad o
 Signals may go to the whole process group: DataLoader workers ignore them. Continue a stopped run
 with --resume latest: options not given are the checkpoint's; --preset, --optimizer,
 --weight-decay, the tokenizer and the corpus cannot change, --max-steps, --warmup-steps and --lr
-are applied to a recomputed schedule (see README: Stopping and resuming).
+are applied to a recomputed schedule (docs/pretraining.md: Stopping and resuming).
 """
 
 
@@ -398,23 +398,35 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bertfast`` parser with every command's (the CLI reference in docs/ is generated from it)."""
     parser = argparse.ArgumentParser(prog="bertfast", description="bertfast command-line tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    pretrain_parser = _training_parser(subparsers, "pretrain")
-    finetune_parser = _training_parser(subparsers, "finetune")
-    glue_parser = _glue_parser(subparsers)
-    predict_parser = _predict_parser(subparsers)
+    _training_parser(subparsers, "pretrain")
+    _training_parser(subparsers, "finetune")
+    _glue_parser(subparsers)
+    _predict_parser(subparsers)
     _tokenizer_parser(subparsers)
     bench_cli.add_parser(subparsers)
     _export_parser(subparsers)
+    return parser
+
+
+def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-parser of each command of ``parser``, by name, in the order they were added."""
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    command = commands(parser).get(args.command)
     if args.command in ("pretrain", "finetune"):
-        return _run_training(args, pretrain_parser if args.command == "pretrain" else finetune_parser)
+        return _run_training(args, command)
     if args.command == "glue":
-        return _run_glue(args, glue_parser)
+        return _run_glue(args, command)
     if args.command == "predict":
-        return _run_predict(args, predict_parser)
+        return _run_predict(args, command)
     if args.command == "export":
         return _run_export(args)
     if args.command == "bench":
