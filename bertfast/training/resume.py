@@ -12,7 +12,7 @@
   ``latest``; fine-tuning: ``OUTPUT_DIR/last``). The options not given are the checkpoint's
   (:func:`resumed_options`); those given that differ follow the policy of each command.
 
-The policies (README: "Stopping and resuming"):
+The policies (docs/pretraining.md and docs/finetuning.md, whose tables are generated from them):
 
 * pretraining: :data:`PRETRAIN` -- the model shape, optimizer, tokenizer and corpus are fixed; the
   schedule, cadence and runtime options are applied and logged; the options that shape the data
