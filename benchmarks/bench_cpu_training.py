@@ -8,6 +8,10 @@
 
 In both, "padded attention (previous)" is bertfast with the previous CPU training attention: the
 reference's padded (batch, heads, longest, longest) layout with the native dropout on the probabilities.
+
+3. Sliding-window attention (ModernBERT's local layers: 12 x 64 heads, window +-64), forward + backward of
+   ops.attention on one 1024- and one 2048-token row: a window costs what it holds, so doubling the row
+   should double the time (quadratic would be 4x); the reference (a dense band mask) beside it.
 Run: python benchmarks/bench_cpu_training.py [--threads 2] [--rounds 5]"""
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from bertfast import BertConfig, BertForMaskedLM
+from bertfast import BertConfig, BertForMaskedLM, ops
 from bertfast.bench.families.model import make_batch, model_pair
 from bertfast.common import dropout as policy
 from bertfast.ops import dispatch, native, reference
@@ -45,15 +49,16 @@ def split(batch: dict[str, torch.Tensor], index: list[int]) -> dict[str, torch.T
 
 
 def padded_attention(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, training=False, softmax_scale=None,
-                     bias_table=None, num_buckets=32, max_distance=128):
+                     bias_table=None, num_buckets=32, max_distance=128, window=None):
     """The previous native training path: the reference's padded attention, native dropout on P."""
     if not (training and dropout_p > 0.0):
         return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table,
-                                   num_buckets, max_distance)
+                                   num_buckets, max_distance, window)
     seed = policy.draw_seed(qkv.device)
     return reference.attention_with_dropout(
         qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-        lambda probs, ids: native._dropout_op(probs, seed, dropout_p, ids), bias_table, num_buckets, max_distance)
+        lambda probs, ids: native._dropout_op(probs, seed, dropout_p, ids), bias_table, num_buckets, max_distance,
+        window)
 
 
 @contextlib.contextmanager
@@ -118,6 +123,19 @@ def main() -> None:
     compare(f"BERT-small pretraining, 16 x <=128 ragged ({real} real tokens), {args.threads} threads",
             {"bertfast": ours_step, "transformers (sdpa)": step_of(theirs, inputs),
              "bertfast, padded attention (previous)": previous(ours_step)}, "bertfast", args.rounds)
+
+    windowed = {}
+    for length in (1024, 2048):
+        qkv = torch.randn(length, 3, 12, 64, requires_grad=True)
+        cu = torch.tensor([0, length], dtype=torch.int32)
+        for backend in ("native", "torch"):
+            def run(qkv=qkv, cu=cu, length=length, backend=backend) -> None:
+                with ops.use_backend(backend):
+                    out = ops.attention(qkv, cu, length, 0.0, True, window=64)
+                torch.autograd.grad(out, qkv, torch.ones_like(out))
+            windowed[f"{backend}, {length}-token row"] = run
+    compare(f"attention with a +-64 window, forward + backward, {args.threads} threads", windowed,
+            "native, 1024-token row", args.rounds)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,19 @@
 //
 // The math is attention.cpp's, with dropout on the probabilities (the shared counter-hash mask of
 // dropout_hash.h: row (token * heads + head) of the query, column the key's position in its sequence, as the
-// reference's padded layout numbers them):
+// reference's padded layout numbers them) and an optional window (query i sees keys |i - j| <= window):
 //   S = scale Q K^T [+ bias],  P = softmax(S) = exp(S - lse),  O = (P * Z) V,  Z = keep ? 1 / (1 - p) : 0
-// and backward, with D_i = dO_i . O_i:
+// and backward, with D_i = dO_i . O_i = sum_j (P * Z)_ij (dO V^T)_ij (the latter, from the recomputed
+// float32 probabilities: O is not needed, and a bf16-rounded O would put its rounding into every dS):
 //   dV = (P * Z)^T dO,  dS = P * ((dO V^T) * Z - D),  dQ = scale dS K,  dK = scale dS^T Q,
 //   dbias[h, j - i] = sum of dS[i, j] over the (i, j) at that distance, in every sequence.
-// One (sequence, head) pair is one task, computed whole in float32: its L x L scores live in per-thread
-// scratch (1 MB at L = 512), and the products are single-threaded sgemm calls of the BLAS that torch
-// links (MKL or OpenBLAS), so a sequence costs its own L^2, never the batch's longest. Tasks are dealt out
-// longest first, round robin over the threads, so that one long sequence among short ones does not leave a
-// thread idle. The bias gradient is summed per sequence, then over the sequences in order: deterministic.
+// One (sequence, head) pair is one task, in float32, a block of kQueryBlock queries at a time: a block's
+// scores cover only the keys it may see (its band, all keys without a window), in per-thread scratch, and
+// the products are single-threaded sgemm calls of the BLAS that torch links (MKL or OpenBLAS). So a
+// sequence costs its own length times what a query sees, never the batch's longest squared. Tasks are dealt
+// out longest first, round robin over the threads, so that one long sequence among short ones does not
+// leave a thread idle. The bias gradient is summed per sequence, then over the sequences in order:
+// deterministic.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -61,6 +64,11 @@ Dropout dropout_of(const std::optional<at::Tensor>& seed, double p) {
   const bool on = p > 0.0;
   TORCH_CHECK_VALUE(!on || seed.has_value(), "attention with dropout_p > 0 needs a seed");
   return Dropout{Key(on ? seed_of(*seed) : 0), threshold_of(p), keep_scale_of(p), on};
+}
+
+int64_t window_of(std::optional<int64_t> window) {
+  TORCH_CHECK_VALUE(!window || *window >= 0, "window must be >= 0, got ", window.value_or(0));
+  return window.value_or(-1);
 }
 
 // Row i of P (len keys) times Z: the mask row of query token `row_id` (= token * heads + head).
@@ -169,9 +177,28 @@ void stage_heads(const T* x, int64_t start, int64_t len, int64_t h, const Packed
   }
 }
 
+// The keys [j0, j1) that a block of queries, or one query, may see: all of its sequence, or those within the
+// window (|i - j| <= window; window < 0: no window).
+struct Band {
+  int64_t j0, j1;
+};
+
+BERTFAST_INLINE Band block_band(int64_t i0, int64_t i1, int64_t len, int64_t window) {
+  if (window < 0) return {0, len};
+  return {std::max<int64_t>(0, i0 - window), std::min(len, i1 + window)};
+}
+
+BERTFAST_INLINE Band row_band(int64_t i, Band block, int64_t window) {
+  if (window < 0) return block;
+  return {std::max(block.j0, i - window), std::min(block.j1, i + window + 1)};
+}
+
+// Queries per block: a block's scores are (kQueryBlock, its band), so a window costs what it holds.
+constexpr int64_t kQueryBlock = 64;
+
 template <typename T>
-void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, float scale, const Dropout& drop,
-             T* out, float* lse) {
+void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, float scale, int64_t window,
+             const Dropout& drop, T* out, float* lse) {
   const int64_t L = a.longest, D = a.head_dim;
   std::vector<uint32_t> col_hash(static_cast<size_t>(L));
   for (int64_t j = 0; j < L; ++j) col_hash[j] = mix32(static_cast<uint32_t>(j) ^ drop.key.k0);
@@ -182,23 +209,33 @@ void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, flo
     const int64_t start = a.offsets()[b], len = a.offsets()[b + 1] - start;
     if (len == 0) return;
     std::vector<float>& buf = scratch[w];
-    buf.resize(static_cast<size_t>(4 * L * D + L * L));
+    buf.resize(static_cast<size_t>(4 * L * D + kQueryBlock * L));
     float *q = buf.data(), *k = q + L * D, *v = k + L * D, *o = v + L * D, *s = o + L * D;
     stage(qkv, start, len, 0, h, a, q, scale);
     stage(qkv, start, len, 1, h, a, k, 1.0f);
     stage(qkv, start, len, 2, h, a, v, 1.0f);
-    gemm(false, true, len, len, D, 1.0f, q, D, k, D, 0.0f, s, len);
     const float* bias_h = a.bias_data() ? a.bias_data() + h * (2 * max_seqlen - 1) + (max_seqlen - 1) : nullptr;
-    for (int64_t i = 0; i < len; ++i) {
-      float* sr = s + i * len;
-      if (bias_h) add_bias_row(sr, len, bias_h - i);
-      lse[(start + i) * a.heads + h] = softmax_row(sr, len);
-      if (drop.on) {
-        const uint32_t row_term = static_cast<uint32_t>((start + i) * a.heads + h) ^ drop.key.k1;
-        drop_row(sr, len, col_hash.data(), row_term, drop.threshold, drop.scale);
+    for (int64_t i0 = 0; i0 < len; i0 += kQueryBlock) {
+      const int64_t i1 = std::min(len, i0 + kQueryBlock);
+      const Band block = block_band(i0, i1, len, window);
+      const int64_t n = block.j1 - block.j0;
+      gemm(false, true, i1 - i0, n, D, 1.0f, q + i0 * D, D, k + block.j0 * D, D, 0.0f, s, n);
+      for (int64_t i = i0; i < i1; ++i) {
+        float* sr = s + (i - i0) * n;
+        const Band r = row_band(i, block, window);
+        float* visible = sr + (r.j0 - block.j0);
+        const int64_t m = r.j1 - r.j0;
+        if (bias_h) add_bias_row(visible, m, bias_h + (r.j0 - i));
+        lse[(start + i) * a.heads + h] = softmax_row(visible, m);
+        std::fill(sr, visible, 0.0f);
+        std::fill(visible + m, sr + n, 0.0f);
+        if (drop.on) {
+          const uint32_t row_term = static_cast<uint32_t>((start + i) * a.heads + h) ^ drop.key.k1;
+          drop_row(visible, m, col_hash.data() + r.j0, row_term, drop.threshold, drop.scale);
+        }
       }
+      gemm(false, false, i1 - i0, D, n, 1.0f, s, n, v + block.j0 * D, D, 0.0f, o + i0 * D, D);
     }
-    gemm(false, false, len, D, len, 1.0f, s, len, v, D, 0.0f, o, D);
     for (int64_t i = 0; i < len; ++i) {
       T* dst = out + ((start + i) * a.heads + h) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(o[i * D + d]);
@@ -207,8 +244,8 @@ void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, flo
 }
 
 template <typename T>
-void backward(const T* dout, const T* qkv, const float* lse, const PackedAttentionArgs& a,
-              int64_t max_seqlen, float scale, const Dropout& drop, T* dqkv, float* dbias_per_sequence) {
+void backward(const T* dout, const T* qkv, const float* lse, const PackedAttentionArgs& a, int64_t max_seqlen,
+              float scale, int64_t window, const Dropout& drop, T* dqkv, float* dbias_per_sequence) {
   const int64_t L = a.longest, D = a.head_dim, distances = 2 * max_seqlen - 1;
   std::vector<uint32_t> col_hash(static_cast<size_t>(L));
   for (int64_t j = 0; j < L; ++j) col_hash[j] = mix32(static_cast<uint32_t>(j) ^ drop.key.k0);
@@ -220,42 +257,54 @@ void backward(const T* dout, const T* qkv, const float* lse, const PackedAttenti
     const int64_t start = a.offsets()[b], len = a.offsets()[b + 1] - start;
     if (len == 0) return;
     std::vector<float>& buf = scratch[w];
-    buf.resize(static_cast<size_t>(7 * L * D + 3 * L * L));
+    buf.resize(static_cast<size_t>(7 * L * D + 3 * kQueryBlock * L));
     float *q = buf.data(), *k = q + L * D, *v = k + L * D, *dout_h = v + L * D, *dq = dout_h + L * D,
-          *dk = dq + L * D, *dv = dk + L * D, *p = dv + L * D, *pd = p + L * L, *ds = pd + L * L;
+          *dk = dq + L * D, *dv = dk + L * D, *p = dv + L * D, *pd = p + kQueryBlock * L,
+          *ds = pd + kQueryBlock * L;
     stage(qkv, start, len, 0, h, a, q, scale);
     stage(qkv, start, len, 1, h, a, k, 1.0f);
     stage(qkv, start, len, 2, h, a, v, 1.0f);
     stage_heads(dout, start, len, h, a, dout_h);
-    gemm(false, true, len, len, D, 1.0f, q, D, k, D, 0.0f, p, len);
+    std::fill(dk, dk + len * D, 0.0f);  // dK and dV gather every query block's share
+    std::fill(dv, dv + len * D, 0.0f);
     const float* bias_h = a.bias_data() ? a.bias_data() + h * distances + (max_seqlen - 1) : nullptr;
-    for (int64_t i = 0; i < len; ++i) {
-      float* pr = p + i * len;
-      if (bias_h) add_bias_row(pr, len, bias_h - i);
-      probabilities_row(pr, len, lse[(start + i) * a.heads + h]);
-      float* pdr = pd + i * len;
-      std::copy(pr, pr + len, pdr);
-      if (drop.on) {
-        const uint32_t row_term = static_cast<uint32_t>((start + i) * a.heads + h) ^ drop.key.k1;
-        drop_row(pdr, len, col_hash.data(), row_term, drop.threshold, drop.scale);
+    float* db = dbias_per_sequence ? dbias_per_sequence + (b * a.heads + h) * distances + (max_seqlen - 1) : nullptr;
+    for (int64_t i0 = 0; i0 < len; i0 += kQueryBlock) {
+      const int64_t i1 = std::min(len, i0 + kQueryBlock), rows = i1 - i0;
+      const Band block = block_band(i0, i1, len, window);
+      const int64_t n = block.j1 - block.j0;
+      gemm(false, true, rows, n, D, 1.0f, q + i0 * D, D, k + block.j0 * D, D, 0.0f, p, n);
+      for (int64_t i = i0; i < i1; ++i) {
+        float* pr = p + (i - i0) * n;
+        const Band r = row_band(i, block, window);
+        float* visible = pr + (r.j0 - block.j0);
+        const int64_t m = r.j1 - r.j0;
+        if (bias_h) add_bias_row(visible, m, bias_h + (r.j0 - i));
+        probabilities_row(visible, m, lse[(start + i) * a.heads + h]);
+        std::fill(pr, visible, 0.0f);
+        std::fill(visible + m, pr + n, 0.0f);
+        float* pdr = pd + (i - i0) * n;
+        std::copy(pr, pr + n, pdr);
+        if (drop.on) {
+          const uint32_t row_term = static_cast<uint32_t>((start + i) * a.heads + h) ^ drop.key.k1;
+          drop_row(pdr + (r.j0 - block.j0), m, col_hash.data() + r.j0, row_term, drop.threshold, drop.scale);
+        }
       }
-    }
-    gemm(true, false, len, D, len, 1.0f, pd, len, dout_h, D, 0.0f, dv, D);
-    gemm(false, true, len, len, D, 1.0f, dout_h, D, v, D, 0.0f, ds, len);
-    for (int64_t i = 0; i < len; ++i) {
-      const float d_i = dot(pd + i * len, ds + i * len, len);
-      score_gradient_row(p + i * len, pd + i * len, ds + i * len, len, d_i, drop.on, drop.scale);
-    }
-    if (dbias_per_sequence != nullptr) {
-      float* db = dbias_per_sequence + (b * a.heads + h) * distances + (max_seqlen - 1);
-      for (int64_t i = 0; i < len; ++i) {
-        const float* dsr = ds + i * len;
-        float* dbi = db - i;
-        for (int64_t j = 0; j < len; ++j) dbi[j] += dsr[j];
+      gemm(true, false, n, D, rows, 1.0f, pd, n, dout_h + i0 * D, D, 1.0f, dv + block.j0 * D, D);
+      gemm(false, true, rows, n, D, 1.0f, dout_h + i0 * D, D, v + block.j0 * D, D, 0.0f, ds, n);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t row = (i - i0) * n;
+        const float d_i = dot(pd + row, ds + row, n);
+        score_gradient_row(p + row, pd + row, ds + row, n, d_i, drop.on, drop.scale);  // 0 outside the band
+        if (db != nullptr) {
+          const Band r = row_band(i, block, window);
+          float* dbi = db - i;
+          for (int64_t j = r.j0; j < r.j1; ++j) dbi[j] += ds[row + j - block.j0];
+        }
       }
+      gemm(false, false, rows, D, n, scale, ds, n, k + block.j0 * D, D, 0.0f, dq + i0 * D, D);
+      gemm(true, false, n, D, rows, 1.0f, ds, n, q + i0 * D, D, 1.0f, dk + block.j0 * D, D);
     }
-    gemm(false, false, len, D, len, scale, ds, len, k, D, 0.0f, dq, D);
-    gemm(true, false, len, D, len, 1.0f, ds, len, q, D, 0.0f, dk, D);
     for (int64_t i = 0; i < len; ++i) {
       T* row = dqkv + (start + i) * token_stride + h * D;
       for (int64_t d = 0; d < D; ++d) {
@@ -270,15 +319,17 @@ void backward(const T* dout, const T* qkv, const float* lse, const PackedAttenti
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
                                                          int64_t max_seqlen, double scale,
                                                          const std::optional<at::Tensor>& bias,
-                                                         const std::optional<at::Tensor>& seed, double dropout_p) {
+                                                         const std::optional<at::Tensor>& seed, double dropout_p,
+                                                         std::optional<int64_t> window) {
   const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias);
   const Dropout drop = dropout_of(seed, dropout_p);
+  const int64_t band = window_of(window);
   return dispatch_float_bf16(qkv.scalar_type(), "attention_forward", [&](auto tag) {
     using T = decltype(tag);
     const at::Tensor packed = activation(qkv, qkv.scalar_type(), "qkv");
     at::Tensor out = at::empty({a.total, a.heads, a.head_dim}, qkv.options());
     at::Tensor lse = at::empty({a.total, a.heads}, qkv.options().dtype(at::kFloat));
-    forward<T>(data_of<T>(packed), a, max_seqlen, static_cast<float>(scale), drop, mutable_data_of<T>(out),
+    forward<T>(data_of<T>(packed), a, max_seqlen, static_cast<float>(scale), band, drop, mutable_data_of<T>(out),
                lse.mutable_data_ptr<float>());
     return std::make_tuple(out, lse);
   });
@@ -287,9 +338,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, 
 std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& lse,
     const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& seed, double dropout_p) {
+    const std::optional<at::Tensor>& seed, double dropout_p, std::optional<int64_t> window) {
   const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias);
   const Dropout drop = dropout_of(seed, dropout_p);
+  const int64_t band = window_of(window);
   const std::vector<int64_t> rows_shape{a.total, a.heads, a.head_dim};
   TORCH_CHECK_VALUE(dout.sizes() == rows_shape, "dout must be ", rows_shape, ", got ", dout.sizes());
   TORCH_CHECK_VALUE(lse.sizes() == std::vector<int64_t>({a.total, a.heads}) && lse.scalar_type() == at::kFloat,
@@ -306,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor dout_c = activation(dout, qkv.scalar_type(), "dout");
     at::Tensor dqkv = at::empty_like(packed);  // every (token, head) belongs to one task, which writes it
     backward<T>(data_of<T>(dout_c), data_of<T>(packed), lse_c.const_data_ptr<float>(), a,
-                max_seqlen, static_cast<float>(scale), drop, mutable_data_of<T>(dqkv),
+                max_seqlen, static_cast<float>(scale), band, drop, mutable_data_of<T>(dqkv),
                 dbias_parts.defined() ? dbias_parts.mutable_data_ptr<float>() : nullptr);
     if (!dbias_parts.defined()) return std::make_tuple(dqkv, at::empty({0}, lse.options()));
     // The sequences' bias gradients summed in sequence order: the same bits for any thread count.

@@ -18,15 +18,17 @@ TORCH_LIBRARY(bertfast, m) {
   // [cu_seqlens[b], cu_seqlens[b + 1]) attending to itself; max_seqlen bounds the longest. bias: the score bias
   // of each key - query distance d at [head, d + max_seqlen - 1], (heads, 2 * max_seqlen - 1) float32,
   // differentiable. seed and dropout_p: dropout on the probabilities with the shared mask (row token * heads +
-  // head, column the key's position in its sequence). Differentiable in qkv and bias (autograd.cpp).
+  // head, column the key's position in its sequence). window: query i sees only keys |i - j| <= window of its
+  // sequence (sliding-window attention). Differentiable in qkv and bias (autograd.cpp).
   m.def("attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None, "
-        "Tensor? seed=None, float dropout_p=0.0) -> Tensor");
+        "Tensor? seed=None, float dropout_p=0.0, int? window=None) -> Tensor");
   // attention's output and the log-sum-exp of each (token, head) score row, (T, heads) float32.
   m.def("attention_forward(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None, "
-        "Tensor? seed=None, float dropout_p=0.0) -> (Tensor, Tensor)");
+        "Tensor? seed=None, float dropout_p=0.0, int? window=None) -> (Tensor, Tensor)");
   // (dqkv, dbias) of attention for the gradient dout, from qkv and the log-sum-exp (dbias (0,) without bias).
   m.def("attention_backward(Tensor dout, Tensor qkv, Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, "
-        "float scale, Tensor? bias=None, Tensor? seed=None, float dropout_p=0.0) -> (Tensor, Tensor)");
+        "float scale, Tensor? bias=None, Tensor? seed=None, float dropout_p=0.0, int? window=None) "
+        "-> (Tensor, Tensor)");
   // Forward-only LayerNorm(x + bias + residual) over the last dimension (bias None: LayerNorm(x + residual)).
   m.def("add_layernorm(Tensor x, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps) "
         "-> Tensor");

@@ -1,6 +1,7 @@
 """The native CPU attention in training (csrc/attention_train.cpp): output and every gradient (qkv and the
-relative-position bias table) against the padded reference on the same seed, with and without dropout and
-bias, float32 and bfloat16, on ragged batches with empty and one-token sequences."""
+relative-position bias table) against the padded reference on the same seed, with and without dropout,
+bias and a sliding window, float32 and bfloat16, on ragged batches with empty and one-token sequences and
+sequences of several query blocks (64 queries each)."""
 
 from __future__ import annotations
 
@@ -22,31 +23,33 @@ def batch(lengths: list[int], dtype: torch.dtype = torch.float32):
     return qkv, cu
 
 
-def run(backend: str, qkv, cu, max_seqlen, p, table, dy, seed=7):
+def run(backend: str, qkv, cu, max_seqlen, p, table, dy, seed=7, window=None):
     """(out, dqkv[, dtable]) of ops.attention in training under ``backend``, dropout seeded by ``seed``."""
     inputs = [qkv] if table is None else [qkv, table]
     with ops.use_backend(backend):
         torch.manual_seed(seed)
         out = ops.attention(qkv, cu, max_seqlen, p, training=True, bias_table=table, num_buckets=BUCKETS,
-                            max_distance=MAX_DISTANCE)
+                            max_distance=MAX_DISTANCE, window=window)
     return (out, *torch.autograd.grad(out, inputs, dy))
 
 
-@pytest.mark.parametrize("lengths", [[5, 1, 17, 0, 33], [1], [40, 3, 3]])
+@pytest.mark.parametrize("lengths,window", [([5, 1, 17, 0, 33], None), ([1], None), ([40, 3, 3], None),
+                                            ([150, 1, 70], None), ([150, 1, 70, 9], 0), ([150, 1, 70, 9], 5),
+                                            ([130, 20], 64), ([12, 3], 40)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_matches_the_reference(lengths, p, with_bias, dtype, one_thread):
+def test_training_matches_the_reference(lengths, window, p, with_bias, dtype, one_thread):
     qkv, cu = batch(lengths, dtype)
     table = torch.randn(BUCKETS, HEADS, requires_grad=True) if with_bias else None
     max_seqlen = max(lengths) + 3  # a looser bound than the longest sequence changes nothing
     dy = torch.randn(qkv.shape[0], HEADS, HEAD_DIM).to(dtype)
-    assert ops.implementation("attention", qkv, table)[0] == "native"
-    actual = run("native", qkv, cu, max_seqlen, p, table, dy)
-    same_dtype = run("torch", qkv, cu, max_seqlen, p, table, dy)
+    assert ops.implementation("attention", qkv, table, window=window)[0] == "native"
+    actual = run("native", qkv, cu, max_seqlen, p, table, dy, window=window)
+    same_dtype = run("torch", qkv, cu, max_seqlen, p, table, dy, window=window)
     qkv32 = qkv.detach().float().requires_grad_()
     table32 = table.detach().clone().requires_grad_() if with_bias else None
-    fp32 = run("torch", qkv32, cu, max_seqlen, p, table32, dy.float())
+    fp32 = run("torch", qkv32, cu, max_seqlen, p, table32, dy.float(), window=window)
     names = ("out", "dqkv", "dtable")[: len(actual)]
     if dtype == torch.float32:
         assert_matches_reference(names, actual, same_dtype, same_dtype)
@@ -56,7 +59,16 @@ def test_training_matches_the_reference(lengths, p, with_bias, dtype, one_thread
             assert_matches_reference(names[2:], actual[2:], fp32[2:], same_dtype[2:])
 
 
-def test_dropout_keeps_the_references_elements():
+@pytest.mark.parametrize("window", [None, 0, 7])
+def test_inference_matches_the_reference(window, one_thread):
+    qkv, cu = batch([150, 1, 70, 0, 9])
+    with torch.inference_mode():
+        out = ops.attention(qkv, cu, 150, window=window)
+        expected = reference.attention(qkv, cu, 150, window=window)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_of_one_drops_everything():
     """p = 1 drops every probability: the output and the gradients of q and k are exactly zero."""
     qkv, cu = batch([4, 9])
     out, dqkv = run("native", qkv, cu, 9, 1.0, None, torch.randn(13, HEADS, HEAD_DIM))

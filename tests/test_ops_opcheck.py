@@ -64,11 +64,13 @@ def cases():
         "attention(bias, dropout)": (native._attention_op, (qkv, cu, 4, 0.25, leaf(2, 7), seed(), 0.2)),
         "attention(bf16, dropout)": (
             native._attention_op, (qkv.detach().bfloat16().requires_grad_(), cu, 3, 0.25, None, seed(), 0.5)),
+        "attention(window, dropout)": (native._attention_op, (qkv, cu, 4, 0.25, None, seed(), 0.2, 1)),
+        "attention(window, inference)": (native._attention_op, (qkv.detach(), cu, 4, 0.25, None, None, 0.0, 0)),
         "attention_forward": (
             native._attention_forward_op, (qkv.detach(), cu, 4, 0.25, torch.randn(2, 7), seed(), 0.2)),
         "attention_backward": (native._attention_backward_op, (
             torch.randn(5, 2, 16), qkv.detach(), torch.randn(5, 2), cu, 4, 0.25,
-            torch.randn(2, 7), seed(), 0.2)),
+            torch.randn(2, 7), seed(), 0.2, 2)),
         # Forward-only (inference) op: no autograd, so its inputs need no gradient.
         "add_layernorm": (native._add_layernorm_op, (*plain[:3], w.detach(), b.detach(), 1e-5)),
         "add_layernorm(bf16, bias=None)": (

@@ -170,20 +170,18 @@ def attention(
     with ``num_buckets`` and ``max_distance``).
 
     ``window``: sliding-window (local) attention, each query sees the keys of its sequence at most
-    ``window`` positions away (ModernBERT's local layers). The reference runs windowed calls.
+    ``window`` positions away (ModernBERT's local layers); the CPU kernels compute only those scores.
     """
     dropout.check_probability(dropout_p)
     if bias_table is not None:
         if qkv.dim() != 4:
             raise ValueError(f"qkv must be (tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
         reference.check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
-    if window is not None:
-        if window < 0:
-            raise ValueError(f"window must be >= 0, got {window}")
-        return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table,
-                                   num_buckets, max_distance, window)
-    _, fn = implementation("attention", qkv, bias_table)
-    return fn(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table, num_buckets, max_distance)
+    if window is not None and window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    _, fn = implementation("attention", qkv, bias_table, window=window)
+    return fn(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table, num_buckets,
+              max_distance, window)
 
 
 def rotary(qkv: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
