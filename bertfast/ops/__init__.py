@@ -4,9 +4,9 @@ One path per call: the front function here checks its arguments, asks ``bertfast
 backend runs the call, and calls that backend's entry, which calls its ``bertfast::`` op:
 
 * ``native``: the CPU ops, C++ kernels registered with torch (``TORCH_LIBRARY``; ``bertfast.ops.native``),
-  float32 and bfloat16: bias+GELU, dropout (of the embeddings, attention and residual ops), and in
-  inference packed attention and add+LayerNorm; and the chunked masked-LM loss
-  (``bertfast.ops.chunked_cross_entropy``);
+  float32 and bfloat16: bias+GELU, dropout (of the embeddings and residual ops), packed attention
+  (inference and training, with dropout, the relative-position bias and a sliding window), and in
+  inference add+LayerNorm; and the chunked masked-LM loss (``bertfast.ops.chunked_cross_entropy``);
 * ``triton``: Triton kernels in ``bertfast.kernels`` (CUDA tensors; CPU tensors too when
   ``TRITON_INTERPRET=1``, which is how the tests run them), as ``torch.library.triton_op``s. Their
   sources are the top-level ``kernels/`` folder, one op family per module; it has no ``__init__.py`` on
