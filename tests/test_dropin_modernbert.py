@@ -99,6 +99,17 @@ def test_multiple_choice_and_pooling_match_transformers(pooling, packed_calls, o
     assert packed_calls == [1]
 
 
+def test_rows_longer_than_max_position_embeddings_run_as_transformers_runs_them(packed_calls, one_thread):
+    """Rotary positions index no table: transformers runs a row past max_position_embeddings, and so does the
+    packed path (BERT's table check does not apply)."""
+    ids, mask = ragged([40, 7, 33], seqlen=40)
+    inputs = dict(input_ids=ids, attention_mask=mask, **labels_for("ModernBertForMaskedLM", ids, mask))
+    expected = run(build("ModernBertForMaskedLM", max_position_embeddings=32), inputs, mask)
+    assert_same(expected, run(bertfast.accelerate(build("ModernBertForMaskedLM", max_position_embeddings=32)),
+                              inputs, mask))
+    assert packed_calls == [1]
+
+
 def test_patch_transformers_matches_transformers(packed_calls, one_thread):
     inputs, mask = inputs_for("ModernBertForMaskedLM")
     expected = run(build("ModernBertForMaskedLM"), inputs, mask)

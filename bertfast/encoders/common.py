@@ -27,7 +27,7 @@ class InputLimits:
 
     hidden_size: int  # the width of inputs_embeds: the embedding size where it differs from the hidden size
     vocab_size: int
-    max_position_embeddings: int
+    max_position_embeddings: int | None  # None: no position table (rotary positions), any length runs
     type_vocab_size: int = 1
 
 

@@ -116,7 +116,8 @@ def packed_forward(base: nn.Module, arguments: dict[str, Any], embeddings_requir
     from transformers.modeling_outputs import BaseModelOutput
 
     config = base.config
-    limits = common.InputLimits(config.hidden_size, config.vocab_size, config.max_position_embeddings)
+    # Rotary positions index no table: like transformers, inputs longer than max_position_embeddings run.
+    limits = common.InputLimits(config.hidden_size, config.vocab_size, None)
     # No token types; without position_ids pack_inputs counts the padded row's columns (transformers' arange)
     inputs = {k: v for k, v in arguments.items() if k != "token_type_ids"}
     packing, states = common.encode(base, limits, inputs, embed, list(base.layers), embeddings_require_grad,

@@ -412,6 +412,7 @@ def pack_inputs(
     """Check a BERT model's inputs and turn them into packed (T,) tensors, naming whatever is wrong.
 
     ``config`` is any config with BERT's fields (bertfast's, or transformers' BERT-family configs).
+    ``max_position_embeddings`` None: positions index no table (rotary families), so any length runs.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -437,8 +438,9 @@ def pack_inputs(
             f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs have shape {shape}; "
             "bertfast takes a 2-D (batch, seq_len) mask of 1 (token) and 0 (padding)"
         )
+    table = config.max_position_embeddings
     if position_ids is None:
-        if seqlen > config.max_position_embeddings:
+        if table is not None and seqlen > table:
             raise ValueError(
                 f"sequence length {seqlen} exceeds max_position_embeddings "
                 f"({config.max_position_embeddings}); truncate the input"
@@ -453,8 +455,9 @@ def pack_inputs(
         raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {shape}")
     position_ids = position_ids.expand(shape)
 
-    ranged = [("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size"),
-              ("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings")]
+    ranged = [("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")]
+    if table is not None:
+        ranged.append(("position_ids", position_ids, table, "max_position_embeddings"))
     if input_ids is not None:
         ranged.insert(0, ("input_ids", input_ids, config.vocab_size, "vocab_size"))
     every_position = _check_values(attention_mask, ranged)
