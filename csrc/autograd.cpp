@@ -107,6 +107,57 @@ class Attention : public torch::autograd::Function<Attention> {
   }
 };
 
+at::Tensor call_rotary(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq, bool inverse) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bertfast::rotary", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(qkv, positions, inv_freq, inverse);
+}
+
+// A rotation's gradient is the rotation the other way (v's gradient passes through).
+class Rotary : public torch::autograd::Function<Rotary> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv, const at::Tensor& positions,
+                            const at::Tensor& inv_freq, bool inverse) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({positions, inv_freq});
+    ctx->saved_data["inverse"] = inverse;
+    return call_rotary(qkv, positions, inv_freq, inverse);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    return {call_rotary(grads[0].contiguous(), s[0], s[1], !ctx->saved_data["inverse"].toBool()), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor call_geglu(const at::Tensor& x) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bertfast::geglu", "").typed<at::Tensor(const at::Tensor&)>();
+  return op.call(x);
+}
+
+at::Tensor call_geglu_backward(const at::Tensor& dy, const at::Tensor& x) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bertfast::geglu_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(dy, x);
+}
+
+class Geglu : public torch::autograd::Function<Geglu> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x});
+    return call_geglu(x);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {call_geglu_backward(grads[0].contiguous(), ctx->get_saved_variables()[0])};
+  }
+};
+
 class BiasGelu : public torch::autograd::Function<BiasGelu> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
@@ -151,6 +202,13 @@ at::Tensor attention_autograd(const at::Tensor& qkv, const at::Tensor& cu, c10::
   return call_attention(qkv, cu, max_seqlen, scale, bias, seed, p, window);
 }
 
+at::Tensor rotary_autograd(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,
+                           bool inverse) {
+  return Rotary::apply(qkv, positions, inv_freq, inverse);
+}
+
+at::Tensor geglu_autograd(const at::Tensor& x) { return Geglu::apply(x); }
+
 at::Tensor bias_gelu_autograd(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   return BiasGelu::apply(x, bias);
 }
@@ -168,4 +226,6 @@ TORCH_LIBRARY_IMPL(bertfast, Autograd, m) {
   m.impl("bias_gelu", &bertfast::bias_gelu_autograd);
   m.impl("dropout", &bertfast::dropout_autograd);
   m.impl("attention", &bertfast::attention_autograd);
+  m.impl("rotary", &bertfast::rotary_autograd);
+  m.impl("geglu", &bertfast::geglu_autograd);
 }

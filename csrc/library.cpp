@@ -29,6 +29,12 @@ TORCH_LIBRARY(bertfast, m) {
   m.def("attention_backward(Tensor dout, Tensor qkv, Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, "
         "float scale, Tensor? bias=None, Tensor? seed=None, float dropout_p=0.0, int? window=None) "
         "-> (Tensor, Tensor)");
+  // Rotary embeddings of packed qkv (T, 3, heads, head_dim): q and k of token t turned by positions[t] *
+  // inv_freq (cos and sin rounded to qkv's dtype), v copied; inverse turns the other way (the gradient).
+  m.def("rotary(Tensor qkv, Tensor positions, Tensor inv_freq, bool inverse=False) -> Tensor");
+  // Gated GELU: x (rows, 2 N) -> gelu(x[:, :N]) * x[:, N:], exact GELU; and its gradient (rows, 2 N) for dy.
+  m.def("geglu(Tensor x) -> Tensor");
+  m.def("geglu_backward(Tensor dy, Tensor x) -> Tensor");
   // Forward-only LayerNorm(x + bias + residual) over the last dimension (bias None: LayerNorm(x + residual)).
   m.def("add_layernorm(Tensor x, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps) "
         "-> Tensor");

@@ -71,6 +71,12 @@ def cases():
         "attention_backward": (native._attention_backward_op, (
             torch.randn(5, 2, 16), qkv.detach(), torch.randn(5, 2), cu, 4, 0.25,
             torch.randn(2, 7), seed(), 0.2, 2)),
+        "rotary": (native._rotary_op, (qkv, torch.tensor([0, 7, 1, 300, 2]), torch.rand(8))),
+        "rotary(bf16, inverse)": (
+            native._rotary_op, (qkv.detach().bfloat16().requires_grad_(), torch.arange(5), torch.rand(8), True)),
+        "geglu": (native._geglu_op, (leaf(ROWS, 2 * HIDDEN),)),
+        "geglu(bf16, 3-D)": (native._geglu_op, (leaf(2, 3, 2 * HIDDEN, dtype=torch.bfloat16),)),
+        "geglu_backward": (native._geglu_backward_op, (dy, torch.randn(ROWS, 2 * HIDDEN))),
         # Forward-only (inference) op: no autograd, so its inputs need no gradient.
         "add_layernorm": (native._add_layernorm_op, (*plain[:3], w.detach(), b.detach(), 1e-5)),
         "add_layernorm(bf16, bias=None)": (

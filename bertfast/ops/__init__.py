@@ -4,9 +4,10 @@ One path per call: the front function here checks its arguments, asks ``bertfast
 backend runs the call, and calls that backend's entry, which calls its ``bertfast::`` op:
 
 * ``native``: the CPU ops, C++ kernels registered with torch (``TORCH_LIBRARY``; ``bertfast.ops.native``),
-  float32 and bfloat16: bias+GELU, dropout (of the embeddings and residual ops), packed attention
-  (inference and training, with dropout, the relative-position bias and a sliding window), and in
-  inference add+LayerNorm; and the chunked masked-LM loss (``bertfast.ops.chunked_cross_entropy``);
+  float32 and bfloat16: bias+GELU, gated GELU, rotary embeddings, dropout (of the embeddings and residual
+  ops), packed attention (inference and training, with dropout, the relative-position bias and a sliding
+  window), and in inference add+LayerNorm; and the chunked masked-LM loss
+  (``bertfast.ops.chunked_cross_entropy``);
 * ``triton``: Triton kernels in ``bertfast.kernels`` (CUDA tensors; CPU tensors too when
   ``TRITON_INTERPRET=1``, which is how the tests run them), as ``torch.library.triton_op``s. Their
   sources are the top-level ``kernels/`` folder, one op family per module; it has no ``__init__.py`` on
@@ -71,6 +72,8 @@ def _register_backends() -> None:
         for op in ("embeddings", "bias_gelu", "bias_dropout_add_layernorm"):
             dispatch.register(op, "native", getattr(native, op), native.supports)
         dispatch.register("attention", "native", native.attention, native.supports_attention)
+        dispatch.register("rotary", "native", native.rotary, native.supports_rotary)
+        dispatch.register("geglu", "native", native.geglu, native.supports)
         dispatch.register("pooling", "native", native.pooling, native.pooling_supports)
     # Chunked PyTorch: the same memory bound and in-forward gradients as the kernel path.
     dispatch.register("linear_cross_entropy", "native", chunked_cross_entropy.linear_cross_entropy,

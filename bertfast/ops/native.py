@@ -10,6 +10,8 @@ get their fake (shape-only) implementations, which ``torch.compile`` traces:
   op on the gradient) regenerates it, and drawing it costs a fraction of ``torch.bernoulli_``'s time (the
   largest single cost of a small model's training step on a CPU). The seed follows the policy of
   ``bertfast.ops``. ``bertfast::dropout_bits`` gives its hashes (for tests).
+* ``bertfast::rotary``: rotary embeddings on the q and k of packed qkv (backward: the same op turning
+  the other way); ``bertfast::geglu`` (+ ``geglu_backward``): the gated GELU of ModernBERT's MLP.
 * ``bertfast::pooling`` (+ ``pooling_forward`` / ``pooling_backward``): mean or first-row pooling of
   packed sequences, optionally L2-normalised, in one pass each way (sentence embeddings).
 * ``bertfast::attention`` (+ ``attention_forward`` / ``attention_backward``): attention of the packed
@@ -73,6 +75,9 @@ _attention_op = _ops.attention.default
 _attention_forward_op = _ops.attention_forward.default
 _attention_backward_op = _ops.attention_backward.default
 _add_layernorm_op = _ops.add_layernorm.default
+_rotary_op = _ops.rotary.default
+_geglu_op = _ops.geglu.default
+_geglu_backward_op = _ops.geglu_backward.default
 _pooling_op = _ops.pooling.default
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -118,6 +123,21 @@ def _attention_backward_fake(dout: Tensor, qkv: Tensor, lse: Tensor, cu_seqlens:
                              dropout_p: float = 0.0, window: int | None = None) -> tuple[Tensor, Tensor]:
     dbias = torch.empty_like(bias) if bias is not None else qkv.new_empty(0, dtype=torch.float32)
     return torch.empty_like(qkv, memory_format=torch.contiguous_format), dbias
+
+
+@torch.library.register_fake("bertfast::rotary")
+def _rotary_fake(qkv: Tensor, positions: Tensor, inv_freq: Tensor, inverse: bool = False) -> Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("bertfast::geglu")
+def _geglu_fake(x: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.register_fake("bertfast::geglu_backward")
+def _geglu_backward_fake(dy: Tensor, x: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("bertfast::add_layernorm")
@@ -174,6 +194,21 @@ def inference_call(dropout_p: float, training: bool, *tensors: Tensor | None) ->
 def bias_gelu(x: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
     """gelu(x + bias), exact GELU."""
     return _bias_gelu_op(x, bias)
+
+
+def rotary(qkv: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotary embeddings on q and k of packed qkv, v unchanged (``csrc/rotary.cpp``); backward turns dy back."""
+    return _rotary_op(qkv, positions, inv_freq)
+
+
+def supports_rotary(qkv: Tensor, inv_freq: Tensor) -> bool:
+    """:func:`supports` for qkv; frequencies of any floating dtype on the CPU (they are read in float32)."""
+    return supports(qkv) and inv_freq.device.type == "cpu" and inv_freq.is_floating_point()
+
+
+def geglu(x: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(x[:, :N]) * x[:, N:], exact GELU, forward and backward in one pass each (``csrc/geglu.cpp``)."""
+    return _geglu_op(x)
 
 
 def dropout_bits(seed: Tensor, rows: Tensor, n_cols: int) -> Tensor:
