@@ -1,5 +1,5 @@
-// Bidirectional attention on packed short sequences, on the CPU: bertfast::attention without dropout or window
-// (with either, and in training, the kernels of attention_train.cpp run).
+// Bidirectional attention on packed short sequences, on the CPU: bertfast::attention without dropout, window or
+// columns (with any of them, and in training, the kernels of attention_train.cpp run).
 //
 // qkv is (T, 3, heads, head_dim) row-major float32 or bf16: the packed tokens of all sequences, sequence b
 // being tokens [cu[b], cu[b + 1]). Each sequence attends only to itself:
@@ -154,15 +154,17 @@ void packed_attention(const T* qkv, const int32_t* cu, T* out, int64_t batch, in
 
 at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& seed,
-                         double dropout_p, std::optional<int64_t> window) {
-  if (dropout_p != 0.0 || window) {  // the training kernel applies the mask and the window (attention_train.cpp)
+                         double dropout_p, std::optional<int64_t> window, const std::optional<at::Tensor>& columns) {
+  // The training kernel applies the mask, the window and the columns (attention_train.cpp).
+  if (dropout_p != 0.0 || window || columns) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("bertfast::attention_forward", "")
                                .typed<std::tuple<at::Tensor, at::Tensor>(
                                    const at::Tensor&, const at::Tensor&, c10::SymInt, double,
                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-                                   std::optional<int64_t>)>();
-    return std::get<0>(op.call(qkv, cu_seqlens, c10::SymInt(max_seqlen), scale, bias, seed, dropout_p, window));
+                                   std::optional<int64_t>, const std::optional<at::Tensor>&)>();
+    return std::get<0>(
+        op.call(qkv, cu_seqlens, c10::SymInt(max_seqlen), scale, bias, seed, dropout_p, window, columns));
   }
   const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias);
   return dispatch_float_bf16(qkv.scalar_type(), "attention", [&](auto tag) {

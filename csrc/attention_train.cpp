@@ -3,7 +3,8 @@
 //
 // The math is attention.cpp's, with dropout on the probabilities (the shared counter-hash mask of
 // dropout_hash.h: row (token * heads + head) of the query, column the key's position in its sequence, as the
-// reference's padded layout numbers them) and an optional window (query i sees keys |i - j| <= window):
+// reference's padded layout numbers them) and an optional window (query i sees keys |i - j| <= window);
+// distances i - j count the tokens' columns in their padded rows where columns are given (a mask with holes):
 //   S = scale Q K^T [+ bias],  P = softmax(S) = exp(S - lse),  O = (P * Z) V,  Z = keep ? 1 / (1 - p) : 0
 // and backward, with D_i = dO_i . O_i = sum_j (P * Z)_ij (dO V^T)_ij (the latter, from the recomputed
 // float32 probabilities: O is not needed, and a bf16-rounded O would put its rounding into every dS):
@@ -177,20 +178,45 @@ void stage_heads(const T* x, int64_t start, int64_t len, int64_t h, const Packed
   }
 }
 
+// Where the tokens of one sequence sit, for distances (the bias and the window): their columns in the padded
+// row (increasing), or, without columns, their index in the sequence.
+struct Places {
+  const int64_t* col;
+
+  int64_t at(int64_t i) const { return col ? col[i] : i; }
+  // The first index j in [lo, hi) whose place is at least `value` (hi if none).
+  int64_t first_at_least(int64_t value, int64_t lo, int64_t hi) const {
+    if (col == nullptr) return std::clamp(value, lo, hi);
+    return std::lower_bound(col + lo, col + hi, value) - col;
+  }
+};
+
 // The keys [j0, j1) that a block of queries, or one query, may see: all of its sequence, or those within the
-// window (|i - j| <= window; window < 0: no window).
+// window (|place(i) - place(j)| <= window; window < 0: no window).
 struct Band {
   int64_t j0, j1;
 };
 
-BERTFAST_INLINE Band block_band(int64_t i0, int64_t i1, int64_t len, int64_t window) {
+BERTFAST_INLINE Band block_band(int64_t i0, int64_t i1, int64_t len, int64_t window, const Places& places) {
   if (window < 0) return {0, len};
-  return {std::max<int64_t>(0, i0 - window), std::min(len, i1 + window)};
+  return {places.first_at_least(places.at(i0) - window, 0, len),
+          places.first_at_least(places.at(i1 - 1) + window + 1, 0, len)};
 }
 
-BERTFAST_INLINE Band row_band(int64_t i, Band block, int64_t window) {
+BERTFAST_INLINE Band row_band(int64_t i, Band block, int64_t window, const Places& places) {
   if (window < 0) return block;
-  return {std::max(block.j0, i - window), std::min(block.j1, i + window + 1)};
+  return {places.first_at_least(places.at(i) - window, block.j0, block.j1),
+          places.first_at_least(places.at(i) + window + 1, block.j0, block.j1)};
+}
+
+// Scores of query i for keys [j0, j0 + m) += the bias at each key - query distance (bias_h: distance 0).
+BERTFAST_INLINE void add_bias(float* visible, int64_t m, const float* bias_h, int64_t i, int64_t j0,
+                              const Places& places) {
+  if (places.col == nullptr) {
+    add_bias_row(visible, m, bias_h + (j0 - i));
+    return;
+  }
+  for (int64_t j = 0; j < m; ++j) visible[j] += bias_h[places.col[j0 + j] - places.col[i]];
 }
 
 // Queries per block: a block's scores are (kQueryBlock, its band), so a window costs what it holds.
@@ -199,6 +225,7 @@ constexpr int64_t kQueryBlock = 64;
 template <typename T>
 void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, float scale, int64_t window,
              const Dropout& drop, T* out, float* lse) {
+  const int64_t* columns = a.columns_data();
   const int64_t L = a.longest, D = a.head_dim;
   std::vector<uint32_t> col_hash(static_cast<size_t>(L));
   for (int64_t j = 0; j < L; ++j) col_hash[j] = mix32(static_cast<uint32_t>(j) ^ drop.key.k0);
@@ -215,17 +242,18 @@ void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, flo
     stage(qkv, start, len, 1, h, a, k, 1.0f);
     stage(qkv, start, len, 2, h, a, v, 1.0f);
     const float* bias_h = a.bias_data() ? a.bias_data() + h * (2 * max_seqlen - 1) + (max_seqlen - 1) : nullptr;
+    const Places places{columns ? columns + start : nullptr};
     for (int64_t i0 = 0; i0 < len; i0 += kQueryBlock) {
       const int64_t i1 = std::min(len, i0 + kQueryBlock);
-      const Band block = block_band(i0, i1, len, window);
+      const Band block = block_band(i0, i1, len, window, places);
       const int64_t n = block.j1 - block.j0;
       gemm(false, true, i1 - i0, n, D, 1.0f, q + i0 * D, D, k + block.j0 * D, D, 0.0f, s, n);
       for (int64_t i = i0; i < i1; ++i) {
         float* sr = s + (i - i0) * n;
-        const Band r = row_band(i, block, window);
+        const Band r = row_band(i, block, window, places);
         float* visible = sr + (r.j0 - block.j0);
         const int64_t m = r.j1 - r.j0;
-        if (bias_h) add_bias_row(visible, m, bias_h + (r.j0 - i));
+        if (bias_h) add_bias(visible, m, bias_h, i, r.j0, places);
         lse[(start + i) * a.heads + h] = softmax_row(visible, m);
         std::fill(sr, visible, 0.0f);
         std::fill(visible + m, sr + n, 0.0f);
@@ -247,6 +275,7 @@ template <typename T>
 void backward(const T* dout, const T* qkv, const float* lse, const PackedAttentionArgs& a, int64_t max_seqlen,
               float scale, int64_t window, const Dropout& drop, T* dqkv, float* dbias_per_sequence) {
   const int64_t L = a.longest, D = a.head_dim, distances = 2 * max_seqlen - 1;
+  const int64_t* columns = a.columns_data();
   std::vector<uint32_t> col_hash(static_cast<size_t>(L));
   for (int64_t j = 0; j < L; ++j) col_hash[j] = mix32(static_cast<uint32_t>(j) ^ drop.key.k0);
   const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
@@ -269,17 +298,18 @@ void backward(const T* dout, const T* qkv, const float* lse, const PackedAttenti
     std::fill(dv, dv + len * D, 0.0f);
     const float* bias_h = a.bias_data() ? a.bias_data() + h * distances + (max_seqlen - 1) : nullptr;
     float* db = dbias_per_sequence ? dbias_per_sequence + (b * a.heads + h) * distances + (max_seqlen - 1) : nullptr;
+    const Places places{columns ? columns + start : nullptr};
     for (int64_t i0 = 0; i0 < len; i0 += kQueryBlock) {
       const int64_t i1 = std::min(len, i0 + kQueryBlock), rows = i1 - i0;
-      const Band block = block_band(i0, i1, len, window);
+      const Band block = block_band(i0, i1, len, window, places);
       const int64_t n = block.j1 - block.j0;
       gemm(false, true, rows, n, D, 1.0f, q + i0 * D, D, k + block.j0 * D, D, 0.0f, p, n);
       for (int64_t i = i0; i < i1; ++i) {
         float* pr = p + (i - i0) * n;
-        const Band r = row_band(i, block, window);
+        const Band r = row_band(i, block, window, places);
         float* visible = pr + (r.j0 - block.j0);
         const int64_t m = r.j1 - r.j0;
-        if (bias_h) add_bias_row(visible, m, bias_h + (r.j0 - i));
+        if (bias_h) add_bias(visible, m, bias_h, i, r.j0, places);
         probabilities_row(visible, m, lse[(start + i) * a.heads + h]);
         std::fill(pr, visible, 0.0f);
         std::fill(visible + m, pr + n, 0.0f);
@@ -297,9 +327,8 @@ void backward(const T* dout, const T* qkv, const float* lse, const PackedAttenti
         const float d_i = dot(pd + row, ds + row, n);
         score_gradient_row(p + row, pd + row, ds + row, n, d_i, drop.on, drop.scale);  // 0 outside the band
         if (db != nullptr) {
-          const Band r = row_band(i, block, window);
-          float* dbi = db - i;
-          for (int64_t j = r.j0; j < r.j1; ++j) dbi[j] += ds[row + j - block.j0];
+          const Band r = row_band(i, block, window, places);
+          for (int64_t j = r.j0; j < r.j1; ++j) db[places.at(j) - places.at(i)] += ds[row + j - block.j0];
         }
       }
       gemm(false, false, rows, D, n, scale, ds, n, k + block.j0 * D, D, 0.0f, dq + i0 * D, D);
@@ -320,8 +349,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, 
                                                          int64_t max_seqlen, double scale,
                                                          const std::optional<at::Tensor>& bias,
                                                          const std::optional<at::Tensor>& seed, double dropout_p,
-                                                         std::optional<int64_t> window) {
-  const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias);
+                                                         std::optional<int64_t> window,
+                                                         const std::optional<at::Tensor>& columns) {
+  const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias, columns);
   const Dropout drop = dropout_of(seed, dropout_p);
   const int64_t band = window_of(window);
   return dispatch_float_bf16(qkv.scalar_type(), "attention_forward", [&](auto tag) {
@@ -338,8 +368,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, 
 std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& lse,
     const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& seed, double dropout_p, std::optional<int64_t> window) {
-  const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias);
+    const std::optional<at::Tensor>& seed, double dropout_p, std::optional<int64_t> window,
+    const std::optional<at::Tensor>& columns) {
+  const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias, columns);
   const Dropout drop = dropout_of(seed, dropout_p);
   const int64_t band = window_of(window);
   const std::vector<int64_t> rows_shape{a.total, a.heads, a.head_dim};

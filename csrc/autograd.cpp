@@ -41,38 +41,42 @@ using OptTensor = std::optional<at::Tensor>;
 using OptInt = std::optional<int64_t>;
 
 at::Tensor call_attention(const at::Tensor& qkv, const at::Tensor& cu, const c10::SymInt& max_seqlen, double scale,
-                          const OptTensor& bias, const OptTensor& seed, double p, OptInt window) {
+                          const OptTensor& bias, const OptTensor& seed, double p, OptInt window,
+                          const OptTensor& columns) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("bertfast::attention", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, double,
-                                               const OptTensor&, const OptTensor&, double, OptInt)>();
-  return op.call(qkv, cu, max_seqlen, scale, bias, seed, p, window);
+                                               const OptTensor&, const OptTensor&, double, OptInt,
+                                               const OptTensor&)>();
+  return op.call(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_attention_forward(const at::Tensor& qkv, const at::Tensor& cu,
                                                           const c10::SymInt& max_seqlen, double scale,
                                                           const OptTensor& bias, const OptTensor& seed, double p,
-                                                          OptInt window) {
+                                                          OptInt window, const OptTensor& columns) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("bertfast::attention_forward", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                        c10::SymInt, double, const OptTensor&,
-                                                                       const OptTensor&, double, OptInt)>();
-  return op.call(qkv, cu, max_seqlen, scale, bias, seed, p, window);
+                                                                       const OptTensor&, double, OptInt,
+                                                                       const OptTensor&)>();
+  return op.call(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_attention_backward(const at::Tensor& dout, const at::Tensor& qkv,
                                                            const at::Tensor& lse,
                                                            const at::Tensor& cu, const c10::SymInt& max_seqlen,
                                                            double scale, const OptTensor& bias, const OptTensor& seed,
-                                                           double p, OptInt window) {
+                                                           double p, OptInt window, const OptTensor& columns) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("bertfast::attention_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     const at::Tensor&, c10::SymInt, double,
-                                                    const OptTensor&, const OptTensor&, double, OptInt)>();
-  return op.call(dout, qkv, lse, cu, max_seqlen, scale, bias, seed, p, window);
+                                                    const OptTensor&, const OptTensor&, double, OptInt,
+                                                    const OptTensor&)>();
+  return op.call(dout, qkv, lse, cu, max_seqlen, scale, bias, seed, p, window, columns);
 }
 
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -82,10 +86,11 @@ class Attention : public torch::autograd::Function<Attention> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv, const at::Tensor& cu,
                             const c10::SymInt& max_seqlen, double scale, const OptTensor& bias, const OptTensor& seed,
-                            double p, OptInt window) {
+                            double p, OptInt window, const OptTensor& columns) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = call_attention_forward(qkv, cu, max_seqlen, scale, bias, seed, p, window);
-    ctx->save_for_backward({qkv, cu, lse, bias.value_or(at::Tensor()), seed.value_or(at::Tensor())});
+    auto [out, lse] = call_attention_forward(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
+    ctx->save_for_backward({qkv, cu, lse, bias.value_or(at::Tensor()), seed.value_or(at::Tensor()),
+                            columns.value_or(at::Tensor())});
     ctx->saved_data["max_seqlen"] = max_seqlen;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["p"] = p;
@@ -100,10 +105,11 @@ class Attention : public torch::autograd::Function<Attention> {
     const OptInt window = saved_window >= 0 ? OptInt(saved_window) : std::nullopt;
     auto [dqkv, dbias] = call_attention_backward(
         grads[0].contiguous(), s[0], s[2], s[1], ctx->saved_data["max_seqlen"].toSymInt(),
-        ctx->saved_data["scale"].toDouble(), bias, optional_of(s[4]), ctx->saved_data["p"].toDouble(), window);
-    // One gradient per forward input: qkv, cu_seqlens, max_seqlen, scale, bias, seed, dropout_p, window.
-    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), bias ? dbias : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+        ctx->saved_data["scale"].toDouble(), bias, optional_of(s[4]), ctx->saved_data["p"].toDouble(), window,
+        optional_of(s[5]));
+    // One gradient per forward input: qkv, cu_seqlens, max_seqlen, scale, bias, seed, dropout_p, window, columns.
+    const at::Tensor none;
+    return {dqkv, none, none, none, bias ? dbias : none, none, none, none, none};
   }
 };
 
@@ -195,11 +201,12 @@ class Dropout : public torch::autograd::Function<Dropout> {
 
 // A call that records nothing runs the op below autograd: the inference kernel when there is no dropout.
 at::Tensor attention_autograd(const at::Tensor& qkv, const at::Tensor& cu, c10::SymInt max_seqlen, double scale,
-                              const OptTensor& bias, const OptTensor& seed, double p, OptInt window) {
+                              const OptTensor& bias, const OptTensor& seed, double p, OptInt window,
+                              const OptTensor& columns) {
   const bool records = at::GradMode::is_enabled() && (qkv.requires_grad() || (bias && bias->requires_grad()));
-  if (records) return Attention::apply(qkv, cu, max_seqlen, scale, bias, seed, p, window);
+  if (records) return Attention::apply(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return call_attention(qkv, cu, max_seqlen, scale, bias, seed, p, window);
+  return call_attention(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
 }
 
 at::Tensor rotary_autograd(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,

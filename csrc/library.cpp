@@ -19,16 +19,18 @@ TORCH_LIBRARY(bertfast, m) {
   // of each key - query distance d at [head, d + max_seqlen - 1], (heads, 2 * max_seqlen - 1) float32,
   // differentiable. seed and dropout_p: dropout on the probabilities with the shared mask (row token * heads +
   // head, column the key's position in its sequence). window: query i sees only keys |i - j| <= window of its
-  // sequence (sliding-window attention). Differentiable in qkv and bias (autograd.cpp).
+  // sequence (sliding-window attention). columns: each token's column in its padded row, from which the bias's
+  // and the window's distances are counted where a row's tokens are not one run (a mask with holes).
+  // Differentiable in qkv and bias (autograd.cpp).
   m.def("attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None, "
-        "Tensor? seed=None, float dropout_p=0.0, int? window=None) -> Tensor");
+        "Tensor? seed=None, float dropout_p=0.0, int? window=None, Tensor? columns=None) -> Tensor");
   // attention's output and the log-sum-exp of each (token, head) score row, (T, heads) float32.
   m.def("attention_forward(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None, "
-        "Tensor? seed=None, float dropout_p=0.0, int? window=None) -> (Tensor, Tensor)");
+        "Tensor? seed=None, float dropout_p=0.0, int? window=None, Tensor? columns=None) -> (Tensor, Tensor)");
   // (dqkv, dbias) of attention for the gradient dout, from qkv and the log-sum-exp (dbias (0,) without bias).
   m.def("attention_backward(Tensor dout, Tensor qkv, Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, "
-        "float scale, Tensor? bias=None, Tensor? seed=None, float dropout_p=0.0, int? window=None) "
-        "-> (Tensor, Tensor)");
+        "float scale, Tensor? bias=None, Tensor? seed=None, float dropout_p=0.0, int? window=None, "
+        "Tensor? columns=None) -> (Tensor, Tensor)");
   // Rotary embeddings of packed qkv (T, 3, heads, head_dim): q and k of token t turned by positions[t] *
   // inv_freq (cos and sin rounded to qkv's dtype), v copied; inverse turns the other way (the gradient).
   m.def("rotary(Tensor qkv, Tensor positions, Tensor inv_freq, bool inverse=False) -> Tensor");

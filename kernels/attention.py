@@ -587,11 +587,12 @@ def _backward_autograd(ctx, dout: Tensor, _dlse) -> tuple[Tensor | None, ...]:
 _forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
-def supports(qkv: Tensor, bias_table: Tensor | None = None, window: int | None = None) -> bool:
+def supports(qkv: Tensor, bias_table: Tensor | None = None, window: int | None = None,
+             columns: Tensor | None = None) -> bool:
     """fp16/bf16 on CUDA (fp32 goes to SDPA there: IEEE fp32 dots would be slow and the AOT check compiles no
     fp32 kernel); fp32/fp16 CPU tensors in the interpreter (whose tl.dot is wrong in bf16); head dims <= 128.
-    A bias table of any floating dtype on the same device (it is read in fp32). No window (yet)."""
-    if window is not None:
+    A bias table of any floating dtype on the same device (it is read in fp32). No window or columns (yet)."""
+    if window is not None or columns is not None:
         return False
     if bias_table is not None and (bias_table.device != qkv.device or not bias_table.is_floating_point()):
         return False
@@ -662,11 +663,12 @@ def attention(
     num_buckets: int = 32,
     max_distance: int = 128,
     window: int | None = None,
+    columns: Tensor | None = None,
 ) -> Tensor:
     """``bertfast.ops.attention`` on the Triton kernels (same signature and result as the reference); no
-    window (``supports`` refuses windowed calls)."""
-    if window is not None:
-        raise ValueError("the Triton attention kernels have no sliding window")
+    window or columns (``supports`` refuses such calls)."""
+    if window is not None or columns is not None:
+        raise ValueError("the Triton attention kernels take no sliding window or columns")
     return flash_attention(qkv, cu_seqlens, max_seqlen, dropout_p if training else 0.0, softmax_scale,
                            bias_table=bias_table, num_buckets=num_buckets, max_distance=max_distance)
 

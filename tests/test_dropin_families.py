@@ -300,21 +300,28 @@ def test_output_attentions_falls_back_to_transformers_exact_answer(family, packe
     assert fallback_reason(fast, {"attention_mask": mask}) is None
 
 
-def test_mpnet_mask_with_holes_falls_back(packed_calls, monkeypatch, one_thread):
+@pytest.mark.parametrize("name", HEADS["mpnet"])
+def test_mpnet_mask_with_holes_runs_packed_and_matches_transformers(name, packed_calls, one_thread):
+    """Padding between a row's tokens: the relative-position bias counts the padded distance (the tokens'
+    columns), as transformers does. Outputs and every gradient, the bias table's included."""
+    ref = build("mpnet", name)
+    fast = bertfast.accelerate(copy.deepcopy(ref))
+    inputs, mask = batch_for("mpnet", name)
+    holed = mask.clone()
+    holed[0, [3, 4]] = 0  # padding between tokens: padded and packed relative positions differ
+    holed[2, 2] = 0
+    assert fallback_reason(fast, {"attention_mask": holed}) is None
+    inputs = {**inputs, "attention_mask": holed, **labels_for(name, inputs["input_ids"], holed)}
+    expected = run(ref, inputs, holed)
+    assert_same(expected, run(fast, inputs, holed))
+    assert packed_calls == [1]
+
+
+def test_mpnet_left_padding_runs_packed(packed_calls, one_thread):
     ref = build("mpnet", "MPNetModel").eval()
     fast = bertfast.accelerate(copy.deepcopy(ref))
     ids, mask = ragged_batch(pad_id=1)
-    holed = mask.clone()
-    holed[0, 3] = 0  # a padding position between tokens: padded and packed relative positions differ
-    assert "padding between tokens" in fallback_reason(fast, {"attention_mask": holed})
-    with monkeypatch.context() as patch:  # a traced graph cannot read the mask: transformers' forward then
-        patch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert "torch.compile" in mpnet.fallback({"attention_mask": mask})
-    torch.testing.assert_close(fast(ids, attention_mask=holed).last_hidden_state,
-                               ref(ids, attention_mask=holed).last_hidden_state)
-    assert not packed_calls
-    left = torch.flip(mask, [1])  # left padding keeps each row one run: packed
-    ids_left = torch.flip(ids, [1])
+    left, ids_left = torch.flip(mask, [1]), torch.flip(ids, [1])  # each row still one run
     keep = left.bool()
     torch.testing.assert_close(fast(ids_left, attention_mask=left).last_hidden_state[keep],
                                ref(ids_left, attention_mask=left).last_hidden_state[keep], atol=1e-5, rtol=1e-5)

@@ -23,13 +23,13 @@ def batch(lengths: list[int], dtype: torch.dtype = torch.float32):
     return qkv, cu
 
 
-def run(backend: str, qkv, cu, max_seqlen, p, table, dy, seed=7, window=None):
+def run(backend: str, qkv, cu, max_seqlen, p, table, dy, seed=7, window=None, columns=None):
     """(out, dqkv[, dtable]) of ops.attention in training under ``backend``, dropout seeded by ``seed``."""
     inputs = [qkv] if table is None else [qkv, table]
     with ops.use_backend(backend):
         torch.manual_seed(seed)
         out = ops.attention(qkv, cu, max_seqlen, p, training=True, bias_table=table, num_buckets=BUCKETS,
-                            max_distance=MAX_DISTANCE, window=window)
+                            max_distance=MAX_DISTANCE, window=window, columns=columns)
     return (out, *torch.autograd.grad(out, inputs, dy))
 
 
@@ -57,6 +57,35 @@ def test_training_matches_the_reference(lengths, window, p, with_bias, dtype, on
         assert_matches_reference(names[:2], actual[:2], tuple(t.to(dtype) for t in fp32[:2]), same_dtype[:2])
         if with_bias:
             assert_matches_reference(names[2:], actual[2:], fp32[2:], same_dtype[2:])
+
+
+def hole_columns(lengths: list[int], generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Each token's column in a padded row with random holes (and left padding), and the padded width."""
+    columns = []
+    for n in lengths:
+        gaps = torch.randint(0, 3, (n,), generator=generator)
+        columns.append(torch.cumsum(gaps + 1, 0) - 1)
+    width = max(int(c[-1]) + 1 for c in columns if len(c))
+    return torch.cat(columns), width
+
+
+@pytest.mark.parametrize("window", [None, 0, 5])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_columns_of_a_mask_with_holes_match_the_reference(window, p, with_bias, one_thread):
+    """Distances counted in the tokens' padded columns (a mask with holes): the bias and the window."""
+    lengths = [90, 1, 0, 17]
+    qkv, cu = batch(lengths)
+    columns, width = hole_columns(lengths, torch.Generator().manual_seed(3))
+    table = torch.randn(BUCKETS, HEADS, requires_grad=True) if with_bias else None
+    dy = torch.randn(qkv.shape[0], HEADS, HEAD_DIM)
+    actual = run("native", qkv, cu, width, p, table, dy, window=window, columns=columns)
+    expected = run("torch", qkv, cu, width, p, table, dy, window=window, columns=columns)
+    names = ("out", "dqkv", "dtable")[: len(actual)]
+    assert_matches_reference(names, actual, expected, expected)
+    if window != 0 and (window is not None or with_bias):  # the columns change the answer (window 0: self only)
+        plain = run("native", qkv, cu, width, p, table, dy, window=window)
+        assert not torch.allclose(plain[0], actual[0])
 
 
 @pytest.mark.parametrize("window", [None, 0, 7])
@@ -111,6 +140,10 @@ def test_bad_arguments_are_named():
         torch.ops.bertfast.attention(qkv, cu, 3, 0.5, None, None, 0.1)
     with pytest.raises(ValueError, match="longer than max_seqlen"):
         torch.ops.bertfast.attention(qkv, cu, 2, 0.5, None, torch.tensor(1), 0.1)
+    with pytest.raises(ValueError, match="columns must increase"):
+        torch.ops.bertfast.attention(qkv.detach(), cu, 3, 0.5, None, None, 0.0, None, torch.tensor([0, 2, 1, 0, 1]))
+    with pytest.raises(ValueError, match="span more than max_seqlen"):
+        torch.ops.bertfast.attention(qkv.detach(), cu, 3, 0.5, None, None, 0.0, None, torch.tensor([0, 1, 9, 0, 1]))
     with pytest.raises(ValueError, match="lse must be"):
         torch.ops.bertfast.attention_backward(torch.zeros(5, HEADS, HEAD_DIM), qkv.detach(), torch.zeros(HEADS, 5),
                                               cu, 3, 0.5)

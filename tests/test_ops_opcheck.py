@@ -65,6 +65,8 @@ def cases():
         "attention(bf16, dropout)": (
             native._attention_op, (qkv.detach().bfloat16().requires_grad_(), cu, 3, 0.25, None, seed(), 0.5)),
         "attention(window, dropout)": (native._attention_op, (qkv, cu, 4, 0.25, None, seed(), 0.2, 1)),
+        "attention(columns, bias, window)": (
+            native._attention_op, (qkv, cu, 6, 0.25, leaf(2, 11), seed(), 0.2, 1, torch.tensor([0, 3, 1, 2, 5]))),
         "attention(window, inference)": (native._attention_op, (qkv.detach(), cu, 4, 0.25, None, None, 0.0, 0)),
         "attention_forward": (
             native._attention_forward_op, (qkv.detach(), cu, 4, 0.25, torch.randn(2, 7), seed(), 0.2)),

@@ -79,7 +79,7 @@ def packed_attention(
     """Self-attention of packed tokens through ``linears`` (q, k, v), (T, hidden) -> (T, heads * head_dim).
 
     ``owner`` holds the inference cache of the concatenated weights; ``bias`` goes to ``ops.attention``
-    (MPNet's relative-position bias).
+    (MPNet's relative-position bias and the columns of a mask with holes).
     """
     if all(type(lin) is nn.Linear and lin.bias is not None for lin in linears):
         weight, qkv_bias = modules._fused_qkv_weights(owner, training, linears)
@@ -143,6 +143,24 @@ def encode(base: nn.Module, limits: InputLimits, arguments: dict[str, Any],
     if embeddings_require_grad and torch.is_grad_enabled():
         hidden.requires_grad_(True)
     return packing, run_layers(layers, hidden, packing_of(packing, packed))
+
+
+def hole_columns(packing: Packing) -> Tensor | None:
+    """Each packed token's column in its padded row where some row's tokens are not one run (an attention
+    mask with holes), else None: relative distances (a position bias, a window) are then counted in columns,
+    as transformers counts them, not in packed tokens. Under torch.compile the mask's values are unknown, so
+    the columns always come (the same answer, on the kernels' general path)."""
+    if packing.indices is None:
+        return None
+    columns = packing.indices % packing.seqlen
+    if torch.compiler.is_compiling():
+        return columns
+    starts, ends = packing.cu_seqlens[:-1].long(), packing.cu_seqlens[1:].long()
+    filled = packing.lengths > 0
+    first = columns[starts[filled]]
+    last = columns[ends[filled] - 1]
+    one_run = (last - first + 1) == packing.lengths[filled]
+    return None if bool(one_run.all()) else columns
 
 
 def last_hidden_state(packing: Packing, states: list[Tensor], arguments: dict[str, Any]) -> Tensor:

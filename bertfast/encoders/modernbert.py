@@ -8,8 +8,8 @@ layer type); sliding-window attention on the ``sliding_attention`` layers (``ops
 ``window``: |query - key| <= ``local_attention // 2``, transformers' inclusive bound); ``final_norm``.
 
 Positions are the padded row's column index (transformers' default ``arange(seq_len)``) or the call's
-``position_ids``; the window counts tokens of the packed sequence, which equals the padded distance
-when each row's real tokens are one run, so a mask with holes runs transformers' forward.
+``position_ids``; the window counts the padded distance, as transformers does: tokens of the packed
+sequence where each row's real tokens are one run, the tokens' columns where the mask has holes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertfast import modules, ops
-from bertfast.encoders import common, mpnet
+from bertfast.encoders import common
 from bertfast.padding import Packing
 
 
@@ -33,10 +33,10 @@ def unsupported(config: Any) -> str | None:
 
 
 def fallback(arguments: dict[str, Any]) -> str | None:
-    """A mask with holes (the window would count packed, not padded, distances)."""
+    """A precomputed mask mapping (a mask with holes runs packed: the window counts the tokens' columns)."""
     if isinstance(arguments.get("attention_mask"), dict):
         return "a precomputed attention mask mapping"
-    return mpnet.fallback(arguments)
+    return None
 
 
 def _norm(norm: nn.Module, x: Tensor) -> Tensor:
@@ -71,7 +71,7 @@ def attention(attn: nn.Module, hidden: Tensor, packing: Packing, positions: Tens
     window = None if attn.sliding_window is None else attn.sliding_window - 1
     dropout_p = attn.attention_dropout if training else 0.0
     context = ops.attention(qkv, packing.cu_seqlens, packing.max_seqlen, dropout_p, training,
-                            head_dim ** -0.5, window=window)
+                            head_dim ** -0.5, window=window, columns=packing.columns if window is not None else None)
     return attn.out_drop(attn.Wo(context.reshape(qkv.shape[0], heads * head_dim)))
 
 
@@ -94,12 +94,13 @@ class RotaryPacking(Packing):
 
     positions: Tensor | None = None
     inv_freq: dict[str, Tensor] = field(default_factory=dict)
+    columns: Tensor | None = None  # where the mask has holes: each token's column (``common.hole_columns``)
 
 
 def with_rotary(base: nn.Module, packing: Packing, positions: Tensor) -> RotaryPacking:
     inv_freq = {layer_type: _inv_freq(base, layer_type) for layer_type in set(base.config.layer_types)}
     return RotaryPacking(**{f.name: getattr(packing, f.name) for f in fields(Packing)}, positions=positions,
-                         inv_freq=inv_freq)
+                         inv_freq=inv_freq, columns=common.hole_columns(packing))
 
 
 def packed_layer(layer: nn.Module, hidden: Tensor, packing: RotaryPacking, rows: Tensor | None,

@@ -6,7 +6,8 @@ config says: ``MPNetEmbeddings`` fixes it); BERT-shaped layers with other names 
 ``encoder.relative_attention_bias``, added to every layer's scores. transformers buckets key - query
 positions of the padded batch into 32 buckets (``compute_position_bias``'s default, whatever
 ``relative_attention_num_buckets`` is); inside a sequence without holes those are the packed
-offsets' differences, so a mask with holes runs transformers' forward (``fallback``).
+offsets' differences; with a mask with holes the attention counts the tokens' columns instead
+(``common.hole_columns``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from bertfast import modules
@@ -32,25 +32,13 @@ def unsupported(config: Any) -> str | None:
     return None
 
 
-def fallback(arguments: dict[str, Any]) -> str | None:
-    """Why a call must run transformers' forward: a mask whose real tokens are not one run per row."""
-    mask = arguments.get("attention_mask")
-    if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
-        return None
-    if torch.compiler.is_compiling():  # the check reads the mask's values, which a traced graph cannot
-        return "torch.compile with an attention_mask (whether it has holes is only known at run time)"
-    real = mask != 0
-    runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)
-    if bool((runs > 1).any()):
-        return "an attention_mask with padding between tokens (the relative positions would move)"
-    return None
-
-
 @dataclass(frozen=True)
 class BiasedPacking(Packing):
-    """The packing the layers see: the layer module's call carries only the packing, so it holds the table."""
+    """The packing the layers see: the layer module's call carries only the packing, so it holds the table
+    (and the tokens' columns where the mask has holes)."""
 
     bias_table: Tensor | None = None
+    columns: Tensor | None = None
 
 
 def embed(base: nn.Module, packed: dict[str, Tensor | None], training: bool) -> Tensor:
@@ -64,7 +52,8 @@ def layers(base: nn.Module) -> list[nn.Module]:
 def with_bias(base: nn.Module, packing: Packing) -> BiasedPacking:
     """``packing`` with the (32, heads) rows of ``relative_attention_bias`` that transformers' buckets reach."""
     table = base.encoder.relative_attention_bias.weight[:NUM_BUCKETS]
-    return BiasedPacking(**{f.name: getattr(packing, f.name) for f in fields(packing)}, bias_table=table)
+    return BiasedPacking(**{f.name: getattr(packing, f.name) for f in fields(packing)}, bias_table=table,
+                         columns=common.hole_columns(packing))
 
 
 def packed_layer(layer: nn.Module, hidden: Tensor, packing: BiasedPacking, rows: Tensor | None,
@@ -75,7 +64,7 @@ def packed_layer(layer: nn.Module, hidden: Tensor, packing: BiasedPacking, rows:
     context = common.packed_attention(attn, (attn.q, attn.k, attn.v), attn.num_attention_heads,
                                       attn.attention_head_size, attn.dropout.p, hidden, packing, training,
                                       bias_table=packing.bias_table, num_buckets=NUM_BUCKETS,
-                                      max_distance=MAX_DISTANCE)
+                                      max_distance=MAX_DISTANCE, columns=packing.columns)
     context, hidden = common.keep_rows(rows, context, hidden)
     attended = common.add_norm(attn.o, attention.LayerNorm, attention.dropout.p, context, hidden, training)
     return modules.packed_add_norm(layer.output, modules.packed_intermediate(layer.intermediate, attended),

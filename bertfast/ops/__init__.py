@@ -160,7 +160,7 @@ def bias_gelu_layernorm(
 def attention(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
-    num_buckets: int = 32, max_distance: int = 128, window: int | None = None,
+    num_buckets: int = 32, max_distance: int = 128, window: int | None = None, columns: Tensor | None = None,
 ) -> Tensor:
     """Bidirectional attention on packed sequences: (T, 3, heads, head_dim) -> (T, heads, head_dim).
 
@@ -174,6 +174,10 @@ def attention(
 
     ``window``: sliding-window (local) attention, each query sees the keys of its sequence at most
     ``window`` positions away (ModernBERT's local layers); the CPU kernels compute only those scores.
+
+    ``columns`` (T,) integers: each token's column in its padded row, increasing along each sequence. The
+    bias's and the window's distances are then counted in columns, not in packed tokens, which is what
+    transformers counts when an attention mask has holes (padding between a row's tokens).
     """
     dropout.check_probability(dropout_p)
     if bias_table is not None:
@@ -182,9 +186,11 @@ def attention(
         reference.check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
     if window is not None and window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
-    _, fn = implementation("attention", qkv, bias_table, window=window)
+    if columns is not None and (columns.shape != (qkv.shape[0],) or columns.dtype.is_floating_point):
+        raise ValueError(f"columns must be ({qkv.shape[0]},) integers, got {tuple(columns.shape)} {columns.dtype}")
+    _, fn = implementation("attention", qkv, bias_table, window=window, columns=columns)
     return fn(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table, num_buckets,
-              max_distance, window)
+              max_distance, window, columns)
 
 
 def rotary(qkv: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:

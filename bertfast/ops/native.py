@@ -105,14 +105,15 @@ def _dropout_bits_fake(seed: Tensor, rows: Tensor, n_cols: int) -> Tensor:
 
 @torch.library.register_fake("bertfast::attention")
 def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, bias: Tensor | None = None,
-                    seed: Tensor | None = None, dropout_p: float = 0.0, window: int | None = None) -> Tensor:
+                    seed: Tensor | None = None, dropout_p: float = 0.0, window: int | None = None,
+                    columns: Tensor | None = None) -> Tensor:
     return qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
 
 
 @torch.library.register_fake("bertfast::attention_forward")
 def _attention_forward_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
                             bias: Tensor | None = None, seed: Tensor | None = None, dropout_p: float = 0.0,
-                            window: int | None = None) -> tuple[Tensor, Tensor]:
+                            window: int | None = None, columns: Tensor | None = None) -> tuple[Tensor, Tensor]:
     out = qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
     return out, qkv.new_empty(qkv.shape[0], qkv.shape[2], dtype=torch.float32)
 
@@ -120,7 +121,8 @@ def _attention_forward_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, sc
 @torch.library.register_fake("bertfast::attention_backward")
 def _attention_backward_fake(dout: Tensor, qkv: Tensor, lse: Tensor, cu_seqlens: Tensor,
                              max_seqlen: int, scale: float, bias: Tensor | None = None, seed: Tensor | None = None,
-                             dropout_p: float = 0.0, window: int | None = None) -> tuple[Tensor, Tensor]:
+                             dropout_p: float = 0.0, window: int | None = None, columns: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor]:
     dbias = torch.empty_like(bias) if bias is not None else qkv.new_empty(0, dtype=torch.float32)
     return torch.empty_like(qkv, memory_format=torch.contiguous_format), dbias
 
@@ -201,9 +203,9 @@ def rotary(qkv: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     return _rotary_op(qkv, positions, inv_freq)
 
 
-def supports_rotary(qkv: Tensor, inv_freq: Tensor) -> bool:
+def supports_rotary(qkv: Tensor, inv_freq: Tensor | None = None) -> bool:
     """:func:`supports` for qkv; frequencies of any floating dtype on the CPU (they are read in float32)."""
-    return supports(qkv) and inv_freq.device.type == "cpu" and inv_freq.is_floating_point()
+    return supports(qkv) and (inv_freq is None or (inv_freq.device.type == "cpu" and inv_freq.is_floating_point()))
 
 
 def geglu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -247,9 +249,10 @@ def bias_dropout_add_layernorm(
     return F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
 
 
-def supports_attention(qkv: Tensor, bias_table: Tensor | None = None, window: int | None = None) -> bool:
+def supports_attention(qkv: Tensor, bias_table: Tensor | None = None, window: int | None = None,
+                       columns: Tensor | None = None) -> bool:
     """:func:`supports` for qkv; a bias table of any floating dtype on the CPU (it is read in float32); any
-    window."""
+    window and columns."""
     if bias_table is not None and (bias_table.device.type != "cpu" or not bias_table.is_floating_point()):
         return False
     return supports(qkv)
@@ -258,7 +261,7 @@ def supports_attention(qkv: Tensor, bias_table: Tensor | None = None, window: in
 def attention(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
-    num_buckets: int = 32, max_distance: int = 128, window: int | None = None,
+    num_buckets: int = 32, max_distance: int = 128, window: int | None = None, columns: Tensor | None = None,
 ) -> Tensor:
     """The packed kernels, in inference and in training: each sequence costs its own length times the keys a
     query sees (all of its sequence, or the ``window``: |query - key| <= window). The
@@ -272,4 +275,4 @@ def attention(
         bias = bias.to(torch.float32).contiguous()
     p = dropout_p if training else 0.0
     seed = policy.draw_seed(qkv.device) if p > 0.0 else None
-    return _attention_op(qkv, cu_seqlens, max_seqlen, scale, bias, seed, p, window)
+    return _attention_op(qkv, cu_seqlens, max_seqlen, scale, bias, seed, p, window, columns)

@@ -107,6 +107,7 @@ def attention(
     num_buckets: int = 32,
     max_distance: int = 128,
     window: int | None = None,
+    columns: Tensor | None = None,
 ) -> Tensor:
     """Bidirectional attention on packed sequences.
 
@@ -122,6 +123,9 @@ def attention(
 
     ``window``: sliding-window (local) attention, query i sees key j of its sequence only where
     |i - j| <= window (ModernBERT's local layers: ``local_attention // 2``); None: every key.
+
+    ``columns`` (T,): each token's column in its padded row; the bias's and the window's distances are
+    then differences of columns instead of positions in the sequence (a mask with holes).
     """
     if bias_table is not None:
         check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
@@ -129,29 +133,30 @@ def attention(
         seed = dropout.draw_seed(qkv.device)
         return attention_with_dropout(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                                       lambda probs, rows: dropout.apply(probs, seed, dropout_p, rows),
-                                      bias_table, num_buckets, max_distance, window)
+                                      bias_table, num_buckets, max_distance, window, columns)
     view = PaddedHeads(qkv, cu_seqlens, max_seqlen)
+    distance = view.distance(columns)
     mask = view.key_mask[:, None, None, :]
     if window is not None:
-        mask = mask & _windowed(view.key_mask, max_seqlen, window)
+        mask = mask & _windowed(view.key_mask, distance, window)
     if bias_table is not None:
-        bias = _score_bias(bias_table, max_seqlen, num_buckets, max_distance).to(qkv.dtype)
-        mask = bias[None].masked_fill(~mask, float("-inf"))
+        bias = _score_bias(bias_table, distance, num_buckets, max_distance).to(qkv.dtype)
+        mask = bias.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(view.q, view.k, view.v, attn_mask=mask, scale=softmax_scale)
     return view.pack(out)
 
 
-def _score_bias(bias_table: Tensor, max_seqlen: int, num_buckets: int, max_distance: int) -> Tensor:
-    """(heads, max_seqlen, max_seqlen): the bias of (query i, key j) at [:, i, j]."""
-    positions = torch.arange(max_seqlen, device=bias_table.device)
-    buckets = relative_position_bucket(positions[None, :] - positions[:, None], num_buckets, max_distance)
-    return bias_table[buckets].permute(2, 0, 1)
+def _score_bias(bias_table: Tensor, distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
+    """(batch, heads, S, S): the bias of (query i, key j) at [:, :, i, j], from ``distance`` (batch, S, S) of
+    key - query."""
+    buckets = relative_position_bucket(distance, num_buckets, max_distance)
+    return bias_table[buckets].movedim(-1, 1)
 
 
 def attention_with_dropout(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, softmax_scale: float | None,
     apply_dropout: Callable[[Tensor, Tensor], Tensor], bias_table: Tensor | None = None,
-    num_buckets: int = 32, max_distance: int = 128, window: int | None = None,
+    num_buckets: int = 32, max_distance: int = 128, window: int | None = None, columns: Tensor | None = None,
 ) -> Tensor:
     """softmax(scale Q K^T [+ bias]) with ``apply_dropout(probs, rows)`` on the probabilities, times V.
 
@@ -163,11 +168,12 @@ def attention_with_dropout(
     heads = qkv.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
     scores = (view.q @ view.k.transpose(-1, -2)) * scale
+    distance = view.distance(columns)
     if bias_table is not None:
-        scores = scores + _score_bias(bias_table, max_seqlen, num_buckets, max_distance).to(scores.dtype)
+        scores = scores + _score_bias(bias_table, distance, num_buckets, max_distance).to(scores.dtype)
     visible = view.key_mask[:, None, None, :]
     if window is not None:
-        visible = visible & _windowed(view.key_mask, max_seqlen, window)
+        visible = visible & _windowed(view.key_mask, distance, window)
     scores = scores.masked_fill(~visible, float("-inf"))
     starts = cu_seqlens[:-1].long()[:, None, None]
     query = torch.arange(max_seqlen, device=qkv.device)[None, None, :]
@@ -195,6 +201,17 @@ class PaddedHeads:
         key_mask = torch.arange(max_seqlen, device=qkv.device)[None, :] < lengths[:, None]
         # An empty sequence has no queries; letting its (unused) padded rows see every key keeps them finite.
         self.key_mask = key_mask | (lengths == 0)[:, None]  # (batch, max_seqlen), True = a real key
+
+    def distance(self, columns: Tensor | None) -> Tensor:
+        """(batch or 1, max_seqlen, max_seqlen) key - query distances: of positions in the sequence, or of the
+        tokens' ``columns`` (padded slots get column 0; their rows and keys are masked or never packed)."""
+        batch, max_seqlen = self.shape[:2]
+        if columns is None:
+            places = torch.arange(max_seqlen, device=self.key_mask.device)[None, :]
+        else:
+            places = columns.new_zeros(batch * max_seqlen).index_copy(0, self.flat_index, columns)
+            places = places.view(batch, max_seqlen)
+        return places[:, None, :] - places[:, :, None]
 
     def pack(self, out: Tensor) -> Tensor:
         """(batch, heads, max_seqlen, head_dim) -> (T, heads, head_dim): the rows of the real tokens."""
@@ -294,13 +311,7 @@ def geglu(x: Tensor, approximate: str = "none") -> Tensor:
     return F.gelu(value, approximate=approximate) * gate
 
 
-def window_mask(max_seqlen: int, window: int, device: torch.device) -> Tensor:
-    """(max_seqlen, max_seqlen) True where query i may see key j: |i - j| <= window."""
-    positions = torch.arange(max_seqlen, device=device)
-    return (positions[None, :] - positions[:, None]).abs() <= window
-
-
-def _windowed(key_mask: Tensor, max_seqlen: int, window: int) -> Tensor:
-    """(batch, 1, max_seqlen, max_seqlen): the window for real queries; padded query rows (never packed
-    back) see every key, so that no row of the softmax is empty."""
-    return window_mask(max_seqlen, window, key_mask.device) | ~key_mask[:, None, :, None]
+def _windowed(key_mask: Tensor, distance: Tensor, window: int) -> Tensor:
+    """(batch, 1, max_seqlen, max_seqlen): the window (|distance| <= window) for real queries; padded query rows
+    (never packed back) see every key, so that no row of the softmax is empty."""
+    return (distance.abs() <= window)[:, None] | ~key_mask[:, None, :, None]
