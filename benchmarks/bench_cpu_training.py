@@ -1,4 +1,4 @@
-"""CPU training steps (forward + backward, dropout on, BERT-small), interleaved rounds, median per arm.
+"""CPU training steps (forward + backward, dropout as configured), interleaved rounds, median per arm.
 
 1. Masked LM on a skewed batch, one 512-token row and fifteen 32-token rows, against the same rows run as
    two unpadded batches (the 512-token row alone, then the fifteen 32-token rows): packing should cost
@@ -12,18 +12,24 @@ reference's padded (batch, heads, longest, longest) layout with the native dropo
 3. Sliding-window attention (ModernBERT's local layers: 12 x 64 heads, window +-64), forward + backward of
    ops.attention on one 1024- and one 2048-token row: a window costs what it holds, so doubling the row
    should double the time (quadratic would be 4x); the reference (a dense band mask) beside it.
+4. The drop-in: DistilBERT-base and MPNet-base (random weights, real sizes), masked LM on 16 x <=128 ragged
+   rows, transformers' model against the same model through bertfast.accelerate.
+
 Run: python benchmarks/bench_cpu_training.py [--threads 2] [--rounds 5]"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator
 
 import torch
+import transformers
 
+import bertfast
 from bertfast import BertConfig, BertForMaskedLM, ops
 from bertfast.bench.families.model import make_batch, model_pair
 from bertfast.common import dropout as policy
@@ -49,16 +55,16 @@ def split(batch: dict[str, torch.Tensor], index: list[int]) -> dict[str, torch.T
 
 
 def padded_attention(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, training=False, softmax_scale=None,
-                     bias_table=None, num_buckets=32, max_distance=128, window=None):
+                     bias_table=None, num_buckets=32, max_distance=128, window=None, columns=None):
     """The previous native training path: the reference's padded attention, native dropout on P."""
     if not (training and dropout_p > 0.0):
         return reference.attention(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table,
-                                   num_buckets, max_distance, window)
+                                   num_buckets, max_distance, window, columns)
     seed = policy.draw_seed(qkv.device)
     return reference.attention_with_dropout(
         qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
         lambda probs, ids: native._dropout_op(probs, seed, dropout_p, ids), bias_table, num_buckets, max_distance,
-        window)
+        window, columns)
 
 
 @contextlib.contextmanager
@@ -136,6 +142,17 @@ def main() -> None:
             windowed[f"{backend}, {length}-token row"] = run
     compare(f"attention with a +-64 window, forward + backward, {args.threads} threads", windowed,
             "native, 1024-token row", args.rounds)
+
+    for family, config in (("DistilBERT-base", transformers.DistilBertConfig()),
+                           ("MPNet-base", transformers.MPNetConfig())):
+        torch.manual_seed(0)
+        plain = transformers.AutoModelForMaskedLM.from_config(config).train()
+        fast = bertfast.accelerate(copy.deepcopy(plain))
+        inputs, real = make_batch(16, 128, config.vocab_size, torch.device("cpu"))
+        mlm = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+        compare(f"{family} masked LM, 16 x <=128 ragged ({real} real tokens), {args.threads} threads",
+                {"bertfast.accelerate": step_of(fast, mlm), "transformers (sdpa)": step_of(plain, mlm)},
+                "bertfast.accelerate", args.rounds)
 
 
 if __name__ == "__main__":
