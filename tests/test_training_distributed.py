@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bertfast.training import PretrainConfig, Pretrainer
-from bertfast.training.distributed import init_distributed, shutdown
+from bertfast.training.distributed import init_distributed, is_collective_failure, shutdown
 
 
 def write_corpus(path, n_docs=40, seed=0):
@@ -125,3 +125,16 @@ def test_two_processes_fine_tune_in_sync(tmp_path):
     assert [r["epoch"] for r in records if r["split"] == "eval"] == [1, 2]
     assert ranks[0]["best"]["epoch"] in (1, 2) and ranks[1]["best"] == {}
     assert (run / "best" / "model.safetensors").is_file() and (run / "predictions.jsonl").is_file()
+
+
+@pytest.mark.parametrize("message,failure", [
+    ("Application timeout caused pair closure", True),  # gloo, a pair timing out inside a backward's all-reduce
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234", True),
+    ("Timed out waiting 4000ms for recv operation to complete", True),
+    ("NCCL error in: ProcessGroupNCCL.cpp:1, unhandled system error", True),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+    ("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)", False),
+])
+def test_collective_failures_are_told_from_other_errors(message, failure):
+    assert is_collective_failure(RuntimeError(message)) is failure
+    assert not is_collective_failure(ValueError(message))

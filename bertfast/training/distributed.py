@@ -87,10 +87,15 @@ def report_progress(env: DistEnv, doing: str) -> None:
         pass  # the store is gone: the collective that follows will report it
 
 
+# How gloo and NCCL word a collective's timeout or a lost peer (gloo's pair timeout during a backward's
+# gradient all-reduce says "Application timeout caused pair closure").
+COLLECTIVE_FAILURE_MARKS = ("Timed out", "timed out", "timeout", "Connection closed", "Connection reset", "NCCL",
+                            "gloo")
+
+
 def is_collective_failure(error: BaseException) -> bool:
     text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        mark in text for mark in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL", "gloo"))
+    return isinstance(error, RuntimeError) and any(mark in text for mark in COLLECTIVE_FAILURE_MARKS)
 
 
 def stall_message(env: DistEnv, error: BaseException) -> str:
