@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,6 +30,7 @@ import transformers
 import bertfast
 from bertfast import BertConfig, BertForMaskedLM, ops
 from bertfast.bench.families.model import make_batch, model_pair
+from bertfast.bench.timing import Clock, Plan
 from bertfast.common import dropout as policy
 from bertfast.ops import dispatch, native, reference
 
@@ -93,19 +92,11 @@ def previous(step: Callable[[], None]) -> Callable[[], None]:
 
 
 def compare(title: str, arms: dict[str, Callable[[], None]], base: str, rounds: int) -> None:
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for fn in arms.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for name, fn in arms.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    base_time = statistics.median(times[base])
+    """Each arm's median over interleaved rounds (the suite's clock), and its ratio to ``base``."""
+    stats = Clock(torch.device("cpu")).compare(arms, Plan(warmup=1, reps=1, rounds=rounds))
     print(title)
-    for name, samples in times.items():
-        t = statistics.median(samples)
-        print(f"  {name:45s} {t * 1e3:8.1f} ms  {t / base_time:5.2f}x {base}")
+    for name, arm in stats.items():
+        print(f"  {name:45s} {arm.median_ms:8.1f} ms  {arm.median_ms / stats[base].median_ms:5.2f}x {base}")
 
 
 def main() -> None:

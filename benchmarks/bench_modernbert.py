@@ -6,14 +6,13 @@ weights, interleaved rounds, median per arm. Run: python benchmarks/bench_modern
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM
 
 import bertfast
+from bertfast.bench.timing import Clock, Plan
 
 # small: 12 layers, hidden 384 (the size of the small ModernBERT-based embedding models); base: ModernBERT-base.
 SIZES = {
@@ -48,18 +47,6 @@ def train(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[
     return run
 
 
-def median_times(arms: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for fn in arms.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for name, fn in arms.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(samples) for name, samples in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -80,10 +67,10 @@ def main() -> None:
 
         with torch.no_grad():
             err = (fast.eval()(**inputs).logits - reference.eval()(**inputs).logits)[mask].abs().max().item()
-        times = median_times({"transformers inference": infer(reference, inputs),
-                              "bertfast inference": infer(fast, inputs),
-                              "transformers training step": train(reference, inputs),
-                              "bertfast training step": train(fast, inputs)}, args.rounds)
+        arms = {"transformers inference": infer(reference, inputs), "bertfast inference": infer(fast, inputs),
+                "transformers training step": train(reference, inputs), "bertfast training step": train(fast, inputs)}
+        stats = Clock(torch.device("cpu")).compare(arms, Plan(warmup=1, reps=1, rounds=args.rounds))
+        times = {name: arm.median_ms / 1000 for name, arm in stats.items()}
         print(f"ModernBERT {size} ({config.num_hidden_layers} layers, hidden {config.hidden_size}), rows {ROWS}, "
               f"{args.threads} threads, median of {args.rounds} rounds; max logit difference {err:.1e}")
         for kind in ("inference", "training step"):

@@ -72,16 +72,8 @@ BERTFAST_INLINE void attend_block(int64_t len, int64_t i0, int64_t head_dim, con
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) sr[j] += br[j];
     }
-    float m = sr[0];
-    for (int64_t j = 1; j < len; ++j) m = std::max(m, sr[j]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) {
-      const float e = fast_exp_nonpositive(sr[j] - m);
-      sr[j] = e;
-      sum += e;
-    }
-    inv_sum[r] = 1.0f / sum;
+    float m;
+    inv_sum[r] = 1.0f / exponentiate_row(sr, len, m);
   }
   for (int64_t d0 = 0; d0 < w.dims; d0 += kLanes) {
     float acc[R][kLanes] = {};

@@ -91,15 +91,8 @@ BERTFAST_INLINE void add_bias_row(float* sr, int64_t len, const float* bias_at_i
 // Softmax of a score row in place; returns its log-sum-exp.
 BERTFAST_CLONES
 float softmax_row(float* sr, int64_t len) {
-  float m = sr[0];
-  for (int64_t j = 1; j < len; ++j) m = std::max(m, sr[j]);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < len; ++j) {
-    const float e = fast_exp_nonpositive(sr[j] - m);
-    sr[j] = e;
-    sum += e;
-  }
+  float m;
+  const float sum = exponentiate_row(sr, len, m);
   const float inv = 1.0f / sum;
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) sr[j] *= inv;

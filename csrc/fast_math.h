@@ -40,4 +40,20 @@ BERTFAST_INLINE float fast_exp_nonpositive(float x) {
   return y * scale;
 }
 
+// The unnormalised softmax of a score row, in place: row[j] = exp(row[j] - max), returning the sum of the
+// exponentials; `max` is set to the row's maximum (the log-sum-exp is max + log(sum)).
+BERTFAST_INLINE float exponentiate_row(float* row, int64_t len, float& max) {
+  float m = row[0];
+  for (int64_t j = 1; j < len; ++j) m = m > row[j] ? m : row[j];
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < len; ++j) {
+    const float e = fast_exp_nonpositive(row[j] - m);
+    row[j] = e;
+    sum += e;
+  }
+  max = m;
+  return sum;
+}
+
 }  // namespace bertfast
