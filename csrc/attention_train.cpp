@@ -58,6 +58,16 @@ struct Dropout {
   uint32_t threshold;
   float scale;
   bool on;
+
+  // The hash's column terms of keys 0 .. keys - 1, shared by every row.
+  std::vector<uint32_t> column_hashes(int64_t keys) const {
+    std::vector<uint32_t> hashes(static_cast<size_t>(keys));
+    for (int64_t j = 0; j < keys; ++j) hashes[j] = mix32(static_cast<uint32_t>(j) ^ key.k0);
+    return hashes;
+  }
+
+  // The hash's row term of mask row `row` (a query's token * heads + head).
+  uint32_t row_term(int64_t row) const { return static_cast<uint32_t>(row) ^ key.k1; }
 };
 
 Dropout dropout_of(const std::optional<at::Tensor>& seed, double p) {
@@ -162,6 +172,15 @@ void stage(const T* qkv, int64_t start, int64_t len, int64_t which, int64_t h, c
   }
 }
 
+// q (scaled), k and v of one (sequence, head), each (len, D).
+template <typename T>
+void stage_qkv(const T* qkv, int64_t start, int64_t len, int64_t h, const PackedAttentionArgs& a, float scale,
+               float* q, float* k, float* v) {
+  stage(qkv, start, len, 0, h, a, q, scale);
+  stage(qkv, start, len, 1, h, a, k, 1.0f);
+  stage(qkv, start, len, 2, h, a, v, 1.0f);
+}
+
 // Rows [start, start + len) of a (T, heads, D) tensor's head h as float (len, D), and back.
 template <typename T>
 void stage_heads(const T* x, int64_t start, int64_t len, int64_t h, const PackedAttentionArgs& a, float* dst) {
@@ -212,6 +231,26 @@ BERTFAST_INLINE void add_bias(float* visible, int64_t m, const float* bias_h, in
   for (int64_t j = 0; j < m; ++j) visible[j] += bias_h[places.col[j0 + j] - places.col[i]];
 }
 
+// Probabilities of queries [i0, i1) over their block's band of keys, (i1 - i0, n) in s: the scores q k^T, the
+// bias inside each row's own band, `normalise(visible, m, i, j0)` on that band (keys [j0, j0 + m)), zeros
+// outside it.
+template <typename F>
+void block_probabilities(const float* q, const float* k, int64_t D, int64_t i0, int64_t i1, Band block,
+                         int64_t window, const Places& places, const float* bias_h, float* s, F&& normalise) {
+  const int64_t n = block.j1 - block.j0;
+  gemm(false, true, i1 - i0, n, D, 1.0f, q + i0 * D, D, k + block.j0 * D, D, 0.0f, s, n);
+  for (int64_t i = i0; i < i1; ++i) {
+    float* row = s + (i - i0) * n;
+    const Band r = row_band(i, block, window, places);
+    float* visible = row + (r.j0 - block.j0);
+    const int64_t m = r.j1 - r.j0;
+    if (bias_h) add_bias(visible, m, bias_h, i, r.j0, places);
+    normalise(visible, m, i, r.j0);
+    std::fill(row, visible, 0.0f);
+    std::fill(visible + m, row + n, 0.0f);
+  }
+}
+
 // Queries per block: a block's scores are (kQueryBlock, its band), so a window costs what it holds.
 constexpr int64_t kQueryBlock = 64;
 
@@ -220,8 +259,7 @@ void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, flo
              const Dropout& drop, T* out, float* lse) {
   const int64_t* columns = a.columns_data();
   const int64_t L = a.longest, D = a.head_dim;
-  std::vector<uint32_t> col_hash(static_cast<size_t>(L));
-  for (int64_t j = 0; j < L; ++j) col_hash[j] = mix32(static_cast<uint32_t>(j) ^ drop.key.k0);
+  const std::vector<uint32_t> col_hash = drop.column_hashes(L);
   const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
   std::vector<std::vector<float>> scratch(static_cast<size_t>(workers));
   for_each_task(a, [&](int64_t task, int64_t w) {
@@ -231,30 +269,20 @@ void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, flo
     std::vector<float>& buf = scratch[w];
     buf.resize(static_cast<size_t>(4 * L * D + kQueryBlock * L));
     float *q = buf.data(), *k = q + L * D, *v = k + L * D, *o = v + L * D, *s = o + L * D;
-    stage(qkv, start, len, 0, h, a, q, scale);
-    stage(qkv, start, len, 1, h, a, k, 1.0f);
-    stage(qkv, start, len, 2, h, a, v, 1.0f);
+    stage_qkv(qkv, start, len, h, a, scale, q, k, v);
     const float* bias_h = a.bias_data() ? a.bias_data() + h * (2 * max_seqlen - 1) + (max_seqlen - 1) : nullptr;
     const Places places{columns ? columns + start : nullptr};
     for (int64_t i0 = 0; i0 < len; i0 += kQueryBlock) {
       const int64_t i1 = std::min(len, i0 + kQueryBlock);
       const Band block = block_band(i0, i1, len, window, places);
       const int64_t n = block.j1 - block.j0;
-      gemm(false, true, i1 - i0, n, D, 1.0f, q + i0 * D, D, k + block.j0 * D, D, 0.0f, s, n);
-      for (int64_t i = i0; i < i1; ++i) {
-        float* sr = s + (i - i0) * n;
-        const Band r = row_band(i, block, window, places);
-        float* visible = sr + (r.j0 - block.j0);
-        const int64_t m = r.j1 - r.j0;
-        if (bias_h) add_bias(visible, m, bias_h, i, r.j0, places);
-        lse[(start + i) * a.heads + h] = softmax_row(visible, m);
-        std::fill(sr, visible, 0.0f);
-        std::fill(visible + m, sr + n, 0.0f);
-        if (drop.on) {
-          const uint32_t row_term = static_cast<uint32_t>((start + i) * a.heads + h) ^ drop.key.k1;
-          drop_row(visible, m, col_hash.data() + r.j0, row_term, drop.threshold, drop.scale);
-        }
-      }
+      block_probabilities(q, k, D, i0, i1, block, window, places, bias_h, s,
+                          [&](float* visible, int64_t m, int64_t i, int64_t j0) {
+                            lse[(start + i) * a.heads + h] = softmax_row(visible, m);
+                            if (!drop.on) return;
+                            drop_row(visible, m, col_hash.data() + j0, drop.row_term((start + i) * a.heads + h),
+                                     drop.threshold, drop.scale);
+                          });
       gemm(false, false, i1 - i0, D, n, 1.0f, s, n, v + block.j0 * D, D, 0.0f, o + i0 * D, D);
     }
     for (int64_t i = 0; i < len; ++i) {
@@ -269,8 +297,7 @@ void backward(const T* dout, const T* qkv, const float* lse, const PackedAttenti
               float scale, int64_t window, const Dropout& drop, T* dqkv, float* dbias_per_sequence) {
   const int64_t L = a.longest, D = a.head_dim, distances = 2 * max_seqlen - 1;
   const int64_t* columns = a.columns_data();
-  std::vector<uint32_t> col_hash(static_cast<size_t>(L));
-  for (int64_t j = 0; j < L; ++j) col_hash[j] = mix32(static_cast<uint32_t>(j) ^ drop.key.k0);
+  const std::vector<uint32_t> col_hash = drop.column_hashes(L);
   const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
   std::vector<std::vector<float>> scratch(static_cast<size_t>(workers));
   const int64_t token_stride = 3 * a.heads * D;
@@ -283,9 +310,7 @@ void backward(const T* dout, const T* qkv, const float* lse, const PackedAttenti
     float *q = buf.data(), *k = q + L * D, *v = k + L * D, *dout_h = v + L * D, *dq = dout_h + L * D,
           *dk = dq + L * D, *dv = dk + L * D, *p = dv + L * D, *pd = p + kQueryBlock * L,
           *ds = pd + kQueryBlock * L;
-    stage(qkv, start, len, 0, h, a, q, scale);
-    stage(qkv, start, len, 1, h, a, k, 1.0f);
-    stage(qkv, start, len, 2, h, a, v, 1.0f);
+    stage_qkv(qkv, start, len, h, a, scale, q, k, v);
     stage_heads(dout, start, len, h, a, dout_h);
     std::fill(dk, dk + len * D, 0.0f);  // dK and dV gather every query block's share
     std::fill(dv, dv + len * D, 0.0f);
@@ -296,23 +321,17 @@ void backward(const T* dout, const T* qkv, const float* lse, const PackedAttenti
       const int64_t i1 = std::min(len, i0 + kQueryBlock), rows = i1 - i0;
       const Band block = block_band(i0, i1, len, window, places);
       const int64_t n = block.j1 - block.j0;
-      gemm(false, true, rows, n, D, 1.0f, q + i0 * D, D, k + block.j0 * D, D, 0.0f, p, n);
-      for (int64_t i = i0; i < i1; ++i) {
-        float* pr = p + (i - i0) * n;
-        const Band r = row_band(i, block, window, places);
-        float* visible = pr + (r.j0 - block.j0);
-        const int64_t m = r.j1 - r.j0;
-        if (bias_h) add_bias(visible, m, bias_h, i, r.j0, places);
-        probabilities_row(visible, m, lse[(start + i) * a.heads + h]);
-        std::fill(pr, visible, 0.0f);
-        std::fill(visible + m, pr + n, 0.0f);
-        float* pdr = pd + (i - i0) * n;
-        std::copy(pr, pr + n, pdr);
-        if (drop.on) {
-          const uint32_t row_term = static_cast<uint32_t>((start + i) * a.heads + h) ^ drop.key.k1;
-          drop_row(pdr + (r.j0 - block.j0), m, col_hash.data() + r.j0, row_term, drop.threshold, drop.scale);
-        }
-      }
+      // P, and P * Z in pd (zeros outside each row's band, as in P).
+      block_probabilities(q, k, D, i0, i1, block, window, places, bias_h, p,
+                          [&](float* visible, int64_t m, int64_t i, int64_t j0) {
+                            probabilities_row(visible, m, lse[(start + i) * a.heads + h]);
+                            float* pdr = pd + (i - i0) * n;
+                            std::fill(pdr, pdr + n, 0.0f);
+                            std::copy(visible, visible + m, pdr + (j0 - block.j0));
+                            if (!drop.on) return;
+                            drop_row(pdr + (j0 - block.j0), m, col_hash.data() + j0,
+                                     drop.row_term((start + i) * a.heads + h), drop.threshold, drop.scale);
+                          });
       gemm(true, false, n, D, rows, 1.0f, pd, n, dout_h + i0 * D, D, 1.0f, dv + block.j0 * D, D);
       gemm(false, true, rows, n, D, 1.0f, dout_h + i0 * D, D, v + block.j0 * D, D, 0.0f, ds, n);
       for (int64_t i = i0; i < i1; ++i) {
