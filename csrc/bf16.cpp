@@ -2,7 +2,7 @@
 // uses AVX512-BF16's vcvtneps2bf16 on CPUs that have it (the loader checks once).
 #include "bf16.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(BERTFAST_AVX2_ONLY)
 #include <immintrin.h>
 #define BERTFAST_HAVE_AVX512BF16_PATH 1
 #endif

@@ -6,7 +6,12 @@
 // A function marked BERTFAST_CLONES is compiled for AVX-512, AVX2 and baseline x86-64, and the loader
 // picks the one for the CPU it runs on; what it calls should be BERTFAST_INLINE so that each clone
 // vectorises it for its own target. (The build targets baseline x86-64, for portable binaries.)
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// BERTFAST_AVX2_ONLY (CMake option of that name) leaves the AVX-512 clone out, so that an AVX-512 machine runs
+// and tests the AVX2 code paths.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(BERTFAST_AVX2_ONLY)
+#define BERTFAST_CLONES __attribute__((target_clones("avx2", "default")))
+#define BERTFAST_INLINE inline __attribute__((always_inline))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define BERTFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #define BERTFAST_INLINE inline __attribute__((always_inline))
 #else
