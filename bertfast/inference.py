@@ -1,7 +1,7 @@
 """Reduced-precision CPU inference, opt-in: bf16 weights and activations, or int8 Linear layers.
 
     model = bertfast.for_cpu_inference(model, "bf16")   # AVX512-BF16 / AMX: bf16 matmuls, fp32 accumulation
-    model = bertfast.for_cpu_inference(model, "int8")   # int8 Linear layers (VNNI), fp32 everywhere else
+    model = bertfast.for_cpu_inference(model, "int8")   # int8 Linear layers (AVX2, VNNI, AMX), fp32 elsewhere
 
 Both work on bertfast's models and on transformers models (accelerated or not). Each checks that
 the CPU has the instructions it is fast with and refuses, naming them, when it does not: on such
@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bertfast.prepacked import Int8Linear
+
 PRECISIONS = ("fp32", "bf16", "int8")
 # What each precision needs, as /proc/cpuinfo names the flags: any one of a group suffices.
-REQUIRED_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "int8": ("avx512_vnni", "avx_vnni", "amx_int8")}
+# int8 runs exactly on AVX2 too, with weights in [-64, 64] (bertfast.prepacked.int8_weight_levels).
+REQUIRED_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "int8": ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")}
 
 
 @functools.cache
@@ -53,37 +56,6 @@ def check_cpu_supports(precision: str, flags: frozenset[str] | None = None) -> N
         )
 
 
-class Int8Linear(nn.Module):
-    """A Linear layer computed in int8: per-output-channel int8 weights, activations quantized per token.
-
-    Each row (token) of the input gets its own scale, so one token's outlier features do not flatten
-    the others' resolution, as a per-tensor scale does: on MiniLM-L6 that is the difference between a
-    sentence-embedding cosine of 0.96 (``torch.ao`` dynamic quantization) and 0.99. The int8 x int8
-    product accumulates in int32 (``torch._int_mm``, VNNI on x86), and the output is fp32.
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous())
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-        quantized = torch.round(rows / scale).to(torch.int8)
-        y = torch._int_mm(quantized, self.weight_int8).float().mul_(scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
 def quantize_linear_layers(model: nn.Module) -> int:
     """Replace every plain ``nn.Linear`` in ``model`` with an :class:`Int8Linear`; returns how many."""
     replaced = 0
@@ -99,8 +71,8 @@ def for_cpu_inference(model: nn.Module, precision: str = "fp32") -> nn.Module:
     """Put ``model`` in eval mode on the CPU in ``precision`` (fp32, bf16 or int8), in place; returns it.
 
     bf16 converts parameters and activations to bfloat16 (matmuls on AVX512-BF16/AMX; the fused
-    ops accumulate in fp32). int8 replaces every ``nn.Linear`` with an :class:`Int8Linear`;
-    bertfast calls such layers as modules, so the rest of the model stays fp32.
+    ops accumulate in fp32). int8 replaces every ``nn.Linear`` with an :class:`Int8Linear`, whose
+    weights bertfast's encoder layers run in int8 (``bertfast.prepacked``); the rest stays fp32.
     """
     check_cpu_supports(precision)
     if any(p.device.type != "cpu" for p in model.parameters()):

@@ -14,6 +14,7 @@ whatever it does takes effect.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from bertfast import ops
+from bertfast import ops, prepacked
 from bertfast.config import BertConfig
 from bertfast.padding import Packing
 
@@ -137,9 +138,48 @@ def packed_intermediate(intermediate: nn.Module, x: Tensor) -> Tensor:
     return ops.bias_gelu(y, bias, form)
 
 
+def prepacked_layer(
+    owner: nn.Module, hidden: Tensor, packing: Packing, rows: Tensor | None, training: bool,
+    linears: tuple[tuple[nn.Module, ...], ...], norms: tuple[nn.Module, nn.Module], activation: nn.Module,
+    heads: int, head_dim: int, attention_bias: Callable[[], Tensor] | None = None,
+) -> Tensor | None:
+    """A BERT-shaped layer in one native call on its prepacked weights (``bertfast.prepacked``), or None where
+    that call cannot honour the layer or the call (the caller then runs the layer op by op).
+
+    ``linears`` (q, k, v), (attention output,), (up,), (down,) must be Linear layers with biases, all float or
+    all int8; ``norms`` LayerNorms with both affine vectors; ``activation`` a GELU; ``attention_bias`` gives the
+    scores' bias by distance, as ``bertfast::attention`` takes it. The call must be an inference call of every
+    row that the native path serves (``prepacked.packable``). A training call drops ``owner``'s packed weights:
+    an optimizer step may follow."""
+    if training:  # (under torch.compile too: a compiled training step is followed by an optimizer step as well)
+        prepacked.drop_cache(owner)
+        return None
+    if rows is not None or torch.compiler.is_compiling():  # a compiled graph packs its weights itself
+        return None
+    kinds = {type(lin) for group in linears for lin in group}
+    if kinds not in ({nn.Linear}, {prepacked.Int8Linear}) or any(lin.bias is None for g in linears for lin in g):
+        return None
+    form = gelu_form(activation)
+    if form is None or not all(_plain_layernorm(n) for n in norms) or torch.is_autocast_enabled("cpu"):
+        return None
+    if ops.forced_backend() not in (None, "native") or not prepacked.packable(hidden, owner):
+        return None
+    return prepacked.encoder_layer(owner, hidden, packing, linears, norms, form, heads, head_dim,
+                                   None if attention_bias is None else attention_bias())
+
+
 def packed_layer(layer: nn.Module, hidden: Tensor, packing: Packing, rows: Tensor | None, training: bool) -> Tensor:
-    """One encoder layer. With ``rows``, every token is a key but only those rows go on (the rest is per row)."""
+    """One encoder layer. With ``rows``, every token is a key but only those rows go on (the rest is per row).
+    An inference call runs the whole layer natively on prepacked weights where it can (``prepacked_layer``)."""
     attention = layer.attention
+    fused = prepacked_layer(
+        layer, hidden, packing, rows, training,
+        ((attention.self.query, attention.self.key, attention.self.value), (attention.output.dense,),
+         (layer.intermediate.dense,), (layer.output.dense,)),
+        (attention.output.LayerNorm, layer.output.LayerNorm), layer.intermediate.intermediate_act_fn,
+        attention.self.num_attention_heads, attention.self.attention_head_size)
+    if fused is not None:
+        return fused
     context = packed_self_attention(attention.self, hidden, packing, training)
     if rows is not None:
         context, hidden = context.index_select(0, rows), hidden.index_select(0, rows)

@@ -40,4 +40,15 @@ TORCH_LIBRARY(bertfast, m) {
   // Forward-only LayerNorm(x + bias + residual) over the last dimension (bias None: LayerNorm(x + residual)).
   m.def("add_layernorm(Tensor x, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps) "
         "-> Tensor");
+  // Inference on a weight prepacked by bertfast.prepacked (an opaque oneDNN tensor: float32, bf16, or int8 with its
+  // per-output-channel weight_scale): x (rows, in) -> activation(x W^T + bias), activation 'none', 'gelu' (erf)
+  // or 'gelu_tanh'; int8 quantizes x per row (linear.cpp).
+  m.def("linear(Tensor x, Tensor weight, Tensor? weight_scale, Tensor? bias, str activation='none') -> Tensor");
+  // One BERT encoder layer of packed tokens, inference only: the qkv, attention output, up and down weights
+  // (prepacked, with their int8 scales or None) and the vectors qkv bias, attention output bias, LayerNorm 1
+  // weight and bias, up bias, down bias, LayerNorm 2 weight and bias; eps of the two LayerNorms; the up
+  // projection's activation as in linear; attention_bias as attention's bias (MPNet's relative positions).
+  m.def("encoder_layer(Tensor hidden, Tensor cu_seqlens, SymInt max_seqlen, Tensor[] weights, "
+        "Tensor?[] weight_scales, Tensor[] vectors, int heads, float scale, float[] eps, str activation, "
+        "Tensor? attention_bias=None) -> Tensor");
 }

@@ -9,7 +9,7 @@ import pytest
 import torch
 from numerics import assert_relative_rule
 
-from bertfast import ops
+from bertfast import modules, ops, prepacked
 from bertfast.config import BertConfig
 from bertfast.models import BertModel
 from bertfast.ops import native, reference
@@ -96,28 +96,37 @@ def test_bias_gelu_in_inference_is_the_native_kernel(with_bias):
     assert_relative_rule(out, torch.nn.functional.gelu(x64), reference.bias_gelu(x, bias), atol=1e-6)
 
 
-def test_eval_forward_runs_the_fused_kernels_and_equals_the_torch_backend():
-    """Every layer's attention, both add+LayerNorm blocks and bias+GELU run native kernels in eval."""
+@pytest.mark.parametrize("one_call", [True, False])
+def test_eval_forward_runs_the_fused_kernels_and_equals_the_torch_backend(one_call):
+    """In eval each layer is one native call (bertfast::encoder_layer on prepacked weights); where that call is
+    off, every layer's attention, both add+LayerNorm blocks and bias+GELU run native kernels."""
     torch.manual_seed(0)
     model = BertModel(BertConfig.from_preset("tiny")).eval()
     ids = torch.randint(5, 100, (3, 11))
     mask = torch.tensor([[1] * 11, [1] * 4 + [0] * 7, [0] * 11])
     called: list[str] = []
     kernels = {name: getattr(native, name) for name in ("_attention_op", "_add_layernorm_op", "_bias_gelu_op")}
+    one_layer = prepacked.encoder_layer
 
-    def spy(name):
+    def spy(name, fn):
         def run(*args):
             called.append(name)
-            return kernels[name](*args)
+            return fn(*args)
         return run
 
     with pytest.MonkeyPatch.context() as patch, torch.inference_mode():
         for name in kernels:
-            patch.setattr(native, name, spy(name))
+            patch.setattr(native, name, spy(name, kernels[name]))
+        patch.setattr(prepacked, "encoder_layer", spy("encoder_layer", one_layer))
+        if not one_call:
+            patch.setattr(modules, "prepacked_layer", lambda *args, **kwargs: None)
         fast = model(ids, attention_mask=mask).last_hidden_state
     layers = model.config.num_hidden_layers
-    assert sorted(called) == sorted(["_attention_op"] * layers + ["_add_layernorm_op"] * 2 * layers
-                                    + ["_bias_gelu_op"] * layers)
+    if one_call:
+        assert called == ["encoder_layer"] * layers
+    else:
+        assert sorted(called) == sorted(["_attention_op"] * layers + ["_add_layernorm_op"] * 2 * layers
+                                        + ["_bias_gelu_op"] * layers)
     with torch.inference_mode(), ops.use_backend("torch"):
         slow = model(ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

@@ -1,5 +1,8 @@
 """``torch.library.opcheck`` on every bertfast custom op: schema, autograd registration, fake (meta)
-implementation and AOT dispatch with dynamic shapes. The Triton ops run in the interpreter (conftest)."""
+implementation and AOT dispatch with dynamic shapes. The Triton ops run in the interpreter (conftest).
+
+All but ``bertfast::linear`` and ``bertfast::encoder_layer``: their weights are opaque oneDNN tensors, which opcheck
+cannot inspect (no storage); tests/test_prepacked.py checks them against PyTorch."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from bertfast import modules
 from bertfast.encoders import common
 from bertfast.padding import Packing
 
@@ -28,6 +29,13 @@ def layers(base: nn.Module) -> list[nn.Module]:
 def packed_layer(layer: nn.Module, hidden: Tensor, packing: Packing, rows: Tensor | None, training: bool) -> Tensor:
     """One ``TransformerBlock`` on packed tokens, (T, dim) -> (T, dim); with ``rows``, only those rows go on."""
     attention, ffn = layer.attention, layer.ffn
+    fused = modules.prepacked_layer(
+        layer, hidden, packing, rows, training,
+        ((attention.q_lin, attention.k_lin, attention.v_lin), (attention.out_lin,), (ffn.lin1,), (ffn.lin2,)),
+        (layer.sa_layer_norm, layer.output_layer_norm), ffn.activation, attention.n_heads,
+        attention.attention_head_size)
+    if fused is not None:
+        return fused
     context = common.packed_attention(attention, (attention.q_lin, attention.k_lin, attention.v_lin),
                                       attention.n_heads, attention.attention_head_size, attention.dropout.p,
                                       hidden, packing, training)

@@ -15,9 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from bertfast import modules
+from bertfast.common import relative_position
 from bertfast.encoders import common
 from bertfast.padding import Packing
 
@@ -61,6 +63,16 @@ def packed_layer(layer: nn.Module, hidden: Tensor, packing: BiasedPacking, rows:
     """One ``MPNetLayer`` on packed tokens, the relative-position bias from ``packing.bias_table``."""
     attention = layer.attention
     attn = attention.attn
+    if packing.columns is None:  # a mask with holes: the layer runs op by op, the distances counted in columns
+        fused = modules.prepacked_layer(
+            layer, hidden, packing, rows, training,
+            ((attn.q, attn.k, attn.v), (attn.o,), (layer.intermediate.dense,), (layer.output.dense,)),
+            (attention.LayerNorm, layer.output.LayerNorm), layer.intermediate.intermediate_act_fn,
+            attn.num_attention_heads, attn.attention_head_size,
+            lambda: relative_position.distance_bias(packing.bias_table, packing.max_seqlen, NUM_BUCKETS,
+                                                    MAX_DISTANCE).to(torch.float32).contiguous())
+        if fused is not None:
+            return fused
     context = common.packed_attention(attn, (attn.q, attn.k, attn.v), attn.num_attention_heads,
                                       attn.attention_head_size, attn.dropout.p, hidden, packing, training,
                                       bias_table=packing.bias_table, num_buckets=NUM_BUCKETS,

@@ -20,7 +20,11 @@ get their fake (shape-only) implementations, which ``torch.compile`` traces:
   log-sum-exp (not the output), and backward recomputes the probabilities (``csrc/attention.cpp`` for calls that record
   nothing and have no dropout, ``csrc/attention_train.cpp`` otherwise).
 * Inference only (forward kernel, no autograd): ``bertfast::add_layernorm``, LayerNorm(x + bias +
-  residual) in one pass (``csrc/add_layernorm.cpp``).
+  residual) in one pass (``csrc/add_layernorm.cpp``); ``bertfast::linear`` and ``bertfast::encoder_layer``,
+  a dense layer and a whole encoder layer on weights prepacked for oneDNN (``csrc/linear.cpp``;
+  ``bertfast.prepacked`` packs the weights and calls them). These two have no fake implementation: the
+  packed weights are opaque oneDNN tensors, which neither ``torch.compile`` nor ``opcheck`` can trace, and
+  compiled graphs take the module path (Inductor packs their weights itself).
 
 Bias + dropout + residual + LayerNorm runs its kernel for a call that needs no gradient and has no
 dropout (:func:`inference_call`: ``eval()`` under ``no_grad`` / ``inference_mode``); training calls get the
