@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bertfast import cli
 from bertfast.bench import FAMILIES, report
@@ -16,11 +18,23 @@ from bertfast.bench.suite import Measurement
 from bertfast.bench.timing import Stats
 
 
-def test_quick_suite_writes_every_familys_json_report_and_plot(tmp_path, one_thread):
-    out, saved = tmp_path / "run", tmp_path / "saved"
-    assert cli.main(["bench", "--quick", "--device", "cpu", "--output-dir", str(out), "--save", "first",
-                     "--saved-dir", str(saved)]) == 0
-    record = json.loads((out / "run.json").read_text())
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """One `bertfast bench --quick` of every family, on one thread (tiny matrices), read by several tests."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out, saved = tmp / "run", tmp / "saved"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["bench", "--quick", "--device", "cpu", "--output-dir", str(out), "--save", "first",
+                         "--saved-dir", str(saved)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out, saved, json.loads((out / "run.json").read_text())
+
+
+def test_quick_suite_writes_every_familys_json_report_and_plot(quick_run):
+    out, saved, record = quick_run
     assert record["environment"]["threads"] == 1
     assert record["environment"]["versions"]["torch"]
     assert "commit" in record["environment"] and record["settings"]["quick"]
@@ -63,6 +77,47 @@ def _check_inference_limits(measurements: list[dict]) -> None:
         assert limit["bandwidth_GB_s"] > 0 and limit["bound"] in ("memory", "compute")
 
 
+def _expected_status(engine: str, family: str, precision: str) -> str:
+    """What each engine peer does on a tiny model of each family: "ok", or the start of its reason."""
+    if engine == "onnxruntime" and precision == "bf16":
+        return "n/a: ONNX Runtime's CPU kernels have no bf16"
+    if engine == "ctranslate2" and precision == "bf16":
+        import ctranslate2
+
+        if "bfloat16" not in ctranslate2.get_supported_compute_types("cpu"):
+            return "n/a: CTranslate2 has no bfloat16 compute on this CPU"
+    if engine == "ctranslate2" and family == "mpnet":
+        return "n/a: CTranslate2's converter has no loader for MPNetConfig"
+    return "ok"
+
+
+@pytest.mark.parametrize("engine", inference.ENGINES)
+def test_quick_inference_engines_agree_with_transformers(quick_run, engine):
+    """Each engine ran every tiny family it can convert, at every precision measured here, and its sentence
+    embeddings agree with transformers' fp32 ones: in fp32 to rounding (the tiny random models' attention is
+    near uniform, so even attending to the padding costs only the fourth digit), in bf16 and int8 to 0.999."""
+    pytest.importorskip(engine)
+    families = {spec.name: spec.family for spec in inference.QUICK_MODELS}
+    measurements = [m for m in quick_run[2]["families"]["inference"]["measurements"] if m["baseline"] == engine]
+    assert {m["kernel"] for m in measurements} == set(families)
+    assert {m["mode"] for m in measurements} >= {"fp32", "int8"}
+    for m in measurements:
+        expected = _expected_status(engine, families[m["kernel"]], m["mode"])
+        assert m["status"].startswith(expected), (m["kernel"], m["shape"], m["mode"], m["status"])
+        if m["status"] == "ok":
+            least = 0.99999 if m["mode"] == "fp32" else 0.999
+            assert m["info"]["cos_min"] > least, (m["kernel"], m["shape"], m["mode"], m["info"])
+
+
+def test_a_missing_engine_is_named_not_measured(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name in inference.ENGINES else find_spec(name, *args))
+    peers = inference.Peers(inference.QUICK_MODELS[0], torch.device("cpu"))
+    for engine in inference.ENGINES:
+        assert peers.engine(engine, "fp32") == f"{engine} is not installed"
+
+
 def test_weight_bytes_count_the_layers_and_pooler_at_each_precision():
     import bertfast
 
@@ -73,6 +128,19 @@ def test_weight_bytes_count_the_layers_and_pooler_at_each_precision():
     assert inference.weight_bytes(config, "bf16") == 2 * counted
     matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embeddings" not in name)
     assert inference.weight_bytes(config, "int8") == matrices + 4 * (counted - matrices)
+
+
+@pytest.mark.parametrize("spec", inference.QUICK_MODELS[1:], ids=lambda spec: spec.family)
+def test_weight_bytes_count_mpnet_and_distilbert_layers(spec):
+    """MPNet's layers and pooler, DistilBERT's layers (it has no pooler); the embeddings, MPNet's
+    relative-position bias among them, are tables a forward reads a few rows of."""
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.AutoConfig.for_model(spec.family, **dict(spec.config))
+    model = getattr(transformers, inference.FAMILIES[spec.family].model_class)(config)
+    counted = sum(p.numel() for name, p in model.named_parameters()
+                  if not name.startswith("embeddings.") and "relative_attention_bias" not in name)
+    assert inference.weight_bytes(config, "fp32") == 4 * counted
 
 
 def _measurement(baseline: str, samples: list[float], kernel: str = "bias_gelu") -> Measurement:

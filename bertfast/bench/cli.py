@@ -24,8 +24,9 @@ Families (default: all):
                     peak memory
   model             a pretraining step and the encoder's forward, bertfast vs transformers, same weights
   pretrain          tokens/s of `bertfast pretrain` steps, bare model loops, transformers, the data pipeline
-  inference         CPU/GPU inference: MiniLM-L6 (the real checkpoint) and BERT-base vs transformers,
-                    torch.compile(transformers) and ONNX Runtime, fp32/bf16/int8, vs the measured GEMM rate
+  inference         CPU/GPU inference: MiniLM-L6 (the real checkpoint), BERT-base, MPNet-base and
+                    DistilBERT-base vs transformers, torch.compile(transformers), ONNX Runtime, OpenVINO
+                    and CTranslate2 (the bench extra), fp32/bf16/int8, vs the measured GEMM rate
   st-train          sentence-transformers' trainer step (MNRL, cached MNRL), plain vs bertfast.accelerate:
                     tokens/s, peak memory
 

@@ -15,7 +15,8 @@ from bertfast.bench.timing import Clock, Plan
 
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "TRITON_INTERPRET",
             "BERTFAST_BACKEND", "CUDA_VISIBLE_DEVICES")  # settings that change what a run measures
-PACKAGES = ("bertfast", "torch", "triton", "transformers", "onnxruntime", "liger-kernel", "flash-attn", "numpy")
+PACKAGES = ("bertfast", "torch", "triton", "transformers", "onnxruntime", "openvino", "ctranslate2", "liger-kernel",
+            "flash-attn", "numpy")
 
 
 def device_name(device: torch.device) -> str:
