@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from bertfast import sentence_embeddings
-from bertfast.encoders import albert, distilbert, electra, modernbert, mpnet
+from bertfast.encoders import albert, deberta_v2, distilbert, electra, modernbert, mpnet
 from bertfast.models.base import encode
 from bertfast.modules import PACKING_KEY, ROWS_KEY, packed_embeddings, packed_layer
 
@@ -73,6 +73,8 @@ FAMILIES: dict[str, Family] = {
                     encoder=mpnet),
     "modernbert": Family("transformers.models.modernbert.modeling_modernbert", "ModernBertModel",
                          "ModernBertEncoderLayer", False, modernbert.packed_layer, encoder=modernbert),
+    "deberta-v2": Family("transformers.models.deberta_v2.modeling_deberta_v2", "DebertaV2Model", "DebertaV2Layer",
+                         False, deberta_v2.packed_layer, encoder=deberta_v2),
 }
 
 # Arguments the packed path understands; any other keyword sends the call to transformers' forward.
@@ -116,7 +118,7 @@ def _unsupported_config(config: Any) -> str | None:
 
 
 def _encoder_check(family: Family | None, name: str) -> Callable | None:
-    """A family encoder's own ``unsupported`` (config) / ``fallback`` (call) check, where it has one."""
+    """A family encoder's own ``unsupported`` (config) / ``fallback`` (model, call) check, where it has one."""
     return None if family is None or family.encoder is None else getattr(family.encoder, name, None)
 
 
@@ -161,7 +163,7 @@ def fallback_reason(model: nn.Module, arguments: dict[str, Any]) -> str | None:
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
         return "tracing or ONNX export"
     check = _encoder_check(FAMILIES.get(getattr(config, "model_type", None)), "fallback")
-    reason = None if check is None else check(merged)
+    reason = None if check is None else check(model, merged)
     return reason if reason is not None else _hook_reason(model)
 
 
@@ -408,7 +410,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     """Run every supported transformers base model inside ``model`` on bertfast, in place; returns ``model``.
 
     ``model`` is a transformers model of a family in ``FAMILIES`` (BERT, RoBERTa, XLM-RoBERTa,
-    CamemBERT, DistilBERT, ELECTRA, ALBERT, MPNet, ModernBERT; base or any head), or
+    CamemBERT, DistilBERT, ELECTRA, ALBERT, MPNet, ModernBERT, DeBERTa-v2/v3; base or any head), or
     any module holding them (a SentenceTransformer, a PeftModel, a user's model). Parameters, state
     dict keys, classes and forward signatures stay as they were, so an optimizer built before the
     call keeps working and ``save_pretrained`` writes the same checkpoint. bertfast's own models are

@@ -146,18 +146,23 @@ void packed_attention(const T* qkv, const int32_t* cu, T* out, int64_t batch, in
 
 at::Tensor attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& seed,
-                         double dropout_p, std::optional<int64_t> window, const std::optional<at::Tensor>& columns) {
-  // The training kernel applies the mask, the window and the columns (attention_train.cpp).
-  if (dropout_p != 0.0 || window || columns) {
+                         double dropout_p, std::optional<int64_t> window, const std::optional<at::Tensor>& columns,
+                         const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query,
+                         const std::optional<at::Tensor>& pos_index) {
+  // The training kernel applies the mask, the window, the columns and the disentangled terms (attention_train.cpp).
+  if (dropout_p != 0.0 || window || columns || pos_index) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("bertfast::attention_forward", "")
                                .typed<std::tuple<at::Tensor, at::Tensor>(
                                    const at::Tensor&, const at::Tensor&, c10::SymInt, double,
                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-                                   std::optional<int64_t>, const std::optional<at::Tensor>&)>();
-    return std::get<0>(
-        op.call(qkv, cu_seqlens, c10::SymInt(max_seqlen), scale, bias, seed, dropout_p, window, columns));
+                                   std::optional<int64_t>, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&)>();
+    return std::get<0>(op.call(qkv, cu_seqlens, c10::SymInt(max_seqlen), scale, bias, seed, dropout_p, window,
+                               columns, pos_key, pos_query, pos_index));
   }
+  TORCH_CHECK_VALUE(!pos_key && !pos_query, "pos_key and pos_query need pos_index (the disentangled terms)");
   const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias);
   return dispatch_float_bf16(qkv.scalar_type(), "attention", [&](auto tag) {
     using T = decltype(tag);

@@ -3,7 +3,9 @@
 // sequence, the optional score bias laid out by key - query distance, (heads, 2 * max_seqlen - 1) float32, and the
 // optional columns: each token's place in its padded row, from which distances are counted (for the bias and
 // the window) when a row's tokens are not one run (an attention mask with holes); increasing along each
-// sequence and spanning less than max_seqlen.
+// sequence and spanning less than max_seqlen. And DeBERTa's disentangled terms: pos_key and pos_query, the
+// relative-position embeddings' key and query projections (positions, heads, head_dim) float32, either or both, and
+// pos_index (2 * max_seqlen - 1) integers, the row of those tables for each key - query distance.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -19,12 +21,51 @@ struct PackedAttentionArgs {
   at::Tensor cu;    // int32, contiguous
   at::Tensor bias;  // float32 contiguous, or undefined
   at::Tensor columns;  // int64 contiguous, or undefined (a token's place is its index in its sequence)
+  at::Tensor pos_key, pos_query;  // float32 (positions, heads, head_dim) contiguous, or undefined
+  at::Tensor pos_index;  // int64 (2 * max_seqlen - 1) contiguous, or undefined (no disentangled terms)
   int64_t total, heads, head_dim, batch, longest;
+  int64_t positions = 0;
 
   const int32_t* offsets() const { return cu.const_data_ptr<int32_t>(); }
   const float* bias_data() const { return bias.defined() ? bias.const_data_ptr<float>() : nullptr; }
   const int64_t* columns_data() const { return columns.defined() ? columns.const_data_ptr<int64_t>() : nullptr; }
+  bool disentangled() const { return pos_index.defined(); }
 };
+
+inline at::Tensor position_table(const std::optional<at::Tensor>& t, const PackedAttentionArgs& a, const char* name) {
+  if (!t.has_value()) return at::Tensor();
+  check_cpu(*t, name);
+  TORCH_CHECK_VALUE(t->dim() == 3 && t->size(1) == a.heads && t->size(2) == a.head_dim, name,
+                    " must be (positions, heads, head_dim) = (positions, ", a.heads, ", ", a.head_dim, "), got ",
+                    t->sizes());
+  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
+  return t->contiguous();
+}
+
+// DeBERTa's disentangled terms, checked: pos_index's rows must exist in the tables.
+inline void check_disentangled(PackedAttentionArgs& a, int64_t max_seqlen, const std::optional<at::Tensor>& pos_key,
+                               const std::optional<at::Tensor>& pos_query, const std::optional<at::Tensor>& pos_index) {
+  a.pos_key = position_table(pos_key, a, "pos_key");
+  a.pos_query = position_table(pos_query, a, "pos_query");
+  const bool tables = a.pos_key.defined() || a.pos_query.defined();
+  TORCH_CHECK_VALUE(tables == pos_index.has_value(),
+                    "pos_index and at least one of pos_key and pos_query come together (the disentangled terms)");
+  if (!tables) return;
+  TORCH_CHECK_VALUE(!a.pos_key.defined() || !a.pos_query.defined() || a.pos_key.size(0) == a.pos_query.size(0),
+                    "pos_key and pos_query must have as many positions, got ", a.pos_key.size(0), " and ",
+                    a.pos_query.size(0));
+  a.positions = (a.pos_key.defined() ? a.pos_key : a.pos_query).size(0);
+  check_cpu(*pos_index, "pos_index");
+  const int64_t distances = std::max<int64_t>(2 * max_seqlen - 1, 1);
+  TORCH_CHECK_VALUE(pos_index->dim() == 1 && pos_index->size(0) == distances && !pos_index->is_floating_point(),
+                    "pos_index must be (2 * max_seqlen - 1,) = (", distances, ",) integers, got ", pos_index->sizes());
+  a.pos_index = pos_index->to(at::kLong).contiguous();
+  const int64_t* index = a.pos_index.const_data_ptr<int64_t>();
+  for (int64_t d = 0; d < distances; ++d) {
+    TORCH_CHECK_VALUE(index[d] >= 0 && index[d] < a.positions, "pos_index holds ", index[d], ", outside the ",
+                      a.positions, " positions of the tables");
+  }
+}
 
 inline PackedAttentionArgs check_packed_attention(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
                                                   int64_t max_seqlen, const std::optional<at::Tensor>& bias,

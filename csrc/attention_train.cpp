@@ -17,6 +17,12 @@
 // out longest first, round robin over the threads, so that one long sequence among short ones does not
 // leave a thread idle. The bias gradient is summed per sequence, then over the sequences in order:
 // deterministic.
+// DeBERTa's disentangled attention adds to S[i, j] the content-to-position and position-to-content terms
+//   scale (q_i . Kr[c] + k_j . Qr[c]),  c = pos_index[place(j) - place(i)],
+// from the task's own c2p = scale Q Kr^T and p2c = scale K Qr^T over just the rows of the position tables
+// that its distances reach (never a (L, L) or per-batch tensor); backward scatters dS into dc2p / dp2c by
+// c and returns dQ += scale dc2p Kr, dK += scale dp2c Qr, dKr = dc2p^T (scale Q), dQr = scale dp2c^T K,
+// the tables' gradients summed per sequence, then over the sequences in order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -231,12 +237,82 @@ BERTFAST_INLINE void add_bias(float* visible, int64_t m, const float* bias_h, in
   for (int64_t j = 0; j < m; ++j) visible[j] += bias_h[places.col[j0 + j] - places.col[i]];
 }
 
+// DeBERTa's disentangled terms of one (sequence, head): c2p (len, rows) = scale q Kr^T and p2c (len, rows) =
+// scale k Qr^T over the position rows [c0, c0 + rows) that the sequence's distances reach (either may be off).
+struct Disentangled {
+  const int64_t* index = nullptr;  // pos_index at distance 0 (negative distances index before it); null: off
+  int64_t c0 = 0, rows = 0;
+  float *kr = nullptr, *qr = nullptr;    // the staged rows of the tables, (rows, D)
+  float *c2p = nullptr, *p2c = nullptr;  // (len, rows)
+
+  bool on() const { return index != nullptr; }
+  // The position row (minus c0) of query i and key j.
+  int64_t row(int64_t i, int64_t j, const Places& places) const { return index[places.at(j) - places.at(i)] - c0; }
+};
+
+// Scores of query i for keys [j0, j0 + m) += its c2p and the keys' p2c terms.
+BERTFAST_INLINE void add_disentangled(float* visible, int64_t m, int64_t i, int64_t j0, const Places& places,
+                                      const Disentangled& dis) {
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t c = dis.row(i, j0 + j, places);
+    float term = 0.0f;
+    if (dis.c2p) term += dis.c2p[i * dis.rows + c];
+    if (dis.p2c) term += dis.p2c[(j0 + j) * dis.rows + c];
+    visible[j] += term;
+  }
+}
+
+// The task's disentangled terms in `buf` (see Disentangled; at most 2 * (rows_max * D + len * rows_max) floats),
+// from q (already scaled) and k of one (sequence, head); off when the call has none.
+Disentangled disentangled_terms(const PackedAttentionArgs& a, int64_t h, int64_t len, int64_t max_seqlen,
+                                const Places& places, const float* q, const float* k, float scale, float* buf) {
+  Disentangled dis;
+  if (!a.disentangled() || len == 0) return dis;
+  dis.index = a.pos_index.const_data_ptr<int64_t>() + (max_seqlen - 1);
+  const int64_t reach = places.at(len - 1) - places.at(0);
+  int64_t lo = dis.index[0], hi = dis.index[0];
+  for (int64_t d = -reach; d <= reach; ++d) {
+    lo = std::min(lo, dis.index[d]);
+    hi = std::max(hi, dis.index[d]);
+  }
+  dis.c0 = lo;
+  dis.rows = hi - lo + 1;
+  const int64_t D = a.head_dim;
+  const auto stage_rows = [&](const at::Tensor& table, float* dst) {
+    const float* src = table.const_data_ptr<float>();
+    for (int64_t c = 0; c < dis.rows; ++c) std::copy_n(src + ((lo + c) * a.heads + h) * D, D, dst + c * D);
+  };
+  float* next = buf;
+  if (a.pos_key.defined()) {
+    dis.kr = next;
+    dis.c2p = dis.kr + dis.rows * D;
+    next = dis.c2p + len * dis.rows;
+    stage_rows(a.pos_key, dis.kr);
+    gemm(false, true, len, dis.rows, D, 1.0f, q, D, dis.kr, D, 0.0f, dis.c2p, dis.rows);
+  }
+  if (a.pos_query.defined()) {
+    dis.qr = next;
+    dis.p2c = dis.qr + dis.rows * D;
+    stage_rows(a.pos_query, dis.qr);
+    gemm(false, true, len, dis.rows, D, scale, k, D, dis.qr, D, 0.0f, dis.p2c, dis.rows);
+  }
+  return dis;
+}
+
+// The scratch floats of disentangled_terms for sequences of at most L tokens.
+int64_t disentangled_scratch(const PackedAttentionArgs& a, int64_t L, int64_t max_seqlen) {
+  if (!a.disentangled()) return 0;
+  const int64_t rows = std::min(a.positions, 2 * max_seqlen - 1);
+  return 2 * (rows * a.head_dim + L * rows);
+}
+
 // Probabilities of queries [i0, i1) over their block's band of keys, (i1 - i0, n) in s: the scores q k^T, the
 // bias inside each row's own band, `normalise(visible, m, i, j0)` on that band (keys [j0, j0 + m)), zeros
 // outside it.
 template <typename F>
 void block_probabilities(const float* q, const float* k, int64_t D, int64_t i0, int64_t i1, Band block,
-                         int64_t window, const Places& places, const float* bias_h, float* s, F&& normalise) {
+                         int64_t window, const Places& places, const float* bias_h, const Disentangled& dis,
+                         float* s, F&& normalise) {
   const int64_t n = block.j1 - block.j0;
   gemm(false, true, i1 - i0, n, D, 1.0f, q + i0 * D, D, k + block.j0 * D, D, 0.0f, s, n);
   for (int64_t i = i0; i < i1; ++i) {
@@ -245,6 +321,7 @@ void block_probabilities(const float* q, const float* k, int64_t D, int64_t i0, 
     float* visible = row + (r.j0 - block.j0);
     const int64_t m = r.j1 - r.j0;
     if (bias_h) add_bias(visible, m, bias_h, i, r.j0, places);
+    if (dis.on()) add_disentangled(visible, m, i, r.j0, places, dis);
     normalise(visible, m, i, r.j0);
     std::fill(row, visible, 0.0f);
     std::fill(visible + m, row + n, 0.0f);
@@ -267,16 +344,17 @@ void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, flo
     const int64_t start = a.offsets()[b], len = a.offsets()[b + 1] - start;
     if (len == 0) return;
     std::vector<float>& buf = scratch[w];
-    buf.resize(static_cast<size_t>(4 * L * D + kQueryBlock * L));
+    buf.resize(static_cast<size_t>(4 * L * D + kQueryBlock * L + disentangled_scratch(a, L, max_seqlen)));
     float *q = buf.data(), *k = q + L * D, *v = k + L * D, *o = v + L * D, *s = o + L * D;
     stage_qkv(qkv, start, len, h, a, scale, q, k, v);
     const float* bias_h = a.bias_data() ? a.bias_data() + h * (2 * max_seqlen - 1) + (max_seqlen - 1) : nullptr;
     const Places places{columns ? columns + start : nullptr};
+    const Disentangled dis = disentangled_terms(a, h, len, max_seqlen, places, q, k, scale, s + kQueryBlock * L);
     for (int64_t i0 = 0; i0 < len; i0 += kQueryBlock) {
       const int64_t i1 = std::min(len, i0 + kQueryBlock);
       const Band block = block_band(i0, i1, len, window, places);
       const int64_t n = block.j1 - block.j0;
-      block_probabilities(q, k, D, i0, i1, block, window, places, bias_h, s,
+      block_probabilities(q, k, D, i0, i1, block, window, places, bias_h, dis, s,
                           [&](float* visible, int64_t m, int64_t i, int64_t j0) {
                             lse[(start + i) * a.heads + h] = softmax_row(visible, m);
                             if (!drop.on) return;
@@ -292,9 +370,17 @@ void forward(const T* qkv, const PackedAttentionArgs& a, int64_t max_seqlen, flo
   });
 }
 
+// The gradients that are summed over sequences, each sequence's share apart (null where the call has none):
+// the bias's (batch, heads, distances) and the position tables' (batch, heads, positions, D).
+struct SequenceShares {
+  float* bias = nullptr;
+  float* pos_key = nullptr;
+  float* pos_query = nullptr;
+};
+
 template <typename T>
 void backward(const T* dout, const T* qkv, const float* lse, const PackedAttentionArgs& a, int64_t max_seqlen,
-              float scale, int64_t window, const Dropout& drop, T* dqkv, float* dbias_per_sequence) {
+              float scale, int64_t window, const Dropout& drop, T* dqkv, const SequenceShares& shares) {
   const int64_t L = a.longest, D = a.head_dim, distances = 2 * max_seqlen - 1;
   const int64_t* columns = a.columns_data();
   const std::vector<uint32_t> col_hash = drop.column_hashes(L);
@@ -306,23 +392,29 @@ void backward(const T* dout, const T* qkv, const float* lse, const PackedAttenti
     const int64_t start = a.offsets()[b], len = a.offsets()[b + 1] - start;
     if (len == 0) return;
     std::vector<float>& buf = scratch[w];
-    buf.resize(static_cast<size_t>(7 * L * D + 3 * kQueryBlock * L));
+    const int64_t dis_floats = disentangled_scratch(a, L, max_seqlen);
+    buf.resize(static_cast<size_t>(7 * L * D + 3 * kQueryBlock * L + 2 * dis_floats));
     float *q = buf.data(), *k = q + L * D, *v = k + L * D, *dout_h = v + L * D, *dq = dout_h + L * D,
           *dk = dq + L * D, *dv = dk + L * D, *p = dv + L * D, *pd = p + kQueryBlock * L,
-          *ds = pd + kQueryBlock * L;
+          *ds = pd + kQueryBlock * L, *dis_buf = ds + kQueryBlock * L, *ddis = dis_buf + dis_floats;
     stage_qkv(qkv, start, len, h, a, scale, q, k, v);
     stage_heads(dout, start, len, h, a, dout_h);
     std::fill(dk, dk + len * D, 0.0f);  // dK and dV gather every query block's share
     std::fill(dv, dv + len * D, 0.0f);
     const float* bias_h = a.bias_data() ? a.bias_data() + h * distances + (max_seqlen - 1) : nullptr;
-    float* db = dbias_per_sequence ? dbias_per_sequence + (b * a.heads + h) * distances + (max_seqlen - 1) : nullptr;
+    float* db = shares.bias ? shares.bias + (b * a.heads + h) * distances + (max_seqlen - 1) : nullptr;
     const Places places{columns ? columns + start : nullptr};
+    const Disentangled dis = disentangled_terms(a, h, len, max_seqlen, places, q, k, scale, dis_buf);
+    // dc2p and dp2c: dS summed by position row, per query (c2p) and per key (p2c).
+    float* dc2p = ddis;
+    float* dp2c = dc2p + len * dis.rows;
+    std::fill(ddis, ddis + 2 * len * dis.rows, 0.0f);
     for (int64_t i0 = 0; i0 < len; i0 += kQueryBlock) {
       const int64_t i1 = std::min(len, i0 + kQueryBlock), rows = i1 - i0;
       const Band block = block_band(i0, i1, len, window, places);
       const int64_t n = block.j1 - block.j0;
       // P, and P * Z in pd (zeros outside each row's band, as in P).
-      block_probabilities(q, k, D, i0, i1, block, window, places, bias_h, p,
+      block_probabilities(q, k, D, i0, i1, block, window, places, bias_h, dis, p,
                           [&](float* visible, int64_t m, int64_t i, int64_t j0) {
                             probabilities_row(visible, m, lse[(start + i) * a.heads + h]);
                             float* pdr = pd + (i - i0) * n;
@@ -338,13 +430,32 @@ void backward(const T* dout, const T* qkv, const float* lse, const PackedAttenti
         const int64_t row = (i - i0) * n;
         const float d_i = dot(pd + row, ds + row, n);
         score_gradient_row(p + row, pd + row, ds + row, n, d_i, drop.on, drop.scale);  // 0 outside the band
-        if (db != nullptr) {
+        if (db != nullptr || dis.on()) {
           const Band r = row_band(i, block, window, places);
-          for (int64_t j = r.j0; j < r.j1; ++j) db[places.at(j) - places.at(i)] += ds[row + j - block.j0];
+          for (int64_t j = r.j0; j < r.j1; ++j) {
+            const float g = ds[row + j - block.j0];
+            if (db != nullptr) db[places.at(j) - places.at(i)] += g;
+            if (dis.on()) {
+              const int64_t c = dis.row(i, j, places);
+              dc2p[i * dis.rows + c] += g;
+              dp2c[j * dis.rows + c] += g;
+            }
+          }
         }
       }
       gemm(false, false, rows, D, n, scale, ds, n, k + block.j0 * D, D, 0.0f, dq + i0 * D, D);
       gemm(true, false, n, D, rows, 1.0f, ds, n, q + i0 * D, D, 1.0f, dk + block.j0 * D, D);
+    }
+    const int64_t table_stride = a.positions * D;
+    if (dis.c2p) {
+      gemm(false, false, len, D, dis.rows, scale, dc2p, dis.rows, dis.kr, D, 1.0f, dq, D);
+      float* dkr = shares.pos_key + (b * a.heads + h) * table_stride + dis.c0 * D;
+      gemm(true, false, dis.rows, D, len, 1.0f, dc2p, dis.rows, q, D, 0.0f, dkr, D);
+    }
+    if (dis.p2c) {
+      gemm(false, false, len, D, dis.rows, scale, dp2c, dis.rows, dis.qr, D, 1.0f, dk, D);
+      float* dqr = shares.pos_query + (b * a.heads + h) * table_stride + dis.c0 * D;
+      gemm(true, false, dis.rows, D, len, scale, dp2c, dis.rows, k, D, 0.0f, dqr, D);
     }
     for (int64_t i = 0; i < len; ++i) {
       T* row = dqkv + (start + i) * token_stride + h * D;
@@ -362,8 +473,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, 
                                                          const std::optional<at::Tensor>& bias,
                                                          const std::optional<at::Tensor>& seed, double dropout_p,
                                                          std::optional<int64_t> window,
-                                                         const std::optional<at::Tensor>& columns) {
-  const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias, columns);
+                                                         const std::optional<at::Tensor>& columns,
+                                                         const std::optional<at::Tensor>& pos_key,
+                                                         const std::optional<at::Tensor>& pos_query,
+                                                         const std::optional<at::Tensor>& pos_index) {
+  PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias, columns);
+  check_disentangled(a, max_seqlen, pos_key, pos_query, pos_index);
   const Dropout drop = dropout_of(seed, dropout_p);
   const int64_t band = window_of(window);
   return dispatch_float_bf16(qkv.scalar_type(), "attention_forward", [&](auto tag) {
@@ -377,12 +492,26 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
+// Each sequence's share summed in sequence order: the same bits for any thread count. parts (batch, rest...).
+at::Tensor sum_over_sequences(const at::Tensor& parts, int64_t batch) {
+  at::Tensor total = parts[0].clone();
+  float* out = total.mutable_data_ptr<float>();
+  const float* part = parts.const_data_ptr<float>();
+  const int64_t n = total.numel();
+  for (int64_t b = 1; b < batch; ++b) {
+    for (int64_t e = 0; e < n; ++e) out[e] += part[b * n + e];
+  }
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& lse,
     const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& seed, double dropout_p, std::optional<int64_t> window,
-    const std::optional<at::Tensor>& columns) {
-  const PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias, columns);
+    const std::optional<at::Tensor>& columns, const std::optional<at::Tensor>& pos_key,
+    const std::optional<at::Tensor>& pos_query, const std::optional<at::Tensor>& pos_index) {
+  PackedAttentionArgs a = check_packed_attention(qkv, cu_seqlens, max_seqlen, bias, columns);
+  check_disentangled(a, max_seqlen, pos_key, pos_query, pos_index);
   const Dropout drop = dropout_of(seed, dropout_p);
   const int64_t band = window_of(window);
   const std::vector<int64_t> rows_shape{a.total, a.heads, a.head_dim};
@@ -390,11 +519,16 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
   TORCH_CHECK_VALUE(lse.sizes() == std::vector<int64_t>({a.total, a.heads}) && lse.scalar_type() == at::kFloat,
                     "lse must be (tokens, heads) float32");
   const at::Tensor lse_c = lse.contiguous();
-  const int64_t distances = 2 * max_seqlen - 1;
-  at::Tensor dbias_parts;
-  if (a.bias.defined()) {
-    dbias_parts = at::zeros({std::max<int64_t>(a.batch, 1), a.heads, std::max<int64_t>(distances, 1)}, lse.options());
-  }
+  const int64_t distances = 2 * max_seqlen - 1, sequences = std::max<int64_t>(a.batch, 1);
+  const auto shares_of = [&](bool present, at::IntArrayRef rest) {
+    std::vector<int64_t> shape{sequences};
+    shape.insert(shape.end(), rest.begin(), rest.end());
+    return present ? at::zeros(shape, lse.options()) : at::Tensor();
+  };
+  const at::Tensor dbias_parts = shares_of(a.bias.defined(), {a.heads, std::max<int64_t>(distances, 1)});
+  const at::Tensor dkey_parts = shares_of(a.pos_key.defined(), {a.heads, a.positions, a.head_dim});
+  const at::Tensor dquery_parts = shares_of(a.pos_query.defined(), {a.heads, a.positions, a.head_dim});
+  const auto data = [](const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<float>() : nullptr; };
   return dispatch_float_bf16(qkv.scalar_type(), "attention_backward", [&](auto tag) {
     using T = decltype(tag);
     const at::Tensor packed = activation(qkv, qkv.scalar_type(), "qkv");
@@ -402,17 +536,15 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
     at::Tensor dqkv = at::empty_like(packed);  // every (token, head) belongs to one task, which writes it
     backward<T>(data_of<T>(dout_c), data_of<T>(packed), lse_c.const_data_ptr<float>(), a,
                 max_seqlen, static_cast<float>(scale), band, drop, mutable_data_of<T>(dqkv),
-                dbias_parts.defined() ? dbias_parts.mutable_data_ptr<float>() : nullptr);
-    if (!dbias_parts.defined()) return std::make_tuple(dqkv, at::empty({0}, lse.options()));
-    // The sequences' bias gradients summed in sequence order: the same bits for any thread count.
-    at::Tensor dbias = dbias_parts[0].clone();
-    float* total = dbias.mutable_data_ptr<float>();
-    const float* part = dbias_parts.const_data_ptr<float>();
-    const int64_t n = dbias.numel();
-    for (int64_t b = 1; b < a.batch; ++b) {
-      for (int64_t e = 0; e < n; ++e) total[e] += part[b * n + e];
-    }
-    return std::make_tuple(dqkv, dbias);
+                SequenceShares{data(dbias_parts), data(dkey_parts), data(dquery_parts)});
+    // (0,) for an absent input: a tensor of its own each, since outputs must not alias.
+    const auto none = [&] { return at::empty({0}, lse.options()); };
+    // The tables' gradients as the tables are laid out, (positions, heads, head_dim).
+    const auto table = [&](const at::Tensor& parts) {
+      return parts.defined() ? sum_over_sequences(parts, a.batch).permute({1, 0, 2}).contiguous() : none();
+    };
+    return std::make_tuple(dqkv, dbias_parts.defined() ? sum_over_sequences(dbias_parts, a.batch) : none(),
+                           table(dkey_parts), table(dquery_parts));
   });
 }
 

@@ -40,43 +40,52 @@ using OptTensor = std::optional<at::Tensor>;
 
 using OptInt = std::optional<int64_t>;
 
+// attention's optional tensors after max_seqlen and scale: bias, seed, then (after dropout_p and window) columns and
+// DeBERTa's pos_key, pos_query and pos_index.
+struct AttentionOptions {
+  OptTensor bias, seed;
+  double p;
+  OptInt window;
+  OptTensor columns, pos_key, pos_query, pos_index;
+};
+
+using AttentionSignature = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, double, const OptTensor&,
+                                      const OptTensor&, double, OptInt, const OptTensor&, const OptTensor&,
+                                      const OptTensor&, const OptTensor&);
+
 at::Tensor call_attention(const at::Tensor& qkv, const at::Tensor& cu, const c10::SymInt& max_seqlen, double scale,
-                          const OptTensor& bias, const OptTensor& seed, double p, OptInt window,
-                          const OptTensor& columns) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bertfast::attention", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, double,
-                                               const OptTensor&, const OptTensor&, double, OptInt,
-                                               const OptTensor&)>();
-  return op.call(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
+                          const AttentionOptions& o) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bertfast::attention", "").typed<AttentionSignature>();
+  return op.call(qkv, cu, max_seqlen, scale, o.bias, o.seed, o.p, o.window, o.columns, o.pos_key, o.pos_query,
+                 o.pos_index);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_attention_forward(const at::Tensor& qkv, const at::Tensor& cu,
                                                           const c10::SymInt& max_seqlen, double scale,
-                                                          const OptTensor& bias, const OptTensor& seed, double p,
-                                                          OptInt window, const OptTensor& columns) {
+                                                          const AttentionOptions& o) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("bertfast::attention_forward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       c10::SymInt, double, const OptTensor&,
-                                                                       const OptTensor&, double, OptInt,
-                                                                       const OptTensor&)>();
-  return op.call(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, c10::SymInt, double, const OptTensor&,
+                                 const OptTensor&, double, OptInt, const OptTensor&, const OptTensor&,
+                                 const OptTensor&, const OptTensor&)>();
+  return op.call(qkv, cu, max_seqlen, scale, o.bias, o.seed, o.p, o.window, o.columns, o.pos_key, o.pos_query,
+                 o.pos_index);
 }
 
-std::tuple<at::Tensor, at::Tensor> call_attention_backward(const at::Tensor& dout, const at::Tensor& qkv,
-                                                           const at::Tensor& lse,
-                                                           const at::Tensor& cu, const c10::SymInt& max_seqlen,
-                                                           double scale, const OptTensor& bias, const OptTensor& seed,
-                                                           double p, OptInt window, const OptTensor& columns) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_attention_backward(
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& lse, const at::Tensor& cu,
+    const c10::SymInt& max_seqlen, double scale, const AttentionOptions& o) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("bertfast::attention_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, c10::SymInt, double,
-                                                    const OptTensor&, const OptTensor&, double, OptInt,
-                                                    const OptTensor&)>();
-  return op.call(dout, qkv, lse, cu, max_seqlen, scale, bias, seed, p, window, columns);
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt, double,
+              const OptTensor&, const OptTensor&, double, OptInt, const OptTensor&, const OptTensor&,
+              const OptTensor&, const OptTensor&)>();
+  return op.call(dout, qkv, lse, cu, max_seqlen, scale, o.bias, o.seed, o.p, o.window, o.columns, o.pos_key,
+                 o.pos_query, o.pos_index);
 }
 
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -86,11 +95,14 @@ class Attention : public torch::autograd::Function<Attention> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv, const at::Tensor& cu,
                             const c10::SymInt& max_seqlen, double scale, const OptTensor& bias, const OptTensor& seed,
-                            double p, OptInt window, const OptTensor& columns) {
+                            double p, OptInt window, const OptTensor& columns, const OptTensor& pos_key,
+                            const OptTensor& pos_query, const OptTensor& pos_index) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = call_attention_forward(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
-    ctx->save_for_backward({qkv, cu, lse, bias.value_or(at::Tensor()), seed.value_or(at::Tensor()),
-                            columns.value_or(at::Tensor())});
+    const AttentionOptions o{bias, seed, p, window, columns, pos_key, pos_query, pos_index};
+    auto [out, lse] = call_attention_forward(qkv, cu, max_seqlen, scale, o);
+    const at::Tensor none;
+    ctx->save_for_backward({qkv, cu, lse, bias.value_or(none), seed.value_or(none), columns.value_or(none),
+                            pos_key.value_or(none), pos_query.value_or(none), pos_index.value_or(none)});
     ctx->saved_data["max_seqlen"] = max_seqlen;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["p"] = p;
@@ -100,16 +112,18 @@ class Attention : public torch::autograd::Function<Attention> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    const OptTensor bias = optional_of(s[3]);
     const int64_t saved_window = ctx->saved_data["window"].toInt();
-    const OptInt window = saved_window >= 0 ? OptInt(saved_window) : std::nullopt;
-    auto [dqkv, dbias] = call_attention_backward(
+    const AttentionOptions o{optional_of(s[3]), optional_of(s[4]), ctx->saved_data["p"].toDouble(),
+                             saved_window >= 0 ? OptInt(saved_window) : std::nullopt, optional_of(s[5]),
+                             optional_of(s[6]), optional_of(s[7]), optional_of(s[8])};
+    auto [dqkv, dbias, dpos_key, dpos_query] = call_attention_backward(
         grads[0].contiguous(), s[0], s[2], s[1], ctx->saved_data["max_seqlen"].toSymInt(),
-        ctx->saved_data["scale"].toDouble(), bias, optional_of(s[4]), ctx->saved_data["p"].toDouble(), window,
-        optional_of(s[5]));
-    // One gradient per forward input: qkv, cu_seqlens, max_seqlen, scale, bias, seed, dropout_p, window, columns.
+        ctx->saved_data["scale"].toDouble(), o);
+    // One gradient per forward input: qkv, cu_seqlens, max_seqlen, scale, bias, seed, dropout_p, window, columns,
+    // pos_key, pos_query, pos_index.
     const at::Tensor none;
-    return {dqkv, none, none, none, bias ? dbias : none, none, none, none, none};
+    return {dqkv, none, none, none, o.bias ? dbias : none, none, none, none, none, o.pos_key ? dpos_key : none,
+            o.pos_query ? dpos_query : none, none};
   }
 };
 
@@ -202,11 +216,18 @@ class Dropout : public torch::autograd::Function<Dropout> {
 // A call that records nothing runs the op below autograd: the inference kernel when there is no dropout.
 at::Tensor attention_autograd(const at::Tensor& qkv, const at::Tensor& cu, c10::SymInt max_seqlen, double scale,
                               const OptTensor& bias, const OptTensor& seed, double p, OptInt window,
-                              const OptTensor& columns) {
-  const bool records = at::GradMode::is_enabled() && (qkv.requires_grad() || (bias && bias->requires_grad()));
-  if (records) return Attention::apply(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
+                              const OptTensor& columns, const OptTensor& pos_key, const OptTensor& pos_query,
+                              const OptTensor& pos_index) {
+  const auto needs_grad = [](const OptTensor& t) { return t && t->requires_grad(); };
+  const bool records = at::GradMode::is_enabled() &&
+                       (qkv.requires_grad() || needs_grad(bias) || needs_grad(pos_key) || needs_grad(pos_query));
+  if (records) {
+    return Attention::apply(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns, pos_key, pos_query,
+                            pos_index);
+  }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return call_attention(qkv, cu, max_seqlen, scale, bias, seed, p, window, columns);
+  return call_attention(qkv, cu, max_seqlen, scale,
+                        AttentionOptions{bias, seed, p, window, columns, pos_key, pos_query, pos_index});
 }
 
 at::Tensor rotary_autograd(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,

@@ -21,16 +21,23 @@ TORCH_LIBRARY(bertfast, m) {
   // head, column the key's position in its sequence). window: query i sees only keys |i - j| <= window of its
   // sequence (sliding-window attention). columns: each token's column in its padded row, from which the bias's
   // and the window's distances are counted where a row's tokens are not one run (a mask with holes).
-  // Differentiable in qkv and bias (autograd.cpp).
+  // pos_key, pos_query (positions, heads, head_dim) float32 and pos_index (2 * max_seqlen - 1) integers: DeBERTa's
+  // disentangled attention, the score of query i and key j gaining scale * (q_i . pos_key[c] + k_j . pos_query[c])
+  // with c = pos_index[(j - i) + max_seqlen - 1] (either table may be absent).
+  // Differentiable in qkv, bias, pos_key and pos_query (autograd.cpp).
   m.def("attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None, "
-        "Tensor? seed=None, float dropout_p=0.0, int? window=None, Tensor? columns=None) -> Tensor");
+        "Tensor? seed=None, float dropout_p=0.0, int? window=None, Tensor? columns=None, Tensor? pos_key=None, "
+        "Tensor? pos_query=None, Tensor? pos_index=None) -> Tensor");
   // attention's output and the log-sum-exp of each (token, head) score row, (T, heads) float32.
   m.def("attention_forward(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, Tensor? bias=None, "
-        "Tensor? seed=None, float dropout_p=0.0, int? window=None, Tensor? columns=None) -> (Tensor, Tensor)");
-  // (dqkv, dbias) of attention for the gradient dout, from qkv and the log-sum-exp (dbias (0,) without bias).
+        "Tensor? seed=None, float dropout_p=0.0, int? window=None, Tensor? columns=None, Tensor? pos_key=None, "
+        "Tensor? pos_query=None, Tensor? pos_index=None) -> (Tensor, Tensor)");
+  // (dqkv, dbias, dpos_key, dpos_query) of attention for the gradient dout, from qkv and the log-sum-exp (each
+  // of the last three (0,) where its input is absent).
   m.def("attention_backward(Tensor dout, Tensor qkv, Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, "
         "float scale, Tensor? bias=None, Tensor? seed=None, float dropout_p=0.0, int? window=None, "
-        "Tensor? columns=None) -> (Tensor, Tensor)");
+        "Tensor? columns=None, Tensor? pos_key=None, Tensor? pos_query=None, Tensor? pos_index=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // Rotary embeddings of packed qkv (T, 3, heads, head_dim): q and k of token t turned by positions[t] *
   // inv_freq (cos and sin rounded to qkv's dtype), v copied; inverse turns the other way (the gradient).
   m.def("rotary(Tensor qkv, Tensor positions, Tensor inv_freq, bool inverse=False) -> Tensor");

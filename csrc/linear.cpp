@@ -163,7 +163,8 @@ at::Tensor encoder_layer_cpu(const at::Tensor& hidden, const at::Tensor& cu_seql
           .findSchemaOrThrow("bertfast::attention", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, double, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, double, std::optional<int64_t>,
-                            const std::optional<at::Tensor>&)>();
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   static const auto add_layernorm =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("bertfast::add_layernorm", "")
@@ -178,7 +179,7 @@ at::Tensor encoder_layer_cpu(const at::Tensor& hidden, const at::Tensor& cu_seql
                     " features, expected 3 x ", width);
   const at::Tensor context = attention.call(qkv.view({tokens, 3, heads, width / heads}), cu_seqlens,
                                             c10::SymInt(max_seqlen), scale, attention_bias, std::nullopt, 0.0,
-                                            std::nullopt, std::nullopt);
+                                            std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   const at::Tensor attended =
       add_layernorm.call(dense(context.view({tokens, width}), 1, kAttentionOutBias, "none"), std::nullopt, hidden,
                          vectors[kNorm1Weight], vectors[kNorm1Bias], eps[0]);

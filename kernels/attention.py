@@ -588,11 +588,12 @@ _forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
 def supports(qkv: Tensor, bias_table: Tensor | None = None, window: int | None = None,
-             columns: Tensor | None = None) -> bool:
+             columns: Tensor | None = None, pos_index: Tensor | None = None) -> bool:
     """fp16/bf16 on CUDA (fp32 goes to SDPA there: IEEE fp32 dots would be slow and the AOT check compiles no
     fp32 kernel); fp32/fp16 CPU tensors in the interpreter (whose tl.dot is wrong in bf16); head dims <= 128.
-    A bias table of any floating dtype on the same device (it is read in fp32). No window or columns (yet)."""
-    if window is not None or columns is not None:
+    A bias table of any floating dtype on the same device (it is read in fp32). No window, columns or
+    disentangled (DeBERTa) terms (yet)."""
+    if window is not None or columns is not None or pos_index is not None:
         return False
     if bias_table is not None and (bias_table.device != qkv.device or not bias_table.is_floating_point()):
         return False
@@ -664,11 +665,14 @@ def attention(
     max_distance: int = 128,
     window: int | None = None,
     columns: Tensor | None = None,
+    pos_key: Tensor | None = None,
+    pos_query: Tensor | None = None,
+    pos_index: Tensor | None = None,
 ) -> Tensor:
     """``bertfast.ops.attention`` on the Triton kernels (same signature and result as the reference); no
-    window or columns (``supports`` refuses such calls)."""
-    if window is not None or columns is not None:
-        raise ValueError("the Triton attention kernels take no sliding window or columns")
+    window, columns or disentangled terms (``supports`` refuses such calls)."""
+    if window is not None or columns is not None or pos_index is not None:
+        raise ValueError("the Triton attention kernels take no sliding window, columns or disentangled terms")
     return flash_attention(qkv, cu_seqlens, max_seqlen, dropout_p if training else 0.0, softmax_scale,
                            bias_table=bias_table, num_buckets=num_buckets, max_distance=max_distance)
 

@@ -379,7 +379,7 @@ def test_configs_that_cannot_run_exactly_are_refused_by_name(one_thread):
     with pytest.raises(ValueError, match="MPNetModel with relative_attention_num_buckets=16"):
         bertfast.accelerate(transformers.MPNetModel(family_config("mpnet", relative_attention_num_buckets=16)))
     with pytest.raises(TypeError, match="supported: .*DistilBertModel.*ElectraModel.*AlbertModel.*MPNetModel"):
-        bertfast.accelerate(transformers.DebertaV2Model(transformers.DebertaV2Config(
+        bertfast.accelerate(transformers.ConvBertModel(transformers.ConvBertConfig(
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)))
     # patched classes run transformers' own forward for such a config
     ref = transformers.ElectraForCausalLM(family_config("electra", is_decoder=True)).eval()

@@ -71,11 +71,20 @@ def cases():
         "attention(columns, bias, window)": (
             native._attention_op, (qkv, cu, 6, 0.25, leaf(2, 11), seed(), 0.2, 1, torch.tensor([0, 3, 1, 2, 5]))),
         "attention(window, inference)": (native._attention_op, (qkv.detach(), cu, 4, 0.25, None, None, 0.0, 0)),
+        "attention(disentangled, dropout)": (native._attention_op, (
+            qkv, cu, 4, 0.25, None, seed(), 0.2, None, None, leaf(6, 2, 16), leaf(6, 2, 16),
+            torch.tensor([0, 1, 2, 3, 4, 5, 5]))),
+        "attention(disentangled c2p, inference)": (native._attention_op, (
+            qkv.detach(), cu, 4, 0.25, None, None, 0.0, None, None, torch.randn(6, 2, 16), None,
+            torch.tensor([5, 4, 3, 3, 2, 1, 0]))),
         "attention_forward": (
             native._attention_forward_op, (qkv.detach(), cu, 4, 0.25, torch.randn(2, 7), seed(), 0.2)),
         "attention_backward": (native._attention_backward_op, (
             torch.randn(5, 2, 16), qkv.detach(), torch.randn(5, 2), cu, 4, 0.25,
             torch.randn(2, 7), seed(), 0.2, 2)),
+        "attention_backward(disentangled)": (native._attention_backward_op, (
+            torch.randn(5, 2, 16), qkv.detach(), torch.randn(5, 2), cu, 4, 0.25, None, None, 0.0, None, None,
+            torch.randn(6, 2, 16), torch.randn(6, 2, 16), torch.tensor([0, 1, 2, 3, 4, 5, 5]))),
         "rotary": (native._rotary_op, (qkv, torch.tensor([0, 7, 1, 300, 2]), torch.rand(8))),
         "rotary(bf16, inverse)": (
             native._rotary_op, (qkv.detach().bfloat16().requires_grad_(), torch.arange(5), torch.rand(8), True)),

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, help="timed calls per round on a CPU (default: 5; quick: 1)")
     parser.add_argument("--st-model", action="append", default=[], choices=("MiniLM-L6", "MPNet-base"),
                         help="the st-train family's model (repeatable; default: all; --quick: a tiny BERT)")
+    parser.add_argument("--inference-model", action="append", default=[],
+                        choices=("MiniLM-L6", "BERT-base", "MPNet-base", "DistilBERT-base"),
+                        help="the inference family's model (repeatable; default: all; --quick: tiny ones)")
 
 
 def _resolve_saved(name: str, saved_dir: Path) -> Path:
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                 rounds=args.rounds or (2 if args.quick else 3))
     compile_ = args.compile if args.compile is not None else (device.type == "cuda" or not args.quick)
     ctx = Context(device, args.quick, compile_, plan, rounds_given=args.rounds is not None,
-                  st_models=tuple(args.st_model))
+                  st_models=tuple(args.st_model), inference_models=tuple(args.inference_model))
     environment = describe(device)
     out_dir = args.output_dir or Path("benchmarks/results") / (
         f"{environment['device_name'].replace(' ', '-').replace('/', '-')}-"
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     results = [run_family(name, ctx) for name in families]
     environment["load_average_end"] = load_average()
     settings = {"families": families, "quick": args.quick, "compile": compile_, "plan": vars(plan),
-                "st_models": list(args.st_model)}
+                "st_models": list(args.st_model), "inference_models": list(args.inference_model)}
     record = report.run_record(environment, peaks, settings, results)
     record_text = json.dumps(record, indent=1) + "\n"
     report.write_atomic(out_dir / "run.json", record_text)

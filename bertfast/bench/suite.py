@@ -21,7 +21,7 @@ import torch
 
 from bertfast.bench import FAMILIES
 from bertfast.bench.environment import load_average
-from bertfast.bench.timing import Clock, Plan, Stats
+from bertfast.bench.timing import CPU_SETTLE_S, Clock, Plan, Stats
 
 # throughput unit -> the factor from (work per call / seconds) to the unit
 UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
@@ -37,6 +37,7 @@ class Context:
     plan: Plan  # repetitions on a CPU (a GPU sizes them by time)
     rounds_given: bool = False  # --rounds was given: families with their own round count follow it
     st_models: tuple[str, ...] = ()  # --st-model: the st-train family's models (empty: all of them)
+    inference_models: tuple[str, ...] = ()  # --inference-model: the inference family's (empty: all of them)
 
     @property
     def on_gpu(self) -> bool:
@@ -203,7 +204,7 @@ def run_group(family: str, group: Group, ctx: Context, clock: Clock, log: Callab
 def run_family(name: str, ctx: Context, log: Callable[[str], None] = print) -> dict:
     """Every group of one family: its measurements, the load before and after, and its notes."""
     module = family_module(name)
-    clock = Clock(ctx.device)
+    clock = Clock(ctx.device, settle_s=0.0 if ctx.quick else CPU_SETTLE_S)
     load_before = load_average()
     log(f"== {name}")
     start = time.perf_counter()

@@ -4,7 +4,10 @@ On a GPU every call is timed with CUDA events after the L2 cache is flushed (a 2
 zeroed before each call), as ``triton.testing.do_bench`` does, and the repetition count follows
 the call's duration (about 25 ms of warm-up and 100 ms of timed calls per baseline). On a CPU each
 call is timed with ``perf_counter``. Baselines take turns round after round, so that a machine
-shared with other work slows them alike.
+shared with other work slows them alike. On a CPU, in the suite's full runs, each baseline's block of
+calls starts after a pause (``CPU_SETTLE_S``) in which the threads of the previous one fall asleep:
+engines keep theirs spinning after a call (Intel OpenMP for 200 ms by default, as CTranslate2 ships
+it), which would otherwise take the cores from whichever baseline comes next.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 cache
+CPU_SETTLE_S = 0.25  # longer than the spin-wait of the thread pools of the CPU engines compared
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,10 @@ class Stats:
 class Clock:
     """Times calls on one device."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, settle_s: float = 0.0) -> None:
+        """``settle_s``: the pause before each block of calls on a CPU (the suite's full runs: ``CPU_SETTLE_S``)."""
         self.device = device
+        self.settle_s = settle_s if device.type == "cpu" else 0.0
         self._flush = (torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
                        if device.type == "cuda" else None)
 
@@ -105,6 +111,8 @@ class Clock:
         rounds: dict[str, list[list[float]]] = {name: [] for name in fns}
         for _ in range(plan.rounds):
             for name, fn in fns.items():
+                if self.settle_s and len(fns) > 1:
+                    time.sleep(self.settle_s)
                 rounds[name].append([self.once_ms(fn) for _ in range(plans[name].reps)])
         return {name: Stats.of(blocks) for name, blocks in rounds.items()}
 

@@ -58,3 +58,28 @@ def distance_bias(bias_table: Tensor, max_seqlen: int, num_buckets: int = 32, ma
     max_seqlen = max(max_seqlen, 1)
     distances = torch.arange(1 - max_seqlen, max_seqlen, device=bias_table.device)
     return bias_table[relative_position_bucket(distances, num_buckets, max_distance)].t()
+
+
+def deberta_log_bucket(relative_position: Tensor, bucket_size: int, max_position: int) -> Tensor:
+    """DeBERTa's bucket of each (query position - key position): exact within ``bucket_size // 2``, log-spaced
+    beyond, up to ``max_position``. The same float ops as transformers' ``make_log_bucket_position`` (so the
+    same buckets); the kernels take its result as a per-distance lookup (:func:`deberta_position_index`)."""
+    sign = torch.sign(relative_position)
+    mid = bucket_size // 2
+    abs_pos = torch.where((relative_position < mid) & (relative_position > -mid),
+                          torch.tensor(mid - 1).type_as(relative_position), torch.abs(relative_position))
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid)) * (mid - 1)) + mid
+    return torch.where(abs_pos <= mid, relative_position.type_as(log_pos), log_pos * sign).to(torch.long)
+
+
+def deberta_position_index(max_seqlen: int, position_buckets: int, max_relative_positions: int, span: int,
+                           device: torch.device | str = "cpu") -> Tensor:
+    """(2 * max_seqlen - 1,) int64: the row of DeBERTa's relative-position tables (``2 * span`` rows) that the
+    scores of a query and a key at key - query distance d read, at d + max_seqlen - 1: the (bucketed, when
+    ``position_buckets`` and ``max_relative_positions`` are both positive) query - key position plus ``span``,
+    clamped to the table, as transformers' ``disentangled_attention_bias`` indexes both of its terms."""
+    max_seqlen = max(max_seqlen, 1)
+    relative = -torch.arange(1 - max_seqlen, max_seqlen, device=device)  # query - key = -(key - query)
+    if position_buckets > 0 and max_relative_positions > 0:
+        relative = deberta_log_bucket(relative, position_buckets, max_relative_positions)
+    return torch.clamp(relative + span, 0, 2 * span - 1)

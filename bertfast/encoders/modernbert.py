@@ -32,13 +32,6 @@ def unsupported(config: Any) -> str | None:
     return None
 
 
-def fallback(arguments: dict[str, Any]) -> str | None:
-    """A precomputed mask mapping (a mask with holes runs packed: the window counts the tokens' columns)."""
-    if isinstance(arguments.get("attention_mask"), dict):
-        return "a precomputed attention mask mapping"
-    return None
-
-
 def _norm(norm: nn.Module, x: Tensor) -> Tensor:
     """A LayerNorm (bias-free where ``norm_bias=False``) on packed (T, H); an Identity or other module as called."""
     if type(norm) is nn.LayerNorm:

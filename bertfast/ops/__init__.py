@@ -161,6 +161,7 @@ def attention(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
     num_buckets: int = 32, max_distance: int = 128, window: int | None = None, columns: Tensor | None = None,
+    pos_key: Tensor | None = None, pos_query: Tensor | None = None, pos_index: Tensor | None = None,
 ) -> Tensor:
     """Bidirectional attention on packed sequences: (T, 3, heads, head_dim) -> (T, heads, head_dim).
 
@@ -178,6 +179,12 @@ def attention(
     ``columns`` (T,) integers: each token's column in its padded row, increasing along each sequence. The
     bias's and the window's distances are then counted in columns, not in packed tokens, which is what
     transformers counts when an attention mask has holes (padding between a row's tokens).
+
+    ``pos_key`` / ``pos_query`` (positions, heads, head_dim), differentiable, and ``pos_index`` (2 * max_seqlen - 1,)
+    integers: DeBERTa's disentangled attention. The scaled score of query i and key j gains
+    ``scale * (q_i . pos_key[c] + k_j . pos_query[c])`` (content-to-position and position-to-content; either table
+    may be None), ``c = pos_index[(j - i) + max_seqlen - 1]`` the tables' row for their distance
+    (``bertfast.common.relative_position.deberta_position_index``; distances in columns with ``columns``).
     """
     dropout.check_probability(dropout_p)
     if bias_table is not None:
@@ -188,9 +195,25 @@ def attention(
         raise ValueError(f"window must be >= 0, got {window}")
     if columns is not None and (columns.shape != (qkv.shape[0],) or columns.dtype.is_floating_point):
         raise ValueError(f"columns must be ({qkv.shape[0]},) integers, got {tuple(columns.shape)} {columns.dtype}")
-    _, fn = implementation("attention", qkv, bias_table, window=window, columns=columns)
+    _check_disentangled(qkv, max_seqlen, pos_key, pos_query, pos_index)
+    _, fn = implementation("attention", qkv, bias_table, window=window, columns=columns, pos_index=pos_index)
     return fn(qkv, cu_seqlens, max_seqlen, dropout_p, training, softmax_scale, bias_table, num_buckets,
-              max_distance, window, columns)
+              max_distance, window, columns, pos_key, pos_query, pos_index)
+
+
+def _check_disentangled(qkv: Tensor, max_seqlen: int, pos_key: Tensor | None, pos_query: Tensor | None,
+                        pos_index: Tensor | None) -> None:
+    tables = [t for t in (pos_key, pos_query) if t is not None]
+    if (pos_index is None) != (not tables):
+        raise ValueError("pos_index and at least one of pos_key and pos_query come together (DeBERTa's terms)")
+    for name, t in (("pos_key", pos_key), ("pos_query", pos_query)):
+        if t is not None and (t.dim() != 3 or tuple(t.shape[1:]) != tuple(qkv.shape[2:])):
+            raise ValueError(f"{name} must be (positions, heads, head_dim) = (positions, {qkv.shape[2]}, "
+                             f"{qkv.shape[3]}), got {tuple(t.shape)}")
+    if pos_index is not None and (pos_index.shape != (max(2 * max_seqlen - 1, 1),)
+                                  or pos_index.dtype.is_floating_point):
+        raise ValueError(f"pos_index must be (2 * max_seqlen - 1,) integers, got {tuple(pos_index.shape)} "
+                         f"{pos_index.dtype}")
 
 
 def rotary(qkv: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:

