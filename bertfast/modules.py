@@ -141,14 +141,16 @@ def packed_intermediate(intermediate: nn.Module, x: Tensor) -> Tensor:
 def prepacked_layer(
     owner: nn.Module, hidden: Tensor, packing: Packing, rows: Tensor | None, training: bool,
     linears: tuple[tuple[nn.Module, ...], ...], norms: tuple[nn.Module, nn.Module], activation: nn.Module,
-    heads: int, head_dim: int, attention_bias: Callable[[], Tensor] | None = None,
+    heads: int, head_dim: int, scale: float | None = None,
+    attention: Callable[[], dict[str, Tensor | None]] | None = None,
 ) -> Tensor | None:
     """A BERT-shaped layer in one native call on its prepacked weights (``bertfast.prepacked``), or None where
     that call cannot honour the layer or the call (the caller then runs the layer op by op).
 
     ``linears`` (q, k, v), (attention output,), (up,), (down,) must be Linear layers with biases, all float or
-    all int8; ``norms`` LayerNorms with both affine vectors; ``activation`` a GELU; ``attention_bias`` gives the
-    scores' bias by distance, as ``bertfast::attention`` takes it. The call must be an inference call of every
+    all int8; ``norms`` LayerNorms with both affine vectors; ``activation`` a GELU; ``scale`` the scores' (default
+    1 / sqrt(head_dim)); ``attention`` gives what the attention adds to its scores, by ``prepacked.encoder_layer``'s
+    names (MPNet's bias by distance, DeBERTa's position tables). The call must be an inference call of every
     row that the native path serves (``prepacked.packable``). A training call drops ``owner``'s packed weights:
     an optimizer step may follow."""
     if training:  # (under torch.compile too: a compiled training step is followed by an optimizer step as well)
@@ -164,8 +166,8 @@ def prepacked_layer(
         return None
     if ops.forced_backend() not in (None, "native") or not prepacked.packable(hidden, owner):
         return None
-    return prepacked.encoder_layer(owner, hidden, packing, linears, norms, form, heads, head_dim,
-                                   None if attention_bias is None else attention_bias())
+    return prepacked.encoder_layer(owner, hidden, packing, linears, norms, form, heads, head_dim, scale,
+                                   **({} if attention is None else attention()))
 
 
 def packed_layer(layer: nn.Module, hidden: Tensor, packing: Packing, rows: Tensor | None, training: bool) -> Tensor:

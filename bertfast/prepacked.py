@@ -198,17 +198,19 @@ ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 def encoder_layer(
     owner: nn.Module, hidden: Tensor, packing: Packing, linears: Sequence[Sequence[nn.Module]],
-    norms: tuple[nn.LayerNorm, nn.LayerNorm], gelu: str, heads: int, head_dim: int,
-    attention_bias: Tensor | None = None,
+    norms: tuple[nn.LayerNorm, nn.LayerNorm], gelu: str, heads: int, head_dim: int, scale: float | None = None,
+    **attention: Tensor | None,
 ) -> Tensor:
     """One encoder layer in one native call. ``linears``: the q, k and v projections, then the attention output,
     the up and the down projection (one module each), all with biases; ``norms`` the two LayerNorms; ``gelu``
-    the up projection's GELU form ("none" for erf, "tanh"); ``attention_bias`` as ``bertfast::attention``'s
-    (by distance); ``owner`` holds the packed weights."""
+    the up projection's GELU form ("none" for erf, "tanh"); ``scale`` the scores' (default 1 / sqrt(head_dim));
+    ``attention``: what the layer's attention adds to its scores, as ``bertfast::encoder_layer`` names it
+    (``attention_bias``; ``pos_key``, ``pos_query``, ``pos_index``); ``owner`` holds the packed weights."""
     packed = [packed_weight(owner, f"linear{i}", group, hidden.dtype) for i, group in enumerate(linears)]
     (_, _, qkv_bias), (_, _, out_bias), (_, _, up_bias), (_, _, down_bias) = packed
     vectors = [qkv_bias, out_bias, norms[0].weight, norms[0].bias, up_bias, down_bias, norms[1].weight,
                norms[1].bias]
     return torch.ops.bertfast.encoder_layer(
         hidden, packing.cu_seqlens, packing.max_seqlen, [p[0] for p in packed], [p[1] for p in packed], vectors,
-        heads, head_dim ** -0.5, [norms[0].eps, norms[1].eps], ACTIVATIONS[gelu], attention_bias)
+        heads, head_dim ** -0.5 if scale is None else scale, [norms[0].eps, norms[1].eps], ACTIVATIONS[gelu],
+        **attention)

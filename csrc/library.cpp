@@ -54,8 +54,10 @@ TORCH_LIBRARY(bertfast, m) {
   // One BERT encoder layer of packed tokens, inference only: the qkv, attention output, up and down weights
   // (prepacked, with their int8 scales or None) and the vectors qkv bias, attention output bias, LayerNorm 1
   // weight and bias, up bias, down bias, LayerNorm 2 weight and bias; eps of the two LayerNorms; the up
-  // projection's activation as in linear; attention_bias as attention's bias (MPNet's relative positions).
+  // projection's activation as in linear; attention_bias, pos_key, pos_query and pos_index as attention's bias and
+  // disentangled terms (MPNet's and DeBERTa's relative positions).
   m.def("encoder_layer(Tensor hidden, Tensor cu_seqlens, SymInt max_seqlen, Tensor[] weights, "
         "Tensor?[] weight_scales, Tensor[] vectors, int heads, float scale, float[] eps, str activation, "
-        "Tensor? attention_bias=None) -> Tensor");
+        "Tensor? attention_bias=None, Tensor? pos_key=None, Tensor? pos_query=None, Tensor? pos_index=None) "
+        "-> Tensor");
 }

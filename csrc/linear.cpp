@@ -150,7 +150,9 @@ at::Tensor encoder_layer_cpu(const at::Tensor& hidden, const at::Tensor& cu_seql
                              const c10::List<std::optional<at::Tensor>>& weight_scales,
                              const std::vector<at::Tensor>& vectors, int64_t heads, double scale,
                              const std::vector<double>& eps, const std::string& act,
-                             const std::optional<at::Tensor>& attention_bias) {
+                             const std::optional<at::Tensor>& attention_bias,
+                             const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query,
+                             const std::optional<at::Tensor>& pos_index) {
   TORCH_CHECK_VALUE(weights.size() == kWeights && weight_scales.size() == kWeights && vectors.size() == kVectors &&
                         eps.size() == 2,
                     "bertfast::encoder_layer takes 4 weights, 4 weight scales, 8 vectors and 2 epsilons, got ",
@@ -179,7 +181,7 @@ at::Tensor encoder_layer_cpu(const at::Tensor& hidden, const at::Tensor& cu_seql
                     " features, expected 3 x ", width);
   const at::Tensor context = attention.call(qkv.view({tokens, 3, heads, width / heads}), cu_seqlens,
                                             c10::SymInt(max_seqlen), scale, attention_bias, std::nullopt, 0.0,
-                                            std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+                                            std::nullopt, std::nullopt, pos_key, pos_query, pos_index);
   const at::Tensor attended =
       add_layernorm.call(dense(context.view({tokens, width}), 1, kAttentionOutBias, "none"), std::nullopt, hidden,
                          vectors[kNorm1Weight], vectors[kNorm1Bias], eps[0]);

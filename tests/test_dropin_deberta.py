@@ -12,6 +12,7 @@ from test_dropin import ragged_batch
 from test_dropin_families import assert_same, labels_for, run
 
 import bertfast
+from bertfast import prepacked
 from bertfast.dropin import fallback_reason, is_accelerated
 
 transformers = pytest.importorskip("transformers")
@@ -122,8 +123,9 @@ def test_masks_with_holes_left_padding_and_an_embedding_projection_match(edit, o
     assert packed_calls == [1]
 
 
-def test_inference_without_gradients_matches(packed_calls, one_thread):
-    ref = build("DebertaV2Model").eval()
+@pytest.mark.parametrize("version", ["v3", "v2"])
+def test_inference_runs_each_layer_in_one_native_call_and_matches(version, packed_calls, one_thread):
+    ref = build("DebertaV2Model", **({} if version == "v3" else V2)).eval()
     fast = bertfast.accelerate(copy.deepcopy(ref))
     ids, mask = ragged_batch(pad_id=0)
     with torch.inference_mode():
@@ -132,6 +134,7 @@ def test_inference_without_gradients_matches(packed_calls, one_thread):
     keep = mask.bool()
     torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
     assert packed_calls == [1]
+    assert all(prepacked.CACHE_KEY in layer.__dict__ for layer in fast.encoder.layer)  # bertfast::encoder_layer
 
 
 def test_configs_bertfast_cannot_run_are_refused_and_z_steps_fall_back(one_thread):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bertfast import modules
 from bertfast.common import relative_position
 from bertfast.encoders import common
 from bertfast.padding import Packing
@@ -108,6 +109,11 @@ def _position_tables(attention: nn.Module, rel: Tensor, training: bool) -> tuple
     return pos_key, pos_query
 
 
+def _float_tables(relative: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+    """The position tables as the native layer call reads them (float32, contiguous)."""
+    return {k: v if v is None or k == "pos_index" else v.to(torch.float32).contiguous() for k, v in relative.items()}
+
+
 def packed_layer(layer: nn.Module, hidden: Tensor, packing: RelativePacking, rows: Tensor | None,
                  training: bool) -> Tensor:
     """One ``DebertaV2Layer`` on packed tokens, (T, hidden) -> (T, hidden); with ``rows``, only those rows go on."""
@@ -115,17 +121,30 @@ def packed_layer(layer: nn.Module, hidden: Tensor, packing: RelativePacking, row
     head_dim = attention.attention_head_size
     # transformers divides every term by sqrt(head_dim * (1 + the position terms the config names)).
     scale = 1.0 / (head_dim * (1 + sum(t in attention.pos_att_type for t in TERMS))) ** 0.5
-    relative: dict[str, Any] = {}
-    if attention.relative_attention and packing.pos_index is not None:
+
+    def relative() -> dict[str, Tensor | None]:
+        if not attention.relative_attention or packing.pos_index is None:
+            return {}
         pos_key, pos_query = _position_tables(attention, packing.rel_embeddings, training)
-        if pos_key is not None or pos_query is not None:
-            relative = {"pos_key": pos_key, "pos_query": pos_query, "pos_index": packing.pos_index}
+        if pos_key is None and pos_query is None:
+            return {}
+        return {"pos_key": pos_key, "pos_query": pos_query, "pos_index": packing.pos_index}
+
+    out = layer.attention.output
+    # With a mask with holes the layer runs op by op (the attention counts the tokens' columns).
+    fused = None if packing.columns is not None else modules.prepacked_layer(
+        layer, hidden, packing, rows, training,
+        ((attention.query_proj, attention.key_proj, attention.value_proj), (out.dense,), (layer.intermediate.dense,),
+         (layer.output.dense,)),
+        (out.LayerNorm, layer.output.LayerNorm), layer.intermediate.intermediate_act_fn, attention.num_attention_heads,
+        head_dim, scale, lambda: _float_tables(relative()))
+    if fused is not None:
+        return fused
     context = common.packed_attention(
         attention, (attention.query_proj, attention.key_proj, attention.value_proj), attention.num_attention_heads,
         head_dim, attention.dropout.p, hidden, packing, training, softmax_scale=scale, columns=packing.columns,
-        **relative)
+        **relative())
     context, hidden = common.keep_rows(rows, context, hidden)
-    out = layer.attention.output
     attended = common.add_norm(out.dense, out.LayerNorm, out.dropout.p, context, hidden, training)
     inner = common.feed_forward_in(layer.intermediate.dense, layer.intermediate.intermediate_act_fn, attended)
     return common.add_norm(layer.output.dense, layer.output.LayerNorm, layer.output.dropout.p, inner, attended,

@@ -69,8 +69,8 @@ def packed_layer(layer: nn.Module, hidden: Tensor, packing: BiasedPacking, rows:
             ((attn.q, attn.k, attn.v), (attn.o,), (layer.intermediate.dense,), (layer.output.dense,)),
             (attention.LayerNorm, layer.output.LayerNorm), layer.intermediate.intermediate_act_fn,
             attn.num_attention_heads, attn.attention_head_size,
-            lambda: relative_position.distance_bias(packing.bias_table, packing.max_seqlen, NUM_BUCKETS,
-                                                    MAX_DISTANCE).to(torch.float32).contiguous())
+            attention=lambda: {"attention_bias": relative_position.distance_bias(
+                packing.bias_table, packing.max_seqlen, NUM_BUCKETS, MAX_DISTANCE).to(torch.float32).contiguous()})
         if fused is not None:
             return fused
     context = common.packed_attention(attn, (attn.q, attn.k, attn.v), attn.num_attention_heads,
