@@ -326,7 +326,7 @@ class BertPooler(nn.Module):
         self.activation = nn.Tanh()
 
     def forward(self, first_token: Tensor) -> Tensor:
-        return self.activation(self.dense(first_token))
+        return self.activation(prepacked.dense(self.dense, first_token, self.training))
 
 
 class BertPredictionHeadTransform(nn.Module):

@@ -192,6 +192,17 @@ def linear(module: nn.Module, x: Tensor, activation: str = "none") -> Tensor:
     return torch.ops.bertfast.linear(x, weight, scale, bias, activation)
 
 
+def dense(module: nn.Module, x: Tensor, training: bool) -> Tensor:
+    """``module(x)``, on its packed weight where :func:`linear` serves the call (an inference call of a plain
+    ``nn.Linear`` or an :class:`Int8Linear` on (rows, in) activations that :func:`packable` accepts). A training
+    call drops the packed weight: an optimizer step may follow."""
+    if training:
+        drop_cache(module)
+    elif type(module) in (nn.Linear, Int8Linear) and x.dim() == 2 and packable(x, module):
+        return linear(module, x)
+    return module(x)
+
+
 # The GELU forms of bertfast.modules.gelu_form, as bertfast::linear names them.
 ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 

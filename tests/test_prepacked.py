@@ -152,9 +152,11 @@ def test_a_changed_or_replaced_weight_is_repacked_and_training_drops_the_packing
     torch.testing.assert_close(changed, _hidden(model, batch, "torch"), atol=1e-5, rtol=1e-5)
     model.encoder.layer[0].attention.self.query.weight = torch.nn.Parameter(torch.zeros(48, 48))
     torch.testing.assert_close(_hidden(model, batch), _hidden(model, batch, "torch"), atol=1e-5, rtol=1e-5)
+    pooler = model.pooler.dense
+    assert prepacked.CACHE_KEY in pooler.__dict__
     model.train()
     model(**batch)
-    assert prepacked_layers_of(model) == []
+    assert prepacked_layers_of(model) == [] and prepacked.CACHE_KEY not in pooler.__dict__
 
 
 def test_a_module_the_layer_call_cannot_honour_runs_as_a_module():
