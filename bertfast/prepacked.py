@@ -217,11 +217,12 @@ def encoder_layer(
     the up projection's GELU form ("none" for erf, "tanh"); ``scale`` the scores' (default 1 / sqrt(head_dim));
     ``attention``: what the layer's attention adds to its scores, as ``bertfast::encoder_layer`` names it
     (``attention_bias``; ``pos_key``, ``pos_query``, ``pos_index``); ``owner`` holds the packed weights."""
-    packed = [packed_weight(owner, f"linear{i}", group, hidden.dtype) for i, group in enumerate(linears)]
-    (_, _, qkv_bias), (_, _, out_bias), (_, _, up_bias), (_, _, down_bias) = packed
-    vectors = [qkv_bias, out_bias, norms[0].weight, norms[0].bias, up_bias, down_bias, norms[1].weight,
+    dtype = hidden.dtype
+    # One cache entry (and one key) for the layer's four packed weights: a served model checks it every call.
+    weights, scales, biases = cached(owner, f"layer:{dtype}", _source_tensors([lin for g in linears for lin in g]),
+                                     lambda: tuple(zip(*(_pack(group, dtype) for group in linears), strict=True)))
+    vectors = [biases[0], biases[1], norms[0].weight, norms[0].bias, biases[2], biases[3], norms[1].weight,
                norms[1].bias]
     return torch.ops.bertfast.encoder_layer(
-        hidden, packing.cu_seqlens, packing.max_seqlen, [p[0] for p in packed], [p[1] for p in packed], vectors,
-        heads, head_dim ** -0.5 if scale is None else scale, [norms[0].eps, norms[1].eps], ACTIVATIONS[gelu],
-        **attention)
+        hidden, packing.cu_seqlens, packing.max_seqlen, list(weights), list(scales), vectors, heads,
+        head_dim ** -0.5 if scale is None else scale, [norms[0].eps, norms[1].eps], ACTIVATIONS[gelu], **attention)
