@@ -140,9 +140,31 @@ def test_inference_runs_each_layer_in_one_native_call_and_matches(version, packe
 def test_configs_bertfast_cannot_run_are_refused_and_z_steps_fall_back(one_thread):
     with pytest.raises(ValueError, match="conv_kernel_size=3"):
         bertfast.accelerate(transformers.DebertaV2Model(transformers.DebertaV2Config(**V3, conv_kernel_size=3)))
-    with pytest.raises(ValueError, match="pos_att_type=\\['p2p'\\]"):
-        bertfast.accelerate(transformers.DebertaV2Model(transformers.DebertaV2Config(
-            **{**V3, "pos_att_type": ["c2p", "p2p"]})))
     model = bertfast.accelerate(build("DebertaV2Model").eval())
     model.z_steps = 2
     assert fallback_reason(model, {}) == "z_steps=2"
+
+
+@pytest.mark.parametrize("pos_att_type", [["c2p", "p2p"], "None"])
+def test_position_terms_other_than_c2p_and_p2c_are_ignored_as_transformers_ignores_them(pos_att_type, packed_calls,
+                                                                                       one_thread):
+    ref = build("DebertaV2ForSequenceClassification", pos_att_type=pos_att_type)
+    fast = bertfast.accelerate(copy.deepcopy(ref))
+    inputs, mask = batch("DebertaV2ForSequenceClassification")
+    assert_same(run(ref, inputs, mask), run(fast, inputs, mask))
+    assert packed_calls == [1]
+
+
+def test_options_left_to_the_config_are_read_from_it(packed_calls, one_thread):
+    """DeBERTa's heads pass output_attentions / output_hidden_states=None down, meaning the config's."""
+    ids, mask = ragged_batch(pad_id=0)
+    for option, field in (("output_hidden_states", "hidden_states"), ("output_attentions", "attentions")):
+        ref = build("DebertaV2ForMaskedLM", **{option: True}).eval()
+        fast = bertfast.accelerate(copy.deepcopy(ref))
+        expected, got = getattr(ref(ids, attention_mask=mask), field), getattr(fast(ids, attention_mask=mask), field)
+        assert got is not None and len(got) == len(expected)
+    ref = build("DebertaV2Model", return_dict=False).eval()
+    fast = bertfast.accelerate(copy.deepcopy(ref))
+    expected, got = ref(ids, attention_mask=mask, return_dict=None), fast(ids, attention_mask=mask, return_dict=None)
+    assert isinstance(got, tuple) and len(got) == len(expected)
+    assert packed_calls == [1, 1]  # the hidden states and the tuple ran packed; the attentions fell back

@@ -11,9 +11,9 @@ the layer's ``pos_key_proj`` / ``pos_query_proj`` (or its key and query projecti
 of the table that the batch's distances reach are projected. Distances count padded columns, as transformers
 counts them, where a mask has holes.
 
-Refused by name: the convolution layer of DeBERTa-v2-xlarge (``conv_kernel_size``), and ``pos_att_type`` entries
-other than c2p and p2c. Calls transformers' forward would treat differently fall back (``fallback``): a base model
-with ``z_steps`` > 1.
+Refused by name: the convolution layer of DeBERTa-v2-xlarge (``conv_kernel_size``). ``pos_att_type`` entries other
+than c2p and p2c are ignored, as transformers ignores them. Calls transformers' forward would treat differently
+fall back (``fallback``): a base model with ``z_steps`` > 1.
 """
 
 from __future__ import annotations
@@ -36,21 +36,18 @@ TERMS = ("c2p", "p2c")
 def unsupported(config: Any) -> str | None:
     if getattr(config, "conv_kernel_size", 0) > 0:
         return f"conv_kernel_size={config.conv_kernel_size} (DeBERTa-v2's convolution layer)"
-    other = sorted(set(_terms(config)) - set(TERMS))
-    if other:
-        return f"pos_att_type={other} (only c2p and p2c)"
     return None
 
 
 def fallback(model: nn.Module, arguments: dict[str, Any]) -> str | None:
-    """transformers' forward reruns the last layer ``z_steps`` times (enhanced mask decoding); bertfast does not."""
+    """transformers' forward reruns the last layer ``z_steps`` times (enhanced mask decoding); bertfast does not.
+    Attention probabilities are never materialised, and DeBERTa's heads pass ``output_attentions=None`` down
+    meaning the config's, which the drop-in's general check reads as not asked."""
     if getattr(model, "z_steps", 0) > 1:
         return f"z_steps={model.z_steps}"
+    if common.option(arguments, model.config, "output_attentions", False, none_is_unset=True):
+        return "output_attentions=True (the fused attention never materialises the probabilities)"
     return None
-
-
-def _terms(config: Any) -> list[str]:
-    return [t.strip().lower() for t in (config.pos_att_type or [])]
 
 
 @dataclass(frozen=True)
@@ -163,7 +160,8 @@ def packed_forward(base: nn.Module, arguments: dict[str, Any], embeddings_requir
     packing, states = common.encode(base, limits, arguments, embed, layers(base), embeddings_require_grad,
                                     packing_of=lambda p, _: with_relative_positions(base, p))
     last = common.last_hidden_state(packing, states, arguments)
-    requested = common.option(arguments, config, "output_hidden_states", False)
+    # DeBERTa's forwards read a None option as the config's (its heads pass None down).
+    requested = common.option(arguments, config, "output_hidden_states", False, none_is_unset=True)
     hidden_states = tuple(packing.unpack(s) for s in states) if requested else None
     output = BaseModelOutput(last_hidden_state=last, hidden_states=hidden_states)
-    return common.finish(output, arguments, config)
+    return common.finish(output, arguments, config, none_is_unset=True)
