@@ -34,3 +34,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def packed_calls(monkeypatch) -> list:
+    """Counts the drop-in's calls that ran bertfast's encoder (not a fallback to transformers' forward)."""
+    from bertfast import dropin
+
+    calls: list = []
+    packed = dropin._packed_forward
+    monkeypatch.setattr(dropin, "_packed_forward", lambda *a: calls.append(1) or packed(*a))
+    return calls

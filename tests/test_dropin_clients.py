@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import bertfast
-from bertfast import dropin
 from bertfast.dropin import is_accelerated
 
 transformers = pytest.importorskip("transformers")
@@ -28,15 +27,6 @@ def minilm() -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(minilm):
     return transformers.AutoTokenizer.from_pretrained(minilm)
-
-
-@pytest.fixture
-def packed_calls(monkeypatch) -> list:
-    """Counts the calls that ran bertfast's encoder (not a fallback to transformers' forward)."""
-    calls: list = []
-    packed = dropin._packed_forward
-    monkeypatch.setattr(dropin, "_packed_forward", lambda *a: calls.append(1) or packed(*a))
-    return calls
 
 
 class Sentences(torch.utils.data.Dataset):

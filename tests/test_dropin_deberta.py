@@ -33,16 +33,6 @@ HEADS = ["DebertaV2Model", "DebertaV2ForMaskedLM", "DebertaV2ForSequenceClassifi
          "DebertaV2ForTokenClassification", "DebertaV2ForQuestionAnswering"]
 
 
-@pytest.fixture
-def packed_calls(monkeypatch) -> list:
-    from bertfast import dropin
-
-    calls: list = []
-    packed = dropin._packed_forward
-    monkeypatch.setattr(dropin, "_packed_forward", lambda *a: calls.append(1) or packed(*a))
-    return calls
-
-
 def build(name: str, **config):
     num_labels = 2 if name.endswith("QuestionAnswering") else 3
     torch.manual_seed(0)

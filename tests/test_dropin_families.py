@@ -10,7 +10,7 @@ import torch
 from test_dropin import assert_scaled_close, masked_objective, ragged_batch
 
 import bertfast
-from bertfast import dropin, modules
+from bertfast import modules
 from bertfast.dropin import fallback_reason, is_accelerated
 from bertfast.encoders import albert, distilbert, electra, mpnet
 from bertfast.padding import Packing
@@ -119,15 +119,6 @@ def assert_same(expected: tuple[dict, dict], got: tuple[dict, dict]) -> None:
         assert_scaled_close(grads_fast[name], grad, name)
         checked += 1
     assert checked > 10
-
-
-@pytest.fixture
-def packed_calls(monkeypatch) -> list:
-    """Counts the calls that ran bertfast's encoder (not a fallback to transformers' forward)."""
-    calls: list = []
-    packed = dropin._packed_forward
-    monkeypatch.setattr(dropin, "_packed_forward", lambda *a: calls.append(1) or packed(*a))
-    return calls
 
 
 LAYER_STEPS = {"distilbert": ("transformer.layer", distilbert.packed_layer),

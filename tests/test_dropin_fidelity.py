@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bertfast
-from bertfast import dropin, ops
+from bertfast import ops
 from bertfast.dropin import fallback_reason, is_accelerated
 
 transformers = pytest.importorskip("transformers")
@@ -29,15 +29,6 @@ def ragged_batch() -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(3, 60, (4, 9), generator=torch.Generator().manual_seed(0))
     mask = (torch.arange(9)[None] < torch.tensor([9, 1, 5, 7])[:, None]).long()
     return ids.masked_fill(mask == 0, 0), mask
-
-
-@pytest.fixture
-def packed_calls(monkeypatch) -> list:
-    """Counts the calls that ran bertfast's encoder (not a fallback to transformers' forward)."""
-    calls: list = []
-    packed = dropin._packed_forward
-    monkeypatch.setattr(dropin, "_packed_forward", lambda *a: calls.append(1) or packed(*a))
-    return calls
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from test_dropin_families import SENTENCES, assert_same, run
 
 import bertfast
-from bertfast import dropin, ops
+from bertfast import ops
 from bertfast.dropin import fallback_reason, is_accelerated
 
 transformers = pytest.importorskip("transformers")
@@ -20,15 +20,6 @@ PAD = 0
 LENGTHS = [26, 3, 21, 12]  # rows past the window (local_attention 8: +-4) and short ones
 HEADS = ["ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification",
          "ModernBertForTokenClassification", "ModernBertForQuestionAnswering"]
-
-
-@pytest.fixture
-def packed_calls(monkeypatch) -> list:
-    """Counts the calls that ran bertfast's encoder (not a fallback to transformers' forward)."""
-    calls: list = []
-    packed = dropin._packed_forward
-    monkeypatch.setattr(dropin, "_packed_forward", lambda *a: calls.append(1) or packed(*a))
-    return calls
 
 
 def config(**overrides):
