@@ -122,12 +122,25 @@ def int8_linear_reference(x: Tensor, weight_int8: Tensor, weight_scale: Tensor, 
     return y if bias is None else y + bias
 
 
+@functools.cache
+def bf16_packable() -> bool:
+    """Whether oneDNN packs bf16 weights on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; asked, since
+    ``ONEDNN_MAX_CPU_ISA`` may hold it below what the CPU has)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), None)
+    except RuntimeError:
+        return False
+    return True
+
+
 def packable(x: Tensor, *modules: nn.Module) -> bool:
-    """Whether a call on activations ``x`` through ``modules`` runs the prepacked native path: CPU float32 or
-    bf16, nothing recorded for autograd, not traced by ``torch.compile``."""
-    if torch.compiler.is_compiling():  # first: dynamo must not trace the cached library check
+    """Whether a call on activations ``x`` through ``modules`` runs the prepacked native path: CPU float32, or
+    bf16 where oneDNN packs it, nothing recorded for autograd, not traced by ``torch.compile``."""
+    if torch.compiler.is_compiling():  # first: dynamo must not trace the cached library checks
         return False
     if not native_available() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if x.dtype == torch.bfloat16 and not bf16_packable():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())):
         return False

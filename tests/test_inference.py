@@ -11,6 +11,7 @@ import torch
 import bertfast
 from bertfast import ops
 from bertfast.inference import Int8Linear, check_cpu_supports
+from bertfast.prepacked import int8_weight_levels
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,12 +71,19 @@ def test_eval_path_equals_the_reference_backend(minilm, one_thread):
     torch.testing.assert_close(fast[keep], reference[keep], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("precision,min_cosine", [("bf16", 0.999), ("int8", 0.99)])
-def test_reduced_precision_accuracy_on_minilm(precision, min_cosine, minilm, one_thread):
+def int8_min_cosine() -> float:
+    """The embedding cosine int8 keeps on MiniLM-L6: 0.99 with full-range weights; 0.985 where the CPU's int8
+    product needs 64-level weights to stay exact (AVX2 without VNNI: 0.988 measured)."""
+    return 0.99 if int8_weight_levels() == 127 else 0.985
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_accuracy_on_minilm(precision, minilm, one_thread):
     try:
         check_cpu_supports(precision)
     except RuntimeError as e:
         pytest.skip(str(e))
+    min_cosine = 0.999 if precision == "bf16" else int8_min_cosine()
     model, batch, labels = minilm
     reference = embed(model, batch)
     reduced = embed(bertfast.for_cpu_inference(copy.deepcopy(model), precision), batch)
@@ -100,7 +108,7 @@ def test_int8_works_on_an_accelerated_transformers_model(minilm, one_thread):
     reference = embed(hf, batch)
     quantized = bertfast.for_cpu_inference(bertfast.accelerate(copy.deepcopy(hf)), "int8")
     assert isinstance(quantized.encoder.layer[0].attention.self.query, Int8Linear)
-    assert torch.nn.functional.cosine_similarity(embed(quantized, batch), reference).min() >= 0.99
+    assert torch.nn.functional.cosine_similarity(embed(quantized, batch), reference).min() >= int8_min_cosine()
 
 
 def test_int8_linear_is_close_to_the_float_layer():

@@ -28,6 +28,8 @@ ACTIVATIONS = {"none": lambda y: y, "gelu": F.gelu, "gelu_tanh": lambda y: F.gel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_plain_pytorch(rows, activation, dtype, bias):
+    if dtype == torch.bfloat16 and not prepacked.bf16_packable():
+        pytest.skip("oneDNN packs no bf16 weights on this CPU (the module path runs bf16 there)")
     layer = torch.nn.Linear(33, 65, bias=bias).to(dtype)
     x = torch.randn(rows, 33, dtype=dtype)
     act = ACTIVATIONS[activation]
@@ -126,7 +128,8 @@ def _hidden(model, batch, backend=None) -> torch.Tensor:
 def test_the_one_call_layer_matches_the_reference_and_runs(dtype):
     model, batch = _bert().to(dtype), _batch()
     got = _hidden(model, batch)
-    assert prepacked_layers_of(model) == list(model.encoder.layer)  # the layers ran prepacked
+    packs = dtype == torch.float32 or prepacked.bf16_packable()  # else bf16 layers run op by op, still right
+    assert prepacked_layers_of(model) == (list(model.encoder.layer) if packs else [])
     fp32 = _hidden(copy.deepcopy(model).float(), batch, "torch")
     assert_matches_reference(("hidden",), (got,), (fp32,), (_hidden(model, batch, "torch"),))
 
