@@ -10,6 +10,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
+from bench_modernbert import infer, train  # the same two arms: an inference call and a training step
 from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
 import bertfast
@@ -35,20 +36,6 @@ def batch(vocab: int, rows: int, fill: float) -> dict[str, torch.Tensor]:
     mask = (torch.arange(128)[None] < torch.tensor(lengths)[:, None]).long()
     ids = torch.randint(5, vocab, (rows, 128), generator=g) * mask
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (rows,), generator=g)}
-
-
-def infer(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
-    def run() -> None:
-        with torch.no_grad():
-            model.eval()(**inputs)
-    return run
-
-
-def train(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
-    def run() -> None:
-        model.train()(**inputs).loss.backward()
-        model.zero_grad(set_to_none=True)
-    return run
 
 
 def attention_arms(lengths: list[int], heads: int, head_dim: int) -> dict[str, Callable[[], None]]:

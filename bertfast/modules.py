@@ -81,26 +81,20 @@ def _fused_qkv_weights(
     name them otherwise); ``attention`` is the module that holds them and the inference cache.
 
     With autograd recording, the concatenation is part of the graph. Without it (inference), the
-    result is cached on the module, so a served model pays for it once. The cache is dropped when one
-    of the six tensors is replaced or modified in place (its version counter moves), and by every
-    training-mode forward: fused optimizers update parameters without moving version counters, but
-    any optimizer step follows a training forward.
+    result is cached on the module (``prepacked.cached``, the packed weights' cache), so a served model
+    pays for it once. The cache is dropped when one of the six tensors is replaced or modified in place
+    (its version counter moves), and by every training-mode forward: fused optimizers update parameters
+    without moving version counters, but any optimizer step follows a training forward.
     """
     if linears is None:
         linears = (attention.query, attention.key, attention.value)
     tensors = [t for lin in linears for t in (lin.weight, lin.bias)]
     if training:
-        attention.__dict__.pop("_bertfast_qkv", None)
+        prepacked.drop_cache(attention)
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if training or recorded or torch.compiler.is_compiling():  # a compiled graph holds its own copy
         return torch.cat(tensors[0::2]), torch.cat(tensors[1::2])
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-    cached = attention.__dict__.get("_bertfast_qkv")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, torch.cat(tensors[0::2]), torch.cat(tensors[1::2]))
-        attention.__dict__["_bertfast_qkv"] = cached
-    return cached[1], cached[2]
+    return prepacked.cached(attention, "qkv", tensors, lambda: (torch.cat(tensors[0::2]), torch.cat(tensors[1::2])))
 
 
 def packed_self_attention(attention: nn.Module, hidden: Tensor, packing: Packing, training: bool) -> Tensor:

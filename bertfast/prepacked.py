@@ -176,7 +176,7 @@ def _pack(linears: Sequence[nn.Module], dtype: torch.dtype) -> PackedWeight:
 
 def cached(owner: nn.Module, name: str, tensors: Sequence[Tensor], build: Callable[[], object]) -> object:
     """``build()``, cached on ``owner`` under ``name`` until one of ``tensors`` is replaced or modified in place."""
-    key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     store = owner.__dict__.setdefault(CACHE_KEY, _PackedWeights())
     entry = store.get(name)
     if entry is None or entry[0] != key:

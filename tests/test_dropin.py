@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bertfast
+from bertfast import prepacked
 from bertfast.dropin import fallback_reason, is_accelerated
 
 transformers = pytest.importorskip("transformers")
@@ -335,7 +336,7 @@ def test_inference_qkv_cache_follows_weight_updates(one_thread):
     def fresh():
         clone = copy.deepcopy(model)
         for module in clone.modules():
-            module.__dict__.pop("_bertfast_qkv", None)
+            prepacked.drop_cache(module)
         return clone(ids, attention_mask=mask).last_hidden_state
 
     with torch.no_grad():

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from test_dropin import ragged_batch
-from test_dropin_families import assert_same, labels_for, run
+from test_dropin_families import assert_multiple_choice_matches, assert_same, labels_for, run
 
 import bertfast
 from bertfast import prepacked
@@ -78,16 +78,10 @@ def test_patch_transformers_matches_transformers(name, packed_calls, one_thread)
 
 
 def test_multiple_choice_matches_transformers(packed_calls, one_thread):
-    ref = build("DebertaV2ForMultipleChoice")
-    fast = bertfast.accelerate(copy.deepcopy(ref))
-    ids, mask = ragged_batch(pad_id=0, rows=6)
-    inputs = dict(input_ids=ids.view(2, 3, 9), attention_mask=mask.view(2, 3, 9), labels=torch.tensor([0, 2]))
-    out_ref, out_fast = ref(**inputs), fast(**inputs)
-    torch.testing.assert_close(out_fast.logits, out_ref.logits, atol=1e-5, rtol=1e-5)
-    out_ref.loss.backward()
-    out_fast.loss.backward()
-    for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    def assert_grad(actual, expected, name):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+    assert_multiple_choice_matches(build("DebertaV2ForMultipleChoice"), 0, assert_grad)
     assert packed_calls == [1]
 
 
